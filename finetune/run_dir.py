@@ -1,0 +1,181 @@
+"""The run folder: its layout, atomic writes, stage status and metrics. Nothing else builds these paths."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from finetune.errors import WenmaiError
+
+RECIPE_FILE = "recipe.yaml"
+LINEAGE_FILE = "lineage.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class StageStatus(BaseModel):
+    """A stage's `status.json`: its state, its inputs, and its typed outputs (paths inside its folder)."""
+
+    name: str
+    kind: str
+    state: Literal["running", "done", "failed"]
+    started: str
+    finished: str | None = None
+    inputs: dict[str, str] = Field(default_factory=dict)  # input field -> stage name
+    outputs: dict[str, str] = Field(default_factory=dict)  # output kind -> relative path
+    summary: dict[str, Any] = Field(default_factory=dict)
+    error: str | None = None
+    attempts: int = 1
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class RunDir:
+    """One run: `runs/<name>-<UTC time>/` with recipe.yaml, lineage.json and a folder per stage."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @classmethod
+    def create(cls, output_root: str | Path, recipe_name: str, path: str | Path | None = None) -> RunDir:
+        """Make a new run folder; refuse one that exists (resume it or pick a new name)."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        root = Path(path) if path else Path(output_root) / f"{recipe_name}-{stamp}"
+        if root.exists():
+            raise WenmaiError(
+                f"run folder {root} already exists; continue it with `wenmai run --resume {root}`, "
+                "or choose another folder with `--run-dir`"
+            )
+        root.mkdir(parents=True)
+        return cls(root)
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing run folder (to resume, merge, export or report)."""
+        root = Path(path)
+        if not (root / RECIPE_FILE).is_file():
+            raise WenmaiError(f"{root} is not a Wenmai run folder (no {RECIPE_FILE}); give the folder that `wenmai run` created")
+        return cls(root)
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / RECIPE_FILE
+
+    @property
+    def lineage_path(self) -> Path:
+        return self.root / LINEAGE_FILE
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.root / stage
+        path.mkdir(exist_ok=True)
+        return path
+
+    def metrics_path(self, stage: str) -> Path:
+        return self.stage_dir(stage) / METRICS_FILE
+
+    def checkpoints_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / CHECKPOINTS_DIR
+
+    def status(self, stage: str) -> StageStatus | None:
+        path = self.root / stage / STATUS_FILE
+        if not path.is_file():
+            return None
+        try:
+            return StageStatus.model_validate_json(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise WenmaiError(f"{path} is damaged ({err}); delete it to rerun the stage '{stage}'") from None
+
+    def write_status(self, status: StageStatus) -> None:
+        atomic_write_text(self.stage_dir(status.name) / STATUS_FILE, status.model_dump_json(indent=2))
+
+    def output(self, stage: str, kind: str) -> Path:
+        """The absolute path of a finished stage's typed output."""
+        status = self.status(stage)
+        if status is None or status.state != "done":
+            raise WenmaiError(f"stage '{stage}' of {self.root} has not finished; run or resume it first")
+        if kind not in status.outputs:
+            raise WenmaiError(f"stage '{stage}' produced no {kind} (it has: {', '.join(status.outputs) or 'nothing'})")
+        return self.root / stage / status.outputs[kind]
+
+    def latest_checkpoint(self, stage: str) -> Path | None:
+        """The newest complete trainer checkpoint (its trainer_state.json is written last and parses)."""
+        folder = self.root / stage / CHECKPOINTS_DIR
+        candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+        for candidate in reversed(candidates):
+            with contextlib.suppress(OSError, ValueError):
+                json.loads((candidate / "trainer_state.json").read_text(encoding="utf-8"))
+                return candidate
+        return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a line cut short by a kill is ignored."""
+    rows = []
+    if not path.is_file():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop rows logged after `after_step` (a resumed stage logs them again)."""
+    rows = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `final` in one rename, on failure it is removed."""
+    final = Path(final)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

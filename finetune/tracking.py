@@ -1,0 +1,102 @@
+"""Metrics: `metrics.jsonl` in every stage folder, and the dashboards (through transformers' `report_to`)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import netrc
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import WenmaiError
+from finetune.recipe import TrackingSection
+
+DASHBOARDS = ("tensorboard", "wandb", "mlflow")
+_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "wenmai[mlflow]")}
+
+
+def report_to(tracking: TrackingSection) -> list[str]:
+    """The transformers `report_to` list for the recipe's dashboards."""
+    return [b for b in tracking.backends if b in DASHBOARDS] or ["none"]
+
+
+def check_backends(tracking: TrackingSection) -> list[str]:
+    """Dashboards whose package is missing, as messages that say how to install it."""
+    problems = []
+    for backend in tracking.backends:
+        if backend in _PACKAGES and importlib.util.find_spec(_PACKAGES[backend][0]) is None:
+            problems.append(f"tracking.backends: {backend} is not installed; pip install {_PACKAGES[backend][1]}")
+    return problems
+
+
+def backend_env(tracking: TrackingSection, run_root: Path, stage: str, run_name: str) -> dict[str, str]:
+    """Environment variables that point transformers' dashboard callbacks at this run and stage."""
+    env = {}
+    if "tensorboard" in tracking.backends:
+        env["TENSORBOARD_LOGGING_DIR"] = str(run_root / stage / "tensorboard")
+    if "wandb" in tracking.backends:
+        env["WANDB_PROJECT"] = tracking.project
+        env["WANDB_DIR"] = str(run_root)
+        env["WANDB_RUN_GROUP"] = run_name
+        mode = tracking.wandb_mode
+        if mode == "auto":
+            mode = "online" if _wandb_logged_in() else "offline"
+        env["WANDB_MODE"] = mode
+    if "mlflow" in tracking.backends:
+        env["MLFLOW_TRACKING_URI"] = tracking.mlflow_tracking_uri or (run_root / "mlruns").resolve().as_uri()
+        env["MLFLOW_EXPERIMENT_NAME"] = tracking.project
+    return env
+
+
+@contextlib.contextmanager
+def dashboard_env(env: dict[str, str]) -> Iterator[None]:
+    """Set the dashboards' environment for one stage and restore it afterwards."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def append_metrics(path: Path, row: dict[str, Any]) -> None:
+    """Append one row to a metrics.jsonl (one line, flushed: a kill loses at most this line)."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False, default=float) + "\n")
+        f.flush()
+
+
+def jsonl_callback(path: Path, stage: str):
+    """A transformers TrainerCallback that writes every log row to `path`."""
+    from transformers import TrainerCallback
+
+    class JsonlMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and state.is_world_process_zero:
+                row = {"stage": stage, "step": state.global_step, "epoch": state.epoch, "time": time.time()}
+                row.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
+                append_metrics(path, row)
+
+    return JsonlMetrics()
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    with contextlib.suppress(OSError, netrc.NetrcParseError):
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    return False
+
+
+def ensure_backends(tracking: TrackingSection) -> None:
+    problems = check_backends(tracking)
+    if problems:
+        raise WenmaiError("\n".join(problems))

@@ -1,0 +1,1 @@
+"""Reward models for Wenmai (multi-dimension heads on a LoRA backbone)."""
