@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer, model_validator
 
 from finetune.errors import Problem
 from finetune.stages import STAGES
@@ -111,6 +111,11 @@ class _StageEntryBase(BaseModel):
         if len(data) > 1:
             raise ValueError(f"a stage has exactly one kind, got {', '.join(map(str, data))}; start each stage with its own `-`")
         return {k: ({} if v is None else v) for k, v in data.items()}
+
+    @model_serializer(mode="wrap")
+    def _dump_kind_only(self, handler: Any) -> Any:
+        # the other kinds are None: leaving them out keeps a dumped stage `{kind: options}`, as it was written
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     @property
     def config(self) -> StageConfig:
