@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -124,8 +124,8 @@ def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, over
     return run_stages(stored.recipe, run_dir, log)
 
 
-def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
-    """Run each stage not yet done, in order; write its status last, then the lineage."""
+def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, only: Collection[str] | None = None) -> RunDir:
+    """Run each stage not yet done (of `only`, when given), in order; write its status last, then the lineage."""
     from finetune.tracking import backend_env, dashboard_env
 
     resolved_inputs, problems = wiring(recipe)
@@ -135,6 +135,8 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
     configs = recipe.stage_configs()
     for number, config in enumerate(configs, start=1):
         name = config.stage_name
+        if only is not None and name not in only:
+            continue
         previous = run_dir.status(name)
         if previous is not None and previous.state == "done":
             log(f"[{number}/{len(configs)}] {name}: done already, skipped")
