@@ -3,8 +3,10 @@
 Stage modules import only pydantic at import time, so the registry is cheap to load.
 """
 
-from finetune.stages import sft
+from finetune.stages import export, merge, sft
 
 STAGES = {
     "sft": sft,
+    "merge": merge,
+    "export": export,
 }
