@@ -22,11 +22,11 @@ OVERHEAD = 1.3  # activations for the probes, the adapter, and allocator slack o
 
 
 def merge_section(section: ModelSection) -> ModelSection:
-    """The model section to merge into: same model, unquantised, in the compute dtype training used."""
+    """The model section to merge into: same model, unquantised, in the compute dtype training used (sdpa attention)."""
     from finetune.model import compute_dtype
 
     dtype = str(compute_dtype(section)).removeprefix("torch.")
-    return section.model_copy(update={"quantization": "none", "dtype": dtype})
+    return section.model_copy(update={"quantization": "none", "dtype": dtype, "attention": "sdpa"})
 
 
 @dataclass
@@ -112,6 +112,13 @@ def parameter_count(location: str) -> int | None:
     return None
 
 
+def adapter_settings(adapter_dir: str | Path) -> dict:
+    """The variant, rank and alpha an adapter was saved with (its adapter_config.json)."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8"))
+    variant = "dora" if config.get("use_dora") else "rslora" if config.get("use_rslora") else "lora"
+    return {"variant": variant, "r": config.get("r"), "alpha": config.get("lora_alpha")}
+
+
 def fold(peft_model: Any) -> Any:
     """Merge the adapter into the base weights (PEFT, with its NaN check) and return the plain model."""
     return peft_model.merge_and_unload(safe_merge=True)
@@ -139,19 +146,19 @@ class TrainedTokenizer:
     contract_file: Path
 
 
-def trained_tokenizer(run_root: Path, stage_outputs: list[dict[str, str]], produced_by: dict[str, str], where: str) -> TrainedTokenizer:
+def trained_tokenizer(run_dir: Any, recipe: Any, produced_by: dict[str, str], where: str) -> TrainedTokenizer:
     """Load and verify the tokenizer for the stage whose outputs are `produced_by`.
 
-    `stage_outputs` are the outputs of every finished stage in run order; the first one with a `template`
-    is the training contract. The producing stage's own tokenizer and contract (if it has them) must match it.
+    The first finished stage of the run with a `template` output recorded the training contract; the
+    producing stage's own tokenizer and contract (if it has them) must match it.
     """
     from transformers import AutoTokenizer
 
     from finetune.data.template import CONTRACT_FILE, read_contract, verify_contract
 
-    with_contract = [o for o in stage_outputs if "template" in o and "tokenizer" in o]
+    with_contract = [o for o in finished_outputs(run_dir, recipe) if "template" in o and "tokenizer" in o]
     if not with_contract:
-        raise WenmaiError(f"{run_root} has no finished training stage that recorded a template contract "
+        raise WenmaiError(f"{run_dir.root} has no finished training stage that recorded a template contract "
                           f"({CONTRACT_FILE}); run or resume training first")
     first = with_contract[0]
     contract_file = Path(first["template"])

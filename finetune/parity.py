@@ -162,14 +162,19 @@ def build_probes(recipe: Any, tokenizer: Any, dataset: str | None, count: int) -
 
 
 def probe_dataset(recipe: Any, wanted: str | None) -> str | None:
-    """The dataset probes come from: the stage option, else the first training stage's, else the first chat data."""
-    if wanted:
-        return wanted
+    """The dataset probes come from: the stage option, else the first training stage's, else the first chat data.
+
+    None when that file is not on this machine (a run exported elsewhere): the built-in probes still run.
+    """
+    from pathlib import Path
+
+    name = wanted
     for config in recipe.stage_configs():
-        name = getattr(config, "dataset", None)
-        if isinstance(name, str) and name in recipe.data:
-            return name
-    return next((name for name, section in recipe.data.items() if section.format in ("chat", "instruction")), None)
+        if name is None and isinstance(getattr(config, "dataset", None), str) and config.dataset in recipe.data:
+            name = config.dataset
+    if name is None:
+        name = next((n for n, section in recipe.data.items() if section.format in ("chat", "instruction")), None)
+    return name if name is not None and Path(recipe.data[name].path).is_file() else None
 
 
 def trace(model: Any, probes: list[Probe], stop_ids: list[int], max_new_tokens: int) -> list[Trace]:

@@ -59,36 +59,27 @@ class Config(StageConfig):
 def run(ctx: StageContext) -> StageResult:
     """Write the export in a temporary folder, verify it from disk, and rename it into place."""
     import json
-    import os
-    import shutil
     import sys
     import time
     from pathlib import Path
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from finetune import gguf_export, model_card, parity
-    from finetune.data.template import verify_contract, write_contract
+    from finetune import exporting, gguf_export, parity
     from finetune.errors import WenmaiError
-    from finetune.merging import (
-        apply_contract,
-        choose_device,
-        finished_outputs,
-        merge_section,
-        plan_memory,
-        trained_tokenizer,
-    )
+    from finetune.merging import choose_device, merge_section, plan_memory, trained_tokenizer
     from finetune.model import resolve_source
     from finetune.recipe import wiring
-    from finetune.run_dir import atomic_dir, atomic_write_json, utc_now
+    from finetune.run_dir import atomic_dir, atomic_write_json
 
     config: Config = ctx.config
     recipe, run_dir = ctx.recipe, ctx.run_dir
     started = time.perf_counter()
     produced = ctx.inputs["model"]
     model_dir = Path(produced["model"])
-    trained = trained_tokenizer(run_dir.root, finished_outputs(run_dir, recipe), produced, f"stage {config.stage_name}")
+    model_stage = wiring(recipe)[0][config.stage_name]["model"]
+    trained = trained_tokenizer(run_dir, recipe, produced, f"stage {config.stage_name}")
     tokenizer, contract = trained.tokenizer, trained.contract
 
     gguf_types, skipped = list(dict.fromkeys(config.gguf_types)) if "gguf" in config.formats else [], None
@@ -102,50 +93,35 @@ def run(ctx: StageContext) -> StageResult:
     section = merge_section(recipe.model)
     dtype = getattr(torch, section.dtype)
     device = choose_device(config.device)
-    probe_section = section.model_copy(update={"dtype": "float32"}) if gguf_types else section
-    memory = plan_memory(probe_section, str(model_dir), device)
+    memory = plan_memory(section.model_copy(update={"dtype": "float32"}) if gguf_types else section, str(model_dir), device)
     print(f"export: {memory.describe()}", file=sys.stderr, flush=True)
 
-    model_stage = wiring(recipe)[0][config.stage_name]["model"]
-    source = resolve_source(recipe.model, convert=False)
     probes = parity.build_probes(recipe, tokenizer, parity.probe_dataset(recipe, config.probe_dataset), config.probes)
     stops = contract["stop_token_ids"]
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device).eval()
     traces = parity.trace(reference, probes, stops, config.max_new_tokens)
-    comparisons, gguf_files = [], []
     final = ctx.stage_dir / "model"
     with atomic_dir(final) as tmp:
-        apply_contract(reference, contract).save_pretrained(tmp, max_shard_size=config.max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        write_contract(contract, tmp)
+        exporting.write_hf(reference, tokenizer, contract, tmp, config.max_shard_size)
         del reference
-
-        hf_tokenizer = AutoTokenizer.from_pretrained(str(tmp))  # (c): the folder as a user loads it
-        verify_contract(hf_tokenizer, contract, "the HF export")
-        exported = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=dtype).to(device).eval()
-        _check_stop_ids(exported.generation_config.eos_token_id, stops)
-        hf_tol = config.tolerances.get("hf") or parity.default_tolerance(section.dtype)
-        comparisons.append(parity.compare("HF export", exported, traces, hf_tol, reference=f"stage '{model_stage}' model"))
+        exported = exporting.reload_hf(tmp, contract, dtype, device)  # the folder as a user loads it
+        hf_tolerance = config.tolerances.get("hf") or parity.default_tolerance(section.dtype)
+        comparisons = [parity.compare("HF export", exported, traces, hf_tolerance, reference=f"stage '{model_stage}' model")]
         if gguf_types:
             traces = parity.trace(exported, probes, stops, config.max_new_tokens)
         del exported
 
-        created = utc_now()
-        prov = model_card.provenance(run_dir.name, recipe, _lineage(run_dir), config.producer, created, {}, _adapter_stage(run_dir, model_stage))
-        pre, _ = gguf_export.pre_tokenizer_name(tmp, source.gguf_path) if gguf_types else ("", True)
+        provenance = exporting.provenance_block(run_dir, recipe, model_stage, config.producer)
+        pre_tokenizer = gguf_export.pre_tokenizer_name(tmp, resolve_source(recipe.model, convert=False).gguf_path)[0]
+        gguf_files = []
         for gguf_type in gguf_types:
-            file = tmp / gguf_export.gguf_file_name(recipe.name, gguf_type)
-            info = gguf_export.write_gguf(tmp, file, gguf_type, contract, recipe.name, pre,
-                                          {"wenmai.provenance": json.dumps(prov, ensure_ascii=False)})
-            loaded = AutoModelForCausalLM.from_pretrained(str(tmp), gguf_file=file.name, dtype=torch.float32).to(device).eval()
-            tol = config.tolerances.get(gguf_type) or parity.default_tolerance(f"gguf-{gguf_type}", section.dtype)
-            comparison = parity.compare(f"GGUF {gguf_type.upper()}", loaded, traces, tol, reference="HF export")
-            if not gguf_files:  # every file carries the same vocabulary: check the tokenizer once
-                comparison.tokenizer_agreement = parity.tokenizer_agreement(
-                    AutoTokenizer.from_pretrained(str(tmp), gguf_file=file.name), probes)
-            comparisons.append(comparison)
+            tolerance = config.tolerances.get(gguf_type) or parity.default_tolerance(f"gguf-{gguf_type}", section.dtype)
+            info, comparison = exporting.write_and_check_gguf(
+                tmp, gguf_type, contract, recipe.name, pre_tokenizer, provenance, traces, tolerance, device,
+                probes if not gguf_files else None,  # every file has the same vocabulary: check the tokenizer once
+            )
             gguf_files.append(info)
-            del loaded
+            comparisons.append(comparison)
 
         report = {"stage": config.stage_name, "model_stage": model_stage, "probes": parity.probes_json(traces, tokenizer),
                   "comparisons": {c.name: c.to_json() for c in comparisons}, "gguf": gguf_files, "gguf_skipped": skipped,
@@ -156,22 +132,24 @@ def run(ctx: StageContext) -> StageResult:
                 f"export refused: the exported model drifted from the one it came from; nothing was written to {final} "
                 f"(details in {ctx.stage_dir / 'parity.json'})\n  - " + "\n  - ".join(c.line() for c in comparisons)
             )
-        shutil.copy2(ctx.stage_dir / "parity.json", tmp / "parity.json")
-        prov["files_sha256"] = {p.name: model_card.sha256_file(p) for p in sorted(tmp.iterdir())
-                                if p.suffix in (".safetensors", ".gguf")}
-        atomic_write_json(tmp / model_card.PROVENANCE_FILE, prov)
-        cards = _copy_data_cards(run_dir.root, [c.stage_name for c in recipe.stage_configs()], tmp)
-        (tmp / "README.md").write_text(model_card.render_card(
-            title=f"{recipe.name} (Wenmai)", provenance_block=prov, recipe=recipe, lineage=_lineage(run_dir),
-            stages=_stage_rows(run_dir, recipe), parity_rows=_parity_rows(run_dir, recipe, comparisons),
-            gguf_files=gguf_files, cards=cards, intended_use=config.intended_use, license_name=config.license,
-            contract=contract,
-        ), encoding="utf-8")
-        os.chmod(tmp, 0o755)
+        atomic_write_json(tmp / "parity.json", report)
+        exporting.write_card(tmp, run_dir, recipe, provenance, comparisons, gguf_files, contract, config)
+
+    return StageResult(outputs=_outputs(gguf_files), summary=_summary(comparisons, gguf_files, skipped, started))
+
+
+def _outputs(gguf_files: list[dict]) -> dict[str, str]:
+    from finetune.model_card import PROVENANCE_FILE
 
     outputs = {"model": "model", "tokenizer": "model", "template": "model/template.json", "parity": "parity.json",
-               "model_card": "model/README.md", "provenance": f"model/{model_card.PROVENANCE_FILE}"}
+               "model_card": "model/README.md", "provenance": f"model/{PROVENANCE_FILE}"}
     outputs.update({f"gguf_{g['type']}": f"model/{g['file']}" for g in gguf_files})
+    return outputs
+
+
+def _summary(comparisons: list, gguf_files: list[dict], skipped: str | None, started: float) -> dict:
+    import time
+
     summary = {"formats": ["hf"] + (["gguf"] if gguf_files else []), "parity_passed": True}
     for c in comparisons:
         key = c.name.lower().replace(" ", "_").replace("_export", "")
@@ -180,63 +158,4 @@ def run(ctx: StageContext) -> StageResult:
     if skipped:
         summary["gguf_skipped"] = skipped
     summary["export_s"] = round(time.perf_counter() - started, 2)
-    return StageResult(outputs=outputs, summary=summary)
-
-
-def _check_stop_ids(eos: int | list[int] | None, stops: list[int]) -> None:
-    from finetune.errors import WenmaiError
-
-    found = sorted({eos} if isinstance(eos, int) else set(eos or []))
-    if found != sorted(stops):
-        raise WenmaiError(f"template contract broken at the HF export: generation_config.json stops at {found}, "
-                          f"training's template ends turns with {stops}")
-
-
-def _lineage(run_dir) -> dict:
-    import json
-
-    return json.loads(run_dir.lineage_path.read_text(encoding="utf-8")) if run_dir.lineage_path.is_file() else {}
-
-
-def _adapter_stage(run_dir, model_stage: str) -> str | None:
-    status = run_dir.status(model_stage)
-    return (status.inputs.get("adapter") if status else None) or model_stage
-
-
-def _stage_rows(run_dir, recipe) -> list[dict]:
-    rows = []
-    for config in recipe.stage_configs():
-        status = run_dir.status(config.stage_name)
-        if status is not None and status.state == "done":
-            rows.append({"name": config.stage_name, "kind": config.kind, "summary": status.summary})
-    return rows
-
-
-def _parity_rows(run_dir, recipe, comparisons) -> list[dict]:
-    """Every parity comparison of the run: the merge stages' (from their parity.json) and this export's."""
-    import json
-
-    rows = []
-    for config in recipe.stage_configs():
-        status = run_dir.status(config.stage_name)
-        if config.kind != "merge" or status is None or status.state != "done":
-            continue
-        report = json.loads((run_dir.root / config.stage_name / "parity.json").read_text(encoding="utf-8"))
-        for name, c in report["comparisons"].items():
-            rows.append({"name": f"{config.stage_name}: {name}", **c})
-    rows += [{"name": c.name, **c.to_json()} for c in comparisons]
-    return rows
-
-
-def _copy_data_cards(run_root, stage_names: list[str], target) -> list[tuple[str, str, list[str]]]:
-    import shutil
-
-    from finetune.model_card import data_cards
-
-    copied = []
-    for stage, path, notes in data_cards(run_root, stage_names):
-        (target / "data_cards").mkdir(exist_ok=True)
-        name = f"{stage}-{path.name}"
-        shutil.copy2(path, target / "data_cards" / name)
-        copied.append((stage, f"data_cards/{name}", notes))
-    return copied
+    return summary

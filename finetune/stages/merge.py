@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     adapter_stage = wiring(recipe)[0][config.stage_name]["adapter"]
     produced = ctx.inputs["adapter"]
-    trained = merging.trained_tokenizer(ctx.run_dir.root, merging.finished_outputs(ctx.run_dir, recipe), produced, f"stage {config.stage_name}")
+    trained = merging.trained_tokenizer(ctx.run_dir, recipe, produced, f"stage {config.stage_name}")
     tokenizer, contract = trained.tokenizer, trained.contract
 
     section = merging.merge_section(recipe.model)
@@ -77,7 +77,7 @@ def run(ctx: StageContext) -> StageResult:
     report = {
         "stage": config.stage_name,
         "reference": f"base model ({section.dtype}, unquantised) + adapter of stage '{adapter_stage}', unmerged",
-        "adapter": {"stage": adapter_stage, "variant": recipe.lora.variant, "r": recipe.lora.r, "alpha": recipe.lora.alpha},
+        "adapter": {"stage": adapter_stage, **merging.adapter_settings(produced["adapter"])},
         "training_quantization": recipe.model.quantization,
         "merge_dtype": section.dtype,
         "memory": memory.to_json(),
