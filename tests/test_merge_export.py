@@ -337,3 +337,54 @@ def test_export_of_a_run_whose_tokenizer_was_edited_fails_on_the_contract(tmp_pa
 def test_export_of_a_folder_that_is_not_a_run(tmp_path, cli):
     code, _, err = cli("export", tmp_path)
     assert code == 2 and "not a Wenmai run folder" in err
+
+
+def test_validate_names_the_missing_gguf_package(monkeypatch):
+    import importlib.util
+
+    from finetune.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    assert "stages[2].export.formats: gguf needs the gguf package: pip install 'wenmai[gguf]'" in str(err.value)
+    load_recipe(recipe, ["stages.export.gguf_required=false"])  # optional GGUF: valid without the package
+
+
+def test_optional_gguf_is_skipped_with_a_note_when_the_package_is_missing(tmp_path, exported, monkeypatch):
+    import importlib.util
+
+    run_dir = copy_run(exported, tmp_path / "copy")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    extend_run(run_dir.root, [("export", {"gguf_required": False})], **QUIET)
+    summary = run_dir.status("export").summary
+    assert summary["formats"] == ["hf"] and "pip install 'wenmai[gguf]'" in summary["gguf_skipped"]
+    assert not list(run_dir.output("export", "model").glob("*.gguf"))
+
+
+@pytest.mark.slow
+def test_quickstart_merges_and_exports_smollm2_within_tolerance(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    run = tmp_path / "qs"
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "run", "recipes/quickstart.yaml", "--run-dir", str(run),
+         "--set", "stages.sft.max_steps=3", "--set", "stages.sft.eval_fraction=0"],
+        capture_output=True, text=True, timeout=1800, cwd=root,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    merge = json.loads((run / "merge" / "parity.json").read_text())["comparisons"]
+    export = json.loads((run / "export" / "parity.json").read_text())["comparisons"]
+    assert merge["merged"]["max_abs_logit_diff"] < 2e-3 and merge["merged"]["greedy_agreement"] == 1.0
+    assert export["HF export"]["max_abs_logit_diff"] < 1e-4
+    assert export["GGUF F16"]["max_abs_logit_diff"] < 0.5 and export["GGUF F16"]["tokenizer_agreement"] == 1.0
+    assert export["GGUF Q8_0"]["passed"]
+    chat = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", str(run), "--prompt", "故宫在哪里？",
+                           "--max-new-tokens", "48", "--label"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert json.loads(chat.stdout.strip().splitlines()[-1])["metadata"]["AIGC"]["Label"] == "1"
