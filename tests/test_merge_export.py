@@ -235,6 +235,35 @@ def test_export_refused_by_the_gate_writes_no_folder(tmp_path, exported):
     assert json.loads((run_dir.root / "export" / "parity.json").read_text())["passed"] is False
 
 
+def test_large_exports_are_sharded_and_still_load_and_convert(tmp_path, exported):
+    run_dir = copy_run(exported, tmp_path / "copy")
+    extend_run(run_dir.root, [("export", {"max_shard_size": "40KB", "gguf_types": ["f32"]})], **QUIET)
+    folder = run_dir.output("export", "model")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").is_file()
+    report = json.loads((folder / "parity.json").read_text())
+    assert report["passed"] and report["comparisons"]["GGUF F32"]["max_abs_logit_diff"] < 1e-5
+
+
+def test_every_stop_token_of_the_template_reaches_generation_config_and_gguf(tmp_path, wide_model):
+    from gguf import GGUFReader
+
+    model = tmp_path / "eos-model"
+    shutil.copytree(wide_model, model)
+    config_file = model / "tokenizer_config.json"  # EOS <|endoftext|>, while ChatML turns end with <|im_end|>
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "eos_token": "<|endoftext|>"}))
+    run_dir = train(tmp_path, model, max_steps=2)
+    contract = json.loads((run_dir.root / "sft" / "template.json").read_text())
+    assert len(contract["stop_token_ids"]) == 2
+    extend_run(run_dir.root, [("merge", {}), ("export", {"formats": ["hf", "gguf"], "gguf_types": ["f32"]})], **QUIET)
+    folder = run_dir.output("export", "model")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert sorted(generation["eos_token_id"]) == contract["stop_token_ids"]
+    fields = GGUFReader(next(folder.glob("*.gguf"))).fields
+    end_of_turn = [i for i in contract["stop_token_ids"] if i != contract["eos_token_id"]]
+    assert fields["tokenizer.ggml.eos_token_id"].contents() == contract["eos_token_id"]
+    assert [fields["tokenizer.ggml.eot_token_id"].contents()] == end_of_turn
+
+
 def test_gguf_writer_round_trips_llama_qwen2_and_qwen3_exactly(tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -332,6 +361,13 @@ def test_export_of_a_run_whose_tokenizer_was_edited_fails_on_the_contract(tmp_pa
     code, _, err = cli("export", run_dir.root)
     assert code == 2 and "template contract broken" in err and "eos_token" in err and "sft/tokenizer" in err
     assert not (run_dir.root / "merge" / "model").exists()
+
+
+def test_merge_command_names_an_unknown_adapter_stage(tmp_path, wide_model, cli):
+    run_dir = train(tmp_path, wide_model, max_steps=2)
+    code, _, err = cli("merge", run_dir.root, "--adapter", "dpo")
+    assert code == 2 and "'dpo' is not a stage name" in err and "producing a adapter: sft" in err
+    assert run_dir.status("merge") is None
 
 
 def test_export_of_a_folder_that_is_not_a_run(tmp_path, cli):
