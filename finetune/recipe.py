@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
@@ -136,6 +137,9 @@ class DataSection(BaseModel):
     def problems(self) -> list[Problem]:
         """The policy's own problems and metadata defaults it does not accept, with their key paths."""
         out = [Problem(f"data.policy.{field}", message) for field, message in self.policy.check()]
+        files = [("topic_list", self.policy.topic_list), ("pii.name_list", self.policy.pii.name_list)]
+        files += [(f"dedup.check_against[{i}]", p) for i, p in enumerate(self.policy.dedup.check_against)]
+        out += [Problem(f"data.policy.{key}", f"{path} not found") for key, path in files if path and not Path(path).exists()]
         for name, section in self.items():
             if section.defaults is not None:
                 out += [Problem(f"data.{name}.defaults.{field}", message)

@@ -132,7 +132,7 @@ class NameList:
 
     def __init__(self, names: Iterable[str]):
         names = sorted({n.strip() for n in names if len(n.strip()) >= 2}, key=len, reverse=True)
-        parts = [rf"\b{re.escape(n)}\b" if n.isascii() else re.escape(n) for n in names]
+        parts = [rf"(?<![A-Za-z]){re.escape(n)}(?![A-Za-z])" if n.isascii() else re.escape(n) for n in names]
         self._pattern = re.compile("|".join(parts)) if parts else None
 
     @classmethod
