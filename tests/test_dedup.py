@@ -94,3 +94,17 @@ def test_near_dedup_without_datasketch_names_the_extra(monkeypatch):
 def test_check_against_a_missing_folder_is_named(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match=r"data.policy.dedup.check_against\[0\]: .*nope not found"):
         load_recipe(make_recipe(tmp_path, tiny_model, [chat(0)], f"dedup: {{check_against: [{tmp_path / 'nope'}]}}"))
+
+
+def test_near_duplicates_are_found_in_every_segment_of_the_index(monkeypatch):
+    from finetune.data import lsh
+
+    monkeypatch.setattr(lsh, "BUFFER_RECORDS", 3)  # sort entries into segments (and merge them) every 3 records
+    monkeypatch.setattr(lsh, "CHUNK_RECORDS", 4)  # and spread signatures over several blocks
+    originals = [pair[0] for pair in LABELLED["paraphrases"]]
+    rewordings = [pair[1] for pair in LABELLED["paraphrases"]]
+    dedup = Deduplicator(DedupOptions(near=True, threshold=0.5))
+    assert [dedup.verdict([t]) for t in originals] == [None] * len(originals)
+    assert len(dedup.near._lsh._segments) > 1 and dedup.near._lsh.count == len(originals)
+    found = [dedup.verdict([t]) for t in rewordings]
+    assert found.count("near") >= 10, found  # 11 of 12 at 0.5 (scripts/bench/dedup_threshold.py)

@@ -4,8 +4,8 @@ Shingles are runs of characters in Chinese and of words in English: no word segm
 duplicates are found in one streaming pass: each record is looked up in the LSH index of the records
 kept so far, candidates are confirmed by comparing signatures, and a record that survives is added.
 Memory per kept record: exact, one 8-byte digest in a set (~70 bytes with Python's overhead); near,
-its signature (4 bytes x num_perm) plus one LSH bucket entry per band (measured by
-scripts/bench/data_layer.py).
+its signature (4 bytes x num_perm) and 12 bytes per LSH band (finetune/data/lsh.py): ~0.9 KB at 128
+permutations (measured by scripts/bench/data_layer.py).
 """
 
 from __future__ import annotations
@@ -33,17 +33,25 @@ def digest(normalised: str) -> int:
     return int.from_bytes(hashlib.blake2b(normalised.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def shingle_hashes(text: str, n: int):
+def shingle_hashes(text: str, n: int, cache: dict[str, int] | None = None):
     """32-bit hashes of every run of 1 to `n` units; a unit is a CJK character or a word of another script.
 
     Runs of one and two units together separate reworded duplicates from distinct records far better
     than either alone (scripts/bench/dedup_threshold.py), and a unit-based run is a character n-gram
     in Chinese and a word n-gram in English, so neither language drowns in the other's statistics.
+    `cache` maps units to their crc32 (units repeat a lot: it saves most of the hashing).
     """
     import numpy as np
 
+    cache = {} if cache is None else cache
     units = _UNIT.findall(unicodedata.normalize("NFKC", text).casefold()) or [""]
-    single = np.fromiter((zlib.crc32(u.encode("utf-8")) for u in units), dtype=np.uint64, count=len(units))
+    hashes = []
+    for unit in units:
+        h = cache.get(unit)
+        if h is None:
+            h = cache[unit] = zlib.crc32(unit.encode("utf-8"))
+        hashes.append(h)
+    single = np.array(hashes, dtype=np.uint64)
     runs, current = [single], single
     for size in range(2, n + 1):
         if len(units) < size:
@@ -54,45 +62,49 @@ def shingle_hashes(text: str, n: int):
 
 
 class NearIndex:
-    """MinHash signatures of texts in a datasketch LSH index; `similar` confirms candidates by signature."""
+    """MinHash signatures (datasketch) in a compact LSH index; `similar` confirms candidates by their signatures."""
 
     def __init__(self, threshold: float, ngram: int, num_perm: int):
         try:
-            from datasketch import MinHash, MinHashLSH
+            from datasketch import MinHash
         except ImportError:
             raise WenmaiError("near-duplicate detection (data.policy.dedup.near, or checks against evaluation sets) "
                               "needs datasketch: pip install 'wenmai[data]'") from None
+        from finetune.data.lsh import CompactLSH
+
         self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm
         self._minhash = MinHash
         self._permutations = MinHash(num_perm=num_perm, seed=1).permutations
-        # LSH at the threshold itself finds only about half the pairs just above it (b=21, r=6 at 0.55);
-        # 0.15 lower finds ~95% of them, and comparing signatures keeps the threshold exact.
-        self._lsh = MinHashLSH(threshold=max(0.05, threshold - 0.15), num_perm=num_perm)
-        self._signatures: list[bytes] = []
+        self._lsh = CompactLSH(threshold, num_perm)
+        self._unit_hashes: dict[str, int] = {}
         self.labels: list[str] = []
 
     def signature(self, text: str):
         """The MinHash of a text's shingles (already hashed: crc32 of units, stable across runs and fast)."""
         m = self._minhash(num_perm=self.num_perm, hashfunc=int, permutations=self._permutations, scheme="affine32")
-        m.update_batch(shingle_hashes(text, self.ngram))
-        return m
+        m.update_batch(shingle_hashes(text, self.ngram, self._unit_hashes).tolist())
+        return m.hashvalues
 
-    def similar(self, minhash) -> int | None:
-        """The key of an indexed text whose estimated Jaccard similarity reaches the threshold, or None."""
+    def similar(self, signature, keys=None) -> int | None:
+        """The number of an indexed text whose estimated Jaccard similarity reaches the threshold, or None."""
         import numpy as np
 
-        for key in self._lsh.query(minhash):
-            other = np.frombuffer(self._signatures[key], dtype=np.uint32)
-            if float(np.mean(other == minhash.hashvalues)) >= self.threshold:
-                return key
-        return None
+        keys = self._lsh.band_keys(signature) if keys is None else keys
+        candidates = sorted(self._lsh.candidates(keys))
+        if not candidates:
+            return None
+        stacked = np.stack([self._lsh.signature_of(n) for n in candidates])
+        agreement = (stacked == signature).mean(axis=1)
+        best = int(np.argmax(agreement))
+        return candidates[best] if agreement[best] >= self.threshold else None
 
-    def add(self, minhash, label: str = "") -> int:
-        key = len(self._signatures)
-        self._signatures.append(minhash.hashvalues.astype("uint32").tobytes())
-        self._lsh.insert(key, minhash, check_duplication=False)
-        self.labels.append(label)
-        return key
+    def band_keys(self, signature):
+        return self._lsh.band_keys(signature)
+
+    def add(self, signature, label: str | None = None, keys=None) -> int:
+        if label is not None:  # an index of evaluation text labels every entry with its source
+            self.labels.append(label)
+        return self._lsh.add(signature, self._lsh.band_keys(signature) if keys is None else keys)
 
 
 @dataclass
@@ -150,13 +162,14 @@ class Deduplicator:
         key = digest(normalise(text))
         if self.exact and key in self._seen:
             return "exact"
-        minhash = None
+        signature = keys = None
         if self.near is not None:
-            minhash = self.near.signature(text)
-            if self.near.similar(minhash) is not None:
+            signature = self.near.signature(text)
+            keys = self.near.band_keys(signature)
+            if self.near.similar(signature, keys) is not None:
                 return "near"
         if self.exact:
             self._seen.add(key)
-        if minhash is not None:
-            self.near.add(minhash)
+        if signature is not None:
+            self.near.add(signature, keys=keys)
         return None

@@ -112,9 +112,13 @@ def stream_dataset(name: str, section: DatasetSection, policy: DataPolicy, repor
                    register: list[RegisterEntry] | None = None, skipped: list[tuple[str, str]] | None = None, *,
                    scrubber: Scrubber | None = None, reference: ReferenceIndex | None = None,
                    dedup: bool = True) -> Iterator[tuple[str, dict]]:
-    """Yield (file:line, record) for each record that may train; fill `report`, `register` and `skipped`."""
+    """Yield (file:line, record) for each record that may train; fill `report`, `register` and `skipped`.
+
+    `scrubber` (default: the policy's) and `reference` let a caller build them once for several datasets.
+    """
     report.path, report.format, report.pii_action = str(section.path), section.format, policy.pii.action
     skipped = [] if skipped is None else skipped
+    scrubber = scrubber or build_scrubber(policy.pii)
     deduplicator = Deduplicator(policy.dedup if dedup else policy.dedup.model_copy(update={"exact": False, "near": False}),
                                 reference)
     topics = TopicList.load(policy.topic_list)
