@@ -93,3 +93,21 @@ def test_unknown_name_detector_is_named():
 def test_missing_name_list_is_named(tmp_path):
     with pytest.raises(WenmaiError, match="name_list: .*nope.txt not found"):
         NameList.from_file(tmp_path / "nope.txt")
+
+
+def test_full_width_digits_are_found_and_masked_in_place():
+    scrubbed, counts = ALL.scrub("电话：１３８１２３４５６７８，身份证" + ID.translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789X"}))
+    assert scrubbed == "电话：<PHONE>，身份证<ID_CARD>" and counts == {"mobile": 1, "id_card": 1}
+
+
+def test_no_personal_data_is_found_in_the_shipped_sample_data():
+    import json
+    from pathlib import Path
+
+    texts = []
+    for path in (Path(__file__).resolve().parent.parent / "recipes" / "data").glob("*.jsonl"):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            texts += [m["content"] for m in record.get("messages", [])] + [record.get(k, "") for k in ("instruction", "input", "output")]
+    assert len(texts) > 1000
+    assert [t for t in texts if ALL.find(t)] == []  # 330+ years, dates, dimensions and inscription years, none masked

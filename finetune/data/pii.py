@@ -49,6 +49,8 @@ _PASSPORT_LABELLED = re.compile(
 _IPV4 = re.compile(r"(?<![0-9A-Za-z.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![0-9A-Za-z]|\.\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])")
 _MAYBE_PII = re.compile(r"[\d@:]")  # every detector but names needs a digit, an @ or a colon
+# full-width letters, digits and signs (１３８…, ＠) folded to ASCII one for one, so offsets stay the same
+_FULL_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 
 
@@ -174,10 +176,11 @@ class Scrubber:
     def find(self, text: str) -> list[tuple[int, int, str]]:
         """Non-overlapping (start, end, type) spans, longest first where two overlap."""
         spans: list[tuple[int, int, int, str]] = []
-        if _MAYBE_PII.search(text):
+        folded = text.translate(_FULL_WIDTH)
+        if _MAYBE_PII.search(folded):
             for rank, (kind, finder) in enumerate(FINDERS.items()):
                 if kind in self.types:
-                    spans += [(s, e, rank, kind) for s, e in finder(text)]
+                    spans += [(s, e, rank, kind) for s, e in finder(folded)]
         if self.person is not None:
             spans += [(s, e, len(FINDERS), "person") for s, e in self.person(text)]
         spans.sort(key=lambda s: (s[0], s[0] - s[1], s[2]))
