@@ -90,3 +90,22 @@ def test_unknown_format_and_missing_file_are_named(tmp_path, cli):
     assert code == 2 and "odd.jsonl:1: cannot tell the record format (fields: question, answer); give --format" in err
     code, _, err = cli("data", "check", tmp_path / "none.jsonl")
     assert code == 2 and "none.jsonl: no such file" in err
+
+
+def test_large_files_show_a_progress_bar_without_changing_results(tmp_path, cli, monkeypatch):
+    from finetune.data import layer
+
+    source = write_jsonl(tmp_path / "in.jsonl", messy_rows() * 700)  # 4,200 records: the bar advances in batches
+    code, quiet, err = cli("data", "check", source)
+    monkeypatch.setattr(layer, "PROGRESS_MIN_BYTES", 0)
+    code_bar, with_bar, err_bar = cli("data", "check", source)
+    assert code == code_bar == 0, err + err_bar
+    assert quiet == with_bar and "4200" in quiet
+
+
+def test_validate_shows_what_the_data_layer_keeps_out(cli, tiny_model):
+    code, out, err = cli("validate", ROOT / "recipes" / "smoke.yaml", "--set", f"model.path={tiny_model}")
+    assert code == 0, out + err
+    table = out[out.index("Data layer"):]
+    assert "culture" in table and "instructions" in table
+    assert "eval: dataset" in table  # a training record that repeats an eval record is dropped before training

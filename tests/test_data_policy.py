@@ -170,3 +170,20 @@ def test_prohibited_record_never_reaches_the_trainer(tmp_path, tiny_model, monke
     register = [json.loads(line) for line in (run_dir.root / "sft" / "sensitive_register.jsonl").read_text().splitlines()]
     assert [(e["record"], e["grade"], e["stage"]) for e in register] == [("r9", "restricted", "sft")]
     assert (run_dir.root / "sft" / "data_card.md").read_text().startswith("# Data card — stage `sft`")
+
+
+@pytest.mark.parametrize(("pii", "kept", "masked"), [
+    ("{action: mask}", ["r0", "r1", "r2"], {"r1": True, "r2": True}),
+    ("{action: drop}", ["r0"], {}),
+    ("{action: mask, keep_with_consent: true}", ["r0", "r1", "r2"], {"r1": True, "r2": False}),
+    ("{action: off}", ["r0", "r1", "r2"], {"r1": False, "r2": False}),
+])
+def test_pii_action_and_consent(tmp_path, tiny_model, pii, kept, masked):
+    rows = [chat(0), chat(1, "Ring the donor on 13812345678."), chat(2, "Oral history: call me on 13912345678.", consent=True)]
+    records = load_records(load_recipe(make_recipe(tmp_path, tiny_model, rows, f"pii: {pii}")).recipe, "d")
+    assert [r["id"] for r in records.records] == kept
+    for record in records.records:
+        if record["id"] in masked:
+            assert ("<PHONE>" in record["messages"][1]["content"]) is masked[record["id"]]
+    if pii == "{action: drop}":
+        assert records.report.excluded == {"pii: contains mobile": 2} and records.report.pii_found == {"mobile": 2}

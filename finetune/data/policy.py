@@ -86,6 +86,11 @@ class PiiOptions(BaseModel):
                                   json_schema_extra={"is_path": True})
     keep_with_consent: bool = Field(False, description="Leave personal data unmasked in records with `consent: true`.")
 
+    @field_validator("action", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
 
 class DedupOptions(BaseModel):
     """Duplicates within the data, and overlap with evaluation sets."""
