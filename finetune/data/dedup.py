@@ -45,12 +45,11 @@ def shingle_hashes(text: str, n: int, cache: dict[str, int] | None = None):
 
     cache = {} if cache is None else cache
     units = _UNIT.findall(unicodedata.normalize("NFKC", text).casefold()) or [""]
-    hashes = []
-    for unit in units:
-        h = cache.get(unit)
-        if h is None:
-            h = cache[unit] = zlib.crc32(unit.encode("utf-8"))
-        hashes.append(h)
+    hashes = list(map(cache.get, units))
+    if None in hashes:
+        for i, h in enumerate(hashes):
+            if h is None:
+                hashes[i] = cache[units[i]] = zlib.crc32(units[i].encode("utf-8"))
     single = np.array(hashes, dtype=np.uint64)
     runs, current = [single], single
     for size in range(2, n + 1):
@@ -73,17 +72,16 @@ class NearIndex:
         from finetune.data.lsh import CompactLSH
 
         self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm
-        self._minhash = MinHash
-        self._permutations = MinHash(num_perm=num_perm, seed=1).permutations
+        self._minhash = MinHash(num_perm=num_perm, seed=1, hashfunc=int)  # cleared and reused for every text
         self._lsh = CompactLSH(threshold, num_perm)
         self._unit_hashes: dict[str, int] = {}
         self.labels: list[str] = []
 
     def signature(self, text: str):
         """The MinHash of a text's shingles (already hashed: crc32 of units, stable across runs and fast)."""
-        m = self._minhash(num_perm=self.num_perm, hashfunc=int, permutations=self._permutations, scheme="affine32")
-        m.update_batch(shingle_hashes(text, self.ngram, self._unit_hashes).tolist())
-        return m.hashvalues
+        self._minhash.clear()
+        self._minhash.update_batch(shingle_hashes(text, self.ngram, self._unit_hashes).tolist())
+        return self._minhash.hashvalues.copy()
 
     def similar(self, signature, keys=None) -> int | None:
         """The number of an indexed text whose estimated Jaccard similarity reaches the threshold, or None."""
