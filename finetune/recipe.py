@@ -108,6 +108,7 @@ class DataSection(BaseModel):
 
     @property
     def datasets(self) -> dict[str, DatasetSection]:
+        """Every dataset by name (the keys of `data` other than `policy`)."""
         return dict(self.__pydantic_extra__ or {})
 
     def __getitem__(self, name: str) -> DatasetSection:
@@ -123,15 +124,19 @@ class DataSection(BaseModel):
         return len(self.datasets)
 
     def keys(self):
+        """Dataset names."""
         return self.datasets.keys()
 
     def values(self):
+        """Dataset sections."""
         return self.datasets.values()
 
     def items(self):
+        """(name, section) pairs."""
         return self.datasets.items()
 
     def get(self, name: str, default: DatasetSection | None = None) -> DatasetSection | None:
+        """The dataset `name`, or `default`."""
         return self.datasets.get(name, default)
 
     def problems(self) -> list[Problem]:

@@ -103,6 +103,7 @@ def test_renamed_grades_are_used_everywhere(tmp_path, tiny_model):
     ("max_sensitivity: top", "data.policy.max_sensitivity: unknown grade 'top'"),
     ("intended_use: commercial, licences: [CC-BY-NC-SA-4.0]", "data.policy.licences[0]: CC-BY-NC-SA-4.0 does not permit commercial use"),
     ("licences: [CC-BY-NC-4]", "data.policy.licences[0]: licence 'CC-BY-NC-4' is not a known SPDX id"),
+    ("dedupp: {exact: true}", "data.policy.dedupp: unknown key — did you mean dedup?"),
     ("intended_use: comercial", "data.policy.intended_use: Input should be 'research', 'non-commercial', 'commercial' or 'internal'"),
 ])
 def test_bad_policy_is_a_recipe_error_naming_the_key(tmp_path, tiny_model, policy, problem):

@@ -56,11 +56,13 @@ def write_register(path: Path, entries: list[RegisterEntry]) -> None:
 
 
 def read_card(folder: Path) -> DataCard | None:
+    """The data card in `folder`, if there is one."""
     path = folder / CARD_JSON
     return DataCard.model_validate_json(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def read_register(folder: Path) -> list[RegisterEntry]:
+    """The entries of the register in `folder` (none if it has no register)."""
     path = folder / REGISTER_FILE
     if not path.is_file():
         return []

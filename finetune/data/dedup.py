@@ -97,9 +97,11 @@ class NearIndex:
         return candidates[best] if agreement[best] >= self.threshold else None
 
     def band_keys(self, signature):
+        """The signature's LSH band keys (computed once, used to look up and then to add)."""
         return self._lsh.band_keys(signature)
 
     def add(self, signature, label: str | None = None, keys=None) -> int:
+        """Index a signature; returns its number."""
         if label is not None:  # an index of evaluation text labels every entry with its source
             self.labels.append(label)
         return self._lsh.add(signature, self._lsh.band_keys(signature) if keys is None else keys)

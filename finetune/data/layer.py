@@ -68,6 +68,7 @@ class DatasetReport(BaseModel):
     registered: int = Field(0, description="Records written to the sensitive-topic register.")
 
     def bump(self, table: str, key: str, by: int = 1) -> None:
+        """Add `by` to the count of `key` in one of the count tables."""
         counts = getattr(self, table)
         counts[key] = counts.get(key, 0) + by
 

@@ -58,6 +58,7 @@ class CompactLSH:
             return keys ^ self._band_salt
 
     def candidates(self, keys: np.ndarray) -> set[int]:
+        """Numbers of the records that share at least one band key."""
         found = set(map(self._pending.get, keys.tolist()))
         found.discard(None)
         for sorted_keys, numbers in self._segments:
@@ -68,6 +69,7 @@ class CompactLSH:
         return found
 
     def signature_of(self, number: int) -> np.ndarray:
+        """The stored signature of record `number`."""
         return self._chunks[number // CHUNK_RECORDS][number % CHUNK_RECORDS]
 
     def add(self, signature: np.ndarray, keys: np.ndarray) -> int:

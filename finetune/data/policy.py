@@ -27,6 +27,7 @@ class Source(BaseModel):
     url: str | None = Field(None, description="Where the object or record can be looked up.")
 
     def label(self) -> str:
+        """Institution / collection, for counts on a data card."""
         return " / ".join(p for p in (self.institution, self.collection) if p) or "unknown"
 
 
