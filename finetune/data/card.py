@@ -91,7 +91,7 @@ def render_markdown(card: DataCard) -> str:
     lines = [f"# {title}", "", f"Updated {card.updated}.", "", "## Policy", ""]
     lines += [f"- **{k.replace('_', ' ')}**: {_inline(v)}" for k, v in card.policy.items()]
     for d in card.datasets:
-        lines += ["", f"## Dataset `{d.name}`", "", f"`{d.path}` (format {d.format})", ""]
+        lines += ["", f"## Dataset `{d.name}`", "", f"`{d.path}` (format {d.format}, {d.file_bytes:,} bytes)", ""]
         lines += ["| | records |", "| --- | ---: |", f"| read | {d.records_read} |", f"| bad (skipped) | {d.bad_records} |",
                   f"| excluded by policy | {sum(d.excluded.values())} |", f"| duplicates removed | {sum(d.duplicates.values())} |",
                   f"| **kept** | **{d.kept}** |", "", f"{d.characters:,} characters of text kept; "

@@ -51,6 +51,7 @@ class DatasetReport(BaseModel):
     name: str
     path: str
     format: str
+    file_bytes: int = 0
     records_read: int = 0
     bad_records: int = 0
     kept: int = 0
@@ -118,6 +119,7 @@ def stream_dataset(name: str, section: DatasetSection, policy: DataPolicy, repor
     `scrubber` (default: the policy's) and `reference` let a caller build them once for several datasets.
     """
     report.path, report.format, report.pii_action = str(section.path), section.format, policy.pii.action
+    report.file_bytes = Path(section.path).stat().st_size if Path(section.path).is_file() else 0
     skipped = [] if skipped is None else skipped
     scrubber = scrubber or build_scrubber(policy.pii)
     deduplicator = Deduplicator(policy.dedup if dedup else policy.dedup.model_copy(update={"exact": False, "near": False}),
