@@ -133,10 +133,21 @@ def stages() -> None:
         table.add_column("type")
         table.add_column("default")
         table.add_column("meaning")
-        for name, info in module.Config.model_fields.items():
+        for name, info in _option_fields(module.Config):
             default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
             table.add_row(name, _type_name(info.annotation), default, info.description or "")
         out.print(table)
+
+
+def _option_fields(model, prefix: str = ""):
+    """(dotted name, field) for every option; a nested section (evaluate's `gates`) lists its own options."""
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _option_fields(info.annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
 
 
 def plan_table(recipe, counts: dict[str, dict]) -> Table:

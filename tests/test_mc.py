@@ -133,8 +133,13 @@ def test_batched_scores_equal_one_at_a_time(tiny_model):
     assert len({len(p) for p in prompts}) > 1, "prompts of one length would not exercise padding"
     for a, b in zip(batched, single, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
+    uncached, _ = lm.choice_logprobs(model, tokenizer, prompts, mc.LETTERS, batch_size=5, share_prefix=False)
+    assert lm._shared_prefix([lm.encode(tokenizer, p) for p in prompts], 1) > lm.MIN_SHARED_PREFIX, "the few-shot prefix was not shared"
+    for a, b in zip(batched, uncached, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
     multi, _ = lm.choice_logprobs(model, tokenizer, prompts[:3], ("A", "Li Bai", "museum", "D"), batch_size=2)
-    alone = [lm.choice_logprobs(model, tokenizer, [p], ("A", "Li Bai", "museum", "D"), batch_size=1)[0][0] for p in prompts[:3]]
+    alone = [lm.choice_logprobs(model, tokenizer, [p], ("A", "Li Bai", "museum", "D"), batch_size=1, share_prefix=False)[0][0]
+             for p in prompts[:3]]
     for a, b in zip(multi, alone, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
 
@@ -188,3 +193,17 @@ def merge_into_folder(run: Path, target: Path, base: Path) -> Path:
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(run / "sft" / "tokenizer").save_pretrained(target)
     return target
+
+
+def test_eval_command_names_what_is_missing(tmp_path, cli):
+    code, _, err = cli("eval", "base", "--mc", SHIPPED_MC)
+    assert code == 2 and "'base' needs a recipe: give a run folder as well, or --recipe FILE" in err
+    code, _, err = cli("eval", tmp_path, "--mc", SHIPPED_MC)
+    assert code == 2 and f"cannot evaluate {str(tmp_path)!r}: give `base`, a run folder" in err
+    code, _, err = cli("eval", "base", "--mc", SHIPPED_MC, "--shots", "zero")
+    assert code == 2 and "--shots takes numbers separated by commas" in err
+    code, _, err = cli("eval", "base")
+    assert code == 2 and "give --mc DIR" in err
+    bad = mc_folder(tmp_path / "bad", "AE", subjects=1)
+    code, _, err = cli("eval", "base", "--recipe", ROOT / "recipes" / "smoke.yaml", "--mc", bad)
+    assert code == 2 and f"{bad / 'test' / 'subject_0.csv'}:3: Answer 'E' is not one of A, B, C, D" in err

@@ -31,15 +31,19 @@ class Gates(BaseModel):
         None, ge=0, description="Largest gap in a bias probe's reference-answer log-likelihood (per token) across groups at most.")
 
     def needs_baseline(self) -> bool:
+        """Drops are measured against a baseline checkpoint."""
         return self.mc_max_drop is not None or self.mc_subject_max_drop is not None
 
     def needs_mc(self) -> bool:
+        """Some gate reads multiple-choice accuracy."""
         return self.needs_baseline() or self.mc_min_accuracy is not None
 
     def needs_suite(self) -> bool:
+        """Some gate reads the alignment suite's results."""
         return bool(self.reward_min) or any(v is not None for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap))
 
     def needs_reward(self) -> bool:
+        """Some gate reads reward-model scores."""
         return bool(self.reward_min) or self.bias_max_gap is not None
 
 

@@ -1,16 +1,21 @@
 """Batched inference for evaluation: log-likelihoods of continuations and greedy generation.
 
 Prompts are rendered through the tokenizer's chat template and batched with left padding (explicit
-position ids), longest first, so a padded batch scores exactly what each prompt scores alone.
-Prompts longer than `max_length` lose their earliest tokens (few-shot examples first); callers count them.
+position ids), longest first, so a padded batch scores exactly what each prompt scores alone. When the
+sequences of a call share a long token prefix (the few-shot examples of a subject), it is run once and
+its key/value cache reused for every batch. Prompts longer than `max_length` lose their earliest tokens
+(few-shot examples first); callers count them.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 from finetune.data.chat import render
+
+MIN_SHARED_PREFIX = 32  # tokens; a shorter common prefix is not worth a cache
 
 
 def render_prompt(tokenizer: Any, messages: list[dict]) -> str:
@@ -24,11 +29,12 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def too_long(tokenizer: Any, prompt: str, max_length: int) -> bool:
+    """Whether a rendered prompt has more tokens than `max_length` (it will lose its earliest ones)."""
     return len(encode(tokenizer, prompt)) > max_length
 
 
 def choice_logprobs(model: Any, tokenizer: Any, prompts: list[str], choices: tuple[str, ...], batch_size: int = 8,
-                    max_length: int = 2048, desc: str = "") -> tuple[list[list[float]], int]:
+                    max_length: int = 2048, desc: str = "", share_prefix: bool = True) -> tuple[list[list[float]], int]:
     """For each prompt, the log-likelihood of each choice as the reply's start; and how many were truncated."""
     encoded = [encode(tokenizer, p) for p in prompts]
     continuations = [[continuation_ids(tokenizer, p, ids, c) for c in choices] for p, ids in zip(prompts, encoded, strict=True)]
@@ -37,12 +43,12 @@ def choice_logprobs(model: Any, tokenizer: Any, prompts: list[str], choices: tup
         # one forward pass per prompt: the next-token distribution holds every choice
         targets = [[c[0] for c in row] for row in continuations]
         rows = _forward(model, tokenizer, encoded, 1, batch_size, max_length, desc,
-                        lambda logprobs, i: logprobs[-1, targets[i]].tolist())
+                        lambda logprobs, i: logprobs[-1, targets[i]].tolist(), share_prefix)
         return rows, truncated
     flat = [ids + c for ids, row in zip(encoded, continuations, strict=True) for c in row]
     lengths = [len(c) for row in continuations for c in row]
     sums = _forward(model, tokenizer, flat, max(lengths) + 1, batch_size, max_length, desc,
-                    lambda logprobs, i: _continuation_sum(logprobs, flat[i], lengths[i]))
+                    lambda logprobs, i: _continuation_sum(logprobs, flat[i], lengths[i]), share_prefix)
     k = len(choices)
     return [sums[j : j + k] for j in range(0, len(sums), k)], truncated
 
@@ -106,22 +112,41 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
 # --- helpers -------------------------------------------------------------------------------
 
 def _forward(model: Any, tokenizer: Any, sequences: list[list[int]], keep: int, batch_size: int, max_length: int,
-             desc: str, pick: Callable[[Any, int], Any]) -> list:
+             desc: str, pick: Callable[[Any, int], Any], share_prefix: bool = True) -> list:
     """Run `sequences` in left-padded batches; `pick(logprobs of the last `keep` positions, index)` per sequence."""
     import torch
 
     sequences = [s[-max_length:] for s in sequences]
+    shared = _shared_prefix(sequences, keep) if share_prefix else 0
     results: list = [None] * len(sequences)
     with torch.inference_mode(), _progress(len(sequences), desc) as bar:
+        prefix_cache = model(input_ids=torch.tensor([sequences[0][:shared]]), use_cache=True).past_key_values if shared else None
         for batch in _batches(sequences, batch_size):
-            ids, mask = _left_pad([sequences[i] for i in batch], tokenizer.pad_token_id)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+            ids, mask = _left_pad([sequences[i][shared:] for i in batch], tokenizer.pad_token_id)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
+            cached: dict[str, Any] = {"use_cache": False}
+            if prefix_cache is not None:  # the prefix's keys/values, once per row; its mask is all ones
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
+                cached = {"past_key_values": cache, "use_cache": True}
+                mask = torch.cat([torch.ones((len(batch), shared), dtype=mask.dtype), mask], dim=1)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **cached).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(batch):
                 results[i] = pick(logprobs[row], i)
             bar.update(len(batch))
     return results
+
+
+def _shared_prefix(sequences: list[list[int]], keep: int) -> int:
+    """Length of the token prefix all sequences share, leaving each at least `keep` tokens of its own."""
+    if len(sequences) < 2:
+        return 0
+    first = sequences[0]
+    length = min(len(s) for s in sequences) - keep
+    for sequence in sequences[1:]:
+        length = min(length, next((j for j, (a, b) in enumerate(zip(first, sequence, strict=False)) if a != b), length))
+    return length if length >= MIN_SHARED_PREFIX else 0
 
 
 def _continuation_sum(logprobs: Any, sequence: list[int], length: int) -> float:

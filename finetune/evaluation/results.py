@@ -131,4 +131,4 @@ def scalars(result: CheckpointResult, prefix: str = "eval") -> dict[str, float]:
 
 def key_part(text: str) -> str:
     """A name made safe for every dashboard's metric keys."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "_"
+    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "_"  # \w keeps 中文 subject names distinct

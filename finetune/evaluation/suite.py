@@ -78,6 +78,7 @@ class BiasProbe(_Strict):
         return value
 
     def prompts(self) -> dict[str, str]:
+        """The prompt for each group term."""
         return {group: self.template.replace("{group}", group) for group in self.groups}
 
 
@@ -112,6 +113,7 @@ class LoadedSuite:
     lines: dict[tuple, str] = field(default_factory=dict)
 
     def where(self, *loc: Any) -> str:
+        """`file:line` of a key path (or of its nearest ancestor)."""
         for n in range(len(loc), -1, -1):
             if tuple(loc[:n]) in self.lines:
                 return self.lines[tuple(loc[:n])]

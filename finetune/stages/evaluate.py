@@ -91,7 +91,7 @@ def run(ctx: StageContext) -> StageResult:
     """Evaluate the model (and the baseline), write the results, and stop the pipeline if a gate fails."""
     from finetune.evaluation import dashboards, runner
     from finetune.evaluation.gates import GateFailed, check_gates, failure_report
-    from finetune.evaluation.results import EVALUATION_FILE, Evaluation, scalars
+    from finetune.evaluation.results import EVALUATION_FILE, Evaluation, key_part, scalars
     from finetune.recipe import wiring
     from finetune.run_dir import atomic_write_text
     from finetune.tracking import append_metrics
@@ -118,7 +118,7 @@ def run(ctx: StageContext) -> StageResult:
     figures = scalars(results[0])
     if len(results) > 1:
         figures.update(scalars(results[1], prefix="baseline"))
-    figures.update({f"gates/{g.gate}": float(g.passed) for g in gates})
+    figures.update({f"gates/{key_part(g.gate)}": float(g.passed) for g in gates})
     append_metrics(ctx.run_dir.metrics_path(config.stage_name), {"stage": config.stage_name, "step": 0, **figures})
     dashboards.log_evaluation(recipe.tracking, ctx.run_dir.root, config.stage_name, recipe.tracking.run_name or ctx.run_dir.name,
                               figures, dashboards.tables(evaluation))
