@@ -23,7 +23,8 @@ def line_chart(title: str, series: dict[str, list[Point]], width: int = 440, hei
         return "".join(parts)
     xs = [x for points in clean.values() for x, _ in points]
     ys = [y for points in clean.values() for _, y in points]
-    x_ticks, y_ticks = nice_ticks(min(xs), max(xs), 5), nice_ticks(min(ys), max(ys), 5)
+    integer_x = all(float(x).is_integer() for x in xs)  # steps: no tick at 2.5
+    x_ticks, y_ticks = nice_ticks(min(xs), max(xs), 5, integer_x), nice_ticks(min(ys), max(ys), 5)
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
 
     def sx(x: float) -> float:
@@ -53,14 +54,16 @@ def line_chart(title: str, series: dict[str, list[Point]], width: int = 440, hei
     return "".join(parts)
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high] (1, 2, 5 x 10^k steps)."""
+def nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values covering [low, high] (1, 2, 2.5, 5 x 10^k steps; whole steps when `integer`)."""
     if high == low:
         pad = abs(low) * 0.1 or 1.0
         low, high = low - pad, high + pad
     raw = (high - low) / max(count - 1, 1)
+    if integer:
+        raw = max(raw, 1.0)
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw and not (integer and (m * magnitude) % 1))
     start = math.floor(low / step) * step
     ticks = []
     value = start

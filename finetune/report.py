@@ -166,7 +166,8 @@ def _alignment_section(labels: list[str], results: list[dict | None]) -> str:
             for result in results:
                 other = (result or {}).get("probes", [])
                 reply = other[i] if i < len(other) else None
-                cells.append(f"<div class=reply>{escape(reply['response'])}</div>{_rule_marks(reply)}" if reply else "—")
+                text = escape(reply["response"]) or '<span class="muted">(empty reply)</span>' if reply else ""
+                cells.append(f"<div class=reply>{text}</div>{_rule_marks(reply)}" if reply else "—")
             rows.append(cells)
         parts.append(_table(["prompt", *[escape(label) for label in labels]], rows, raw=True))
     return "".join(parts)

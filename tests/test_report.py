@@ -123,3 +123,12 @@ def test_chart_ticks_stay_distinct_and_non_finite_points_are_dropped():
         assert len(set(labels)) == len(labels), labels
     svg = line_chart("loss", {"loss": [(1, 2.0), (2, float("nan")), (3, 1.0)], "kl": [(1, float("inf"))]})
     assert re.findall(r'data-series="([^"]+)" d="M[\d.]+,[\d.]+ L[\d.]+,[\d.]+"', svg) == ["loss"]
+
+
+def test_charts_of_one_point_and_whole_steps_render():
+    from finetune.plots import line_chart, nice_ticks
+
+    assert nice_ticks(0, 10, 5, integer=True) == [0, 5, 10]
+    assert all(float(t).is_integer() for t in nice_ticks(5, 5, 5, integer=True))
+    svg = line_chart("eval_loss", {"eval_loss": [(3, 1.25)]})
+    assert '<circle cx="' in svg and 'data-series="eval_loss"' in svg

@@ -104,7 +104,8 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
             ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row, i in enumerate(batch):
-                replies[i] = tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True).strip()
+                text = tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True)
+                replies[i] = text.strip().rstrip("\ufffd")  # a reply cut at max_new_tokens may end inside a character
             bar.update(len(batch))
     return replies
 
