@@ -207,3 +207,26 @@ def test_eval_command_names_what_is_missing(tmp_path, cli):
     bad = mc_folder(tmp_path / "bad", "AE", subjects=1)
     code, _, err = cli("eval", "base", "--recipe", ROOT / "recipes" / "smoke.yaml", "--mc", bad)
     assert code == 2 and f"{bad / 'test' / 'subject_0.csv'}:3: Answer 'E' is not one of A, B, C, D" in err
+
+
+def test_validate_reports_bad_rows_before_any_model_loads(tmp_path, chat_file):
+    from finetune.config_io import load_recipe
+    from finetune.errors import ConfigError
+
+    bad = mc_folder(tmp_path / "mc", "AB", subjects=1)
+    csv_file = bad / "test" / "subject_0.csv"
+    csv_file.write_text(csv_file.read_text(encoding="utf-8") + "9,Broken row,a,b\n", encoding="utf-8")
+    recipe = write_csv(tmp_path / "r.yaml", f"""\
+        name: v
+        model: {{path: {tmp_path / "no-model-needed"}}}
+        data:
+          d: {{path: {chat_file}, format: chat}}
+        stages:
+          - evaluate: {{mc: mc, shots: 5}}
+        """)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(recipe)
+    text = str(err.value)
+    assert f"stages[0].evaluate.mc: {csv_file}:4: 4 fields, expected at least 7" in text
+    assert f"stages[0].evaluate.mc: {bad / 'dev' / 'subject_0.csv'}: 2 questions, fewer than the 5 shots asked for" in text
+    assert f"({recipe}:6)" in text

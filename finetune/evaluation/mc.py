@@ -84,7 +84,10 @@ def check_folder(folder: str | Path, shots: int = 0) -> list[str]:
         if shots and dev_path is None:
             problems.append(f"{folder / 'dev' / (name + '.csv')}: missing; {shots}-shot evaluation takes its examples from dev/")
         elif shots and dev_path is not None:
-            problems += _file_problems(dev_path)
+            examples, dev_problems = _parse(dev_path)
+            problems += _cap(dev_problems)
+            if not dev_problems and len(examples) < shots:
+                problems.append(f"{dev_path}: {len(examples)} questions, fewer than the {shots} shots asked for; lower `shots`")
     return problems
 
 
