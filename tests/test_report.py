@@ -90,10 +90,16 @@ def test_evaluation_tables_go_to_wandb_offline(tmp_path, monkeypatch):
     from finetune.evaluation.dashboards import log_evaluation
     from finetune.recipe import TrackingSection
 
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    log_evaluation(TrackingSection(backends=["wandb"]), tmp_path, "evaluate", "run-1",
-                   {"eval/mc/overall/accuracy": 42.0}, {"eval/mc": (["subject", "accuracy"], [["history", 42.0]])})
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    try:
+        log_evaluation(TrackingSection(backends=["wandb"]), tmp_path, "evaluate", "run-1",
+                       {"eval/mc/overall/accuracy": 42.0}, {"eval/mc": (["subject", "accuracy"], [["history", 42.0]])})
+    finally:
+        wandb.teardown()  # wandb keeps process-wide settings; later tests must start from their own environment
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, "wandb wrote no offline run"
     assert list(runs[0].rglob("*.wandb")), "the offline run holds no data file"
