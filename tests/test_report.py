@@ -87,10 +87,10 @@ def test_evaluation_scalars_reach_metrics_and_tensorboard(evaluated_run):
 
 
 def test_evaluation_tables_go_to_wandb_offline(tmp_path, monkeypatch):
+    import wandb
+
     from finetune.evaluation.dashboards import log_evaluation
     from finetune.recipe import TrackingSection
-
-    import wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

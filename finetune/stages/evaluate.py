@@ -124,10 +124,10 @@ def run(ctx: StageContext) -> StageResult:
                               figures, dashboards.tables(evaluation))
     if failed and not forced:
         raise GateFailed(failure_report(config.stage_name, failed, str(evaluation_path), str(ctx.run_dir.root)))
-    return StageResult(
-        outputs={"evaluation": EVALUATION_FILE, "metrics": "metrics.jsonl"},
-        summary={**headline(evaluation), "gate": {"passed": not failed, "forced": forced, "failed": [g.gate for g in failed]}},
-    )
+    summary = headline(evaluation)
+    if gates:
+        summary["gate"] = {"passed": not failed, "forced": forced, "failed": [g.gate for g in failed]}
+    return StageResult(outputs={"evaluation": EVALUATION_FILE, "metrics": "metrics.jsonl"}, summary=summary)
 
 
 def headline(evaluation) -> dict:
