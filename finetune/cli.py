@@ -56,6 +56,7 @@ def run(
     set_: SetOption = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder: skip finished stages, resume the interrupted one.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Folder for this run (default: <output.root>/<name>-<UTC time>).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Go on past failing evaluate gates (recorded in lineage.json).")] = False,
 ) -> None:
     """Run every stage of a recipe into a new run folder (or resume one)."""
     from finetune import pipeline
@@ -65,13 +66,61 @@ def run(
     if resume is not None:
         if run_dir is not None:
             raise WenmaiError("--run-dir and --resume cannot be combined: --resume names the folder to continue")
-        folder = pipeline.resume(resume, recipe, tuple(set_ or ()), log=log)
+        folder = pipeline.resume(resume, recipe, tuple(set_ or ()), log=log, force=force)
     elif recipe is None:
         raise WenmaiError("give a recipe file (wenmai run recipes/quickstart.yaml) or --resume RUN_DIR")
     else:
-        folder = pipeline.start(load_recipe(recipe, set_ or []), run_dir, log=log)
+        folder = pipeline.start(load_recipe(recipe, set_ or []), run_dir, log=log, force=force)
     out.print(summary_table(folder))
     out.print(f"[green]run finished:[/] {folder.root}")
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[str | None, typer.Argument(help="base, a run folder, RUN_DIR/<stage>, or a model folder.")] = None,
+    mc: Annotated[Path | None, typer.Option(help="Multiple-choice folder: test/<subject>.csv, optional dev/<subject>.csv.")] = None,
+    shots: Annotated[str, typer.Option(help="Few-shot counts, comma-separated (e.g. 0,5); shots come from dev/.")] = "0",
+    suite: Annotated[Path | None, typer.Option(help="Value-alignment suite (YAML, or JSONL of prompts such as CValues).")] = None,
+    compare: Annotated[str | None, typer.Option(help="More checkpoints on the same suites, comma-separated: base, run folders, "
+                                                     "RUN_DIR/<stage>, stage names of the run, model folders.")] = None,
+    reward_model: Annotated[Path | None, typer.Option(help="Reward stage folder scoring the suite's replies (default: the run's latest).")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe whose model is `base` when no run folder is given.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N questions of each subject.")] = None,
+    suite_limit: Annotated[int | None, typer.Option(help="Only the first N probes of the suite.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Reply length bound for the suite (default: the suite's).")] = None,
+    method: Annotated[str, typer.Option(help="loglik (answer-letter likelihood) or generate (first letter of a greedy reply).")] = "loglik",
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Longest prompt in tokens (longer ones lose their earliest tokens).")] = 2048,
+    output: Annotated[Path | None, typer.Option(help="JSON results file (default: wenmai-eval-<UTC time>.json).")] = None,
+) -> None:
+    """Evaluate checkpoints on multiple-choice folders and an alignment suite, side by side in one table."""
+    from finetune.evaluation import compare as comparison
+    from finetune.evaluation.runner import EvalSpec
+    from finetune.run_dir import utc_now
+
+    if mc is None and suite is None:
+        raise WenmaiError("give --mc DIR (multiple choice) and/or --suite FILE (alignment suite)")
+    if method not in ("loglik", "generate"):
+        raise WenmaiError(f"--method must be loglik or generate, not {method!r}")
+    try:
+        shot_counts = [int(s) for s in shots.split(",") if s.strip()]
+    except ValueError:
+        raise WenmaiError(f"--shots takes numbers separated by commas (e.g. 0,5), not {shots!r}") from None
+    entries = ([target] if target else []) + [e.strip() for e in (compare or "").split(",") if e.strip()]
+    spec = EvalSpec(mc=mc, shots=shot_counts or [0], mc_limit=limit, mc_method=method, suite=suite, suite_limit=suite_limit,
+                    max_new_tokens=max_new_tokens, reward_model=str(reward_model) if reward_model else None, batch_size=batch_size, max_length=max_length)
+    evaluation = comparison.compare(entries, spec, recipe, log=lambda m: console.print(f"[cyan]wenmai[/] {m}", highlight=False))
+    out.print(comparison.comparison_table(evaluation))
+    path = comparison.write_json(evaluation, output or Path(f"wenmai-eval-{utc_now().replace(':', '')}.json"))
+    out.print(f"[green]results:[/] {path}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
+    """(Re)write a run's self-contained HTML report (curves, evaluations, gates, data cards, lineage)."""
+    from finetune.report import write_report
+
+    out.print(f"[green]report:[/] {write_report(run_dir)}")
 
 
 @app.command()
@@ -85,10 +134,21 @@ def stages() -> None:
         table.add_column("type")
         table.add_column("default")
         table.add_column("meaning")
-        for name, info in module.Config.model_fields.items():
+        for name, info in _option_fields(module.Config):
             default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
             table.add_row(name, _type_name(info.annotation), default, info.description or "")
         out.print(table)
+
+
+def _option_fields(model, prefix: str = ""):
+    """(dotted name, field) for every option; a nested section (evaluate's `gates`) lists its own options."""
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            yield from _option_fields(info.annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
 
 
 def plan_table(recipe, counts: dict[str, dict]) -> Table:

@@ -111,6 +111,23 @@ def load_resolved(text: str, path: Path) -> LoadedRecipe:
 
 # --- YAML with line numbers ---------------------------------------------------------------
 
+def read_yaml_lines(path: Path) -> tuple[Any, dict[Loc, int]]:
+    """Any YAML file's data and the line of each key and list item (for suites and other YAML inputs).
+
+    Raises `yaml.YAMLError` (with a `problem_mark`) or `OSError`; the caller words the error.
+    """
+    loader = yaml.SafeLoader(Path(path).read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    origins: dict[Loc, Origin] = {}
+    if node is not None:
+        _record_lines(node, (), str(path), "file", origins)
+    return data, {loc: origin.line for loc, origin in origins.items()}
+
+
 def _read_yaml(path: Path, kind: str, problems: list[Problem]) -> tuple[dict, dict[Loc, Origin]]:
     try:
         text = path.read_text(encoding="utf-8")

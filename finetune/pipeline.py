@@ -37,6 +37,7 @@ class StageLineage(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict)  # output kind -> path relative to the run folder
     started: str | None = None
     finished: str | None = None
+    gate: dict | None = None  # an evaluate stage's gate: passed, forced (wenmai run --force), failed gates
 
 
 class Lineage(BaseModel):
@@ -90,7 +91,7 @@ def used_datasets(recipe: Recipe) -> list[str]:
     return names
 
 
-def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print) -> RunDir:
+def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print, force: bool = False) -> RunDir:
     """Check everything that can fail early, create the run folder, and run every stage."""
     recipe = loaded.recipe
     problems = preflight(recipe)
@@ -100,10 +101,11 @@ def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log
     run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
     atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
     log(f"run folder: {run_dir.root}")
-    return run_stages(recipe, run_dir, log)
+    return run_stages(recipe, run_dir, log, force)
 
 
-def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, overrides: tuple[str, ...] = (), log: Log = print) -> RunDir:
+def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, overrides: tuple[str, ...] = (), log: Log = print,
+           force: bool = False) -> RunDir:
     """Continue a run: finished stages are skipped, an interrupted one restarts from its last checkpoint."""
     run_dir = RunDir.open(run_dir_path)
     stored = load_resolved(run_dir.recipe_path.read_text(encoding="utf-8"), run_dir.recipe_path)
@@ -122,17 +124,28 @@ def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, over
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
     log(f"resuming {run_dir.root}")
-    return run_stages(stored.recipe, run_dir, log)
+    return run_stages(stored.recipe, run_dir, log, force)
 
 
-def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
-    """Run each stage not yet done, in order; write its status last, then the lineage."""
-    from finetune.tracking import backend_env, dashboard_env
+def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = False) -> RunDir:
+    """Run each stage not yet done, in order; write its status last, then the lineage; then the report.
 
+    `force` lets the stages after a failing evaluate gate run (the gate records that it was forced).
+    """
     resolved_inputs, problems = wiring(recipe)
     if problems:
         raise ConfigError(problems)
     write_lineage(recipe, run_dir)
+    try:
+        _run_each(recipe, run_dir, resolved_inputs, log, force)
+    finally:
+        _write_report(run_dir, log)
+    return run_dir
+
+
+def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, force: bool) -> None:
+    from finetune.tracking import backend_env, dashboard_env
+
     configs = recipe.stage_configs()
     for number, config in enumerate(configs, start=1):
         name = config.stage_name
@@ -161,6 +174,7 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
             run_dir=run_dir,
             inputs={field: _outputs(run_dir, stage) for field, stage in inputs.items()},
             resume_from=checkpoint,
+            extra={"force": force},
         )
         try:
             with dashboard_env(backend_env(recipe.tracking, run_dir.root, name, recipe.tracking.run_name or run_dir.name)):
@@ -176,7 +190,16 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
         run_dir.write_status(status)
         write_lineage(recipe, run_dir)
         log(f"[{number}/{len(configs)}] {name}: done")
-    return run_dir
+
+
+def _write_report(run_dir: RunDir, log: Log) -> None:
+    """The HTML run report, after every run (finished or stopped); a report problem never hides the run's own error."""
+    from finetune.report import write_report
+
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as err:  # the report is a view: the run's own outcome stands
+        log(f"report not written ({type(err).__name__}: {err}); retry with `wenmai report {run_dir.root}`")
 
 
 def _outputs(run_dir: RunDir, stage: str) -> dict[str, str]:
@@ -199,6 +222,7 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
             inputs=status.inputs if status else {},
             outputs={k: f"{config.stage_name}/{v}" for k, v in (status.outputs if status else {}).items()},
             started=status.started if status else None, finished=status.finished if status else None,
+            gate=status.summary.get("gate") if status else None,
         ))
     lineage = Lineage(
         run=run_dir.name,

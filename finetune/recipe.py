@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer, model_validator
 
 from finetune.data.policy import DataPolicy, RecordMetadata
 from finetune.errors import Problem
@@ -188,6 +188,12 @@ class _StageEntryBase(BaseModel):
             raise ValueError(f"a stage has exactly one kind, got {', '.join(map(str, data))}; start each stage with its own `-`")
         return {k: ({} if v is None else v) for k, v in data.items()}
 
+    @model_serializer(mode="wrap")
+    def _dump_own_kind(self, handler: Any) -> Any:
+        # `{kind: options}` only: the other kinds (all None) would make the dumped recipe unreadable
+        data = handler(self)
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     @property
     def config(self) -> StageConfig:
         return next(v for v in (getattr(self, k) for k in type(self).model_fields) if v is not None)
@@ -226,12 +232,16 @@ def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
     for i, config in enumerate(recipe.stage_configs()):
         inputs: dict[str, str] = {}
         for field_name, info in type(config).model_fields.items():
-            output = (info.json_schema_extra or {}).get("input") if isinstance(info.json_schema_extra, dict) else None
-            if output is None:
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("input") is None:
                 continue
+            kinds = extra["input"] if isinstance(extra["input"], list) else [extra["input"]]
+            output = " or ".join(kinds)
             path = f"stages[{i}].{config.kind}.{field_name}"
             wanted = getattr(config, field_name)
-            producers = [c.stage_name for c in earlier if output in c.produces]
+            producers = [c.stage_name for c in earlier if set(kinds) & set(c.produces)]
+            if wanted in extra.get("special", ()):  # a value that names no stage, e.g. `base`
+                continue
             if wanted is None:
                 if producers:
                     inputs[field_name] = producers[-1]
@@ -276,7 +286,7 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
             elif recipe.data[value].format not in formats:
                 problems.append(Problem(path, f"dataset {value!r} has format {recipe.data[value].format!r}; "
                                               f"a {config.kind} stage reads {' or '.join(formats)}"))
-        problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config)]
+        problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config, recipe)]
     problems += recipe.data.problems()
     if recipe.model.gguf_file and recipe.model.quantization != "none":
         problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
@@ -285,7 +295,12 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
     return problems
 
 
-def config_checks(config: StageConfig) -> list[Problem]:
-    """A stage's own cross-field checks, if it defines `check()` returning (field, message) pairs."""
+def config_checks(config: StageConfig, recipe: Recipe | None = None) -> list[Problem]:
+    """A stage's own checks, as (field, message) pairs: `check()` across its fields, and
+    `check_in_recipe(recipe)` for what needs the rest of the recipe (files it reads, other sections)."""
     check = getattr(config, "check", None)
-    return [Problem(field, message) for field, message in (check() if check else [])]
+    pairs = list(check() if check else [])
+    in_recipe = getattr(config, "check_in_recipe", None)
+    if in_recipe is not None and recipe is not None:
+        pairs += in_recipe(recipe)
+    return [Problem(field, message) for field, message in pairs]

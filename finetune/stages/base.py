@@ -13,9 +13,13 @@ if TYPE_CHECKING:
     from finetune.run_dir import RunDir
 
 
-def input_field(output: str, description: str) -> Any:
-    """A field naming an earlier stage whose `output` (adapter, reward_model, ...) this stage reads."""
-    return Field(None, description=description, json_schema_extra={"input": output})
+def input_field(output: str | list[str], description: str, special: tuple[str, ...] = (), default: str | None = None) -> Any:
+    """A field naming an earlier stage whose `output` (adapter, reward_model, ...; or one of several) this
+    stage reads; `special` values (e.g. `base`) name no stage and are left to the stage to interpret."""
+    extra: dict[str, Any] = {"input": output}
+    if special:
+        extra["special"] = list(special)
+    return Field(default, description=description, json_schema_extra=extra)
 
 
 def dataset_field(formats: tuple[str, ...], description: str, required: bool = True) -> Any:
