@@ -12,6 +12,8 @@ from pydantic import BaseModel, Field
 
 import finetune
 from finetune.config_io import LoadedRecipe, load_recipe, load_resolved
+from finetune.distributed.config import stage_scope
+from finetune.distributed.ranks import barrier, connect, is_main_process, main_only
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.recipe import Recipe, wiring
 from finetune.run_dir import (
@@ -54,8 +56,10 @@ class Lineage(BaseModel):
     stages: list[StageLineage]
 
 
-def preflight(recipe: Recipe) -> list[str]:
-    """Problems that stop a run before anything heavy: hardware for the model, missing dashboard packages."""
+def preflight(recipe: Recipe, world_size: int = 1) -> list[str]:
+    """Problems that stop a run before anything heavy: hardware for the model, missing dashboard packages,
+    and the distributed compatibility check (recipe x installed versions x this machine)."""
+    from finetune.distributed.preflight import check
     from finetune.model import check_hardware, resolve_source
     from finetune.tracking import check_backends
 
@@ -64,6 +68,7 @@ def preflight(recipe: Recipe) -> list[str]:
         resolve_source(recipe.model, convert=False)
     except WenmaiError as err:
         problems.append(str(err))
+    problems += [str(f) for f in check(recipe, world_size).findings if f.severity == "error"]
     return problems
 
 
@@ -92,13 +97,21 @@ def used_datasets(recipe: Recipe) -> list[str]:
 def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print) -> RunDir:
     """Check everything that can fail early, create the run folder, and run every stage."""
     recipe = loaded.recipe
-    problems = preflight(recipe)
+    ranks = connect(recipe.distributed)  # several processes (wenmai launch): join them first
+    log = main_only(log)
+    problems = preflight(recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
     check_data(recipe)
-    run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
-    atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
-    log(f"run folder: {run_dir.root}")
+    if ranks.world_size > 1 and run_dir_path is None:
+        raise WenmaiError("a run with several processes needs the same --run-dir on every process; start it with `wenmai launch`")
+    if ranks.is_main:  # rank 0 owns the run folder; the others wait until it exists
+        run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
+        atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
+        log(f"run folder: {run_dir.root}")
+    barrier()
+    if not ranks.is_main:
+        run_dir = RunDir.open(run_dir_path)
     return run_stages(recipe, run_dir, log)
 
 
@@ -117,7 +130,9 @@ def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, over
                 f"{recipe_path} is not the recipe {run_dir.root} was started with; resume with `wenmai run --resume "
                 f"{run_dir.root}` alone, or start a new run",
             )
-    problems = preflight(stored.recipe)
+    ranks = connect(stored.recipe.distributed)
+    log = main_only(log)
+    problems = preflight(stored.recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
     log(f"resuming {run_dir.root}")
@@ -131,7 +146,9 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
     resolved_inputs, problems = wiring(recipe)
     if problems:
         raise ConfigError(problems)
-    write_lineage(recipe, run_dir)
+    main = is_main_process()  # only rank 0 writes statuses, metrics and lineage; every rank trains
+    if main:
+        write_lineage(recipe, run_dir)
     configs = recipe.stage_configs()
     for number, config in enumerate(configs, start=1):
         name = config.stage_name
@@ -140,20 +157,23 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
             log(f"[{number}/{len(configs)}] {name}: done already, skipped")
             continue
         checkpoint = run_dir.latest_checkpoint(name) if previous is not None else None
+        barrier()  # every rank has read the previous state before rank 0 rewrites it
         metrics = run_dir.metrics_path(name)
         if checkpoint is not None:
-            step = int(checkpoint.name.rsplit("-", 1)[-1])
-            truncate_metrics(metrics, step)
+            if main:
+                truncate_metrics(metrics, int(checkpoint.name.rsplit("-", 1)[-1]))
             log(f"[{number}/{len(configs)}] {name}: resuming from {checkpoint.name}")
         else:
-            metrics.unlink(missing_ok=True)
+            if main:
+                metrics.unlink(missing_ok=True)
             log(f"[{number}/{len(configs)}] {name} ({config.kind})")
         inputs = {field: stage for field, stage in resolved_inputs[name].items()}
         status = StageStatus(
             name=name, kind=config.kind, state="running", started=utc_now(), inputs=inputs,
             attempts=(previous.attempts + 1) if previous else 1,
         )
-        run_dir.write_status(status)
+        if main:
+            run_dir.write_status(status)
         ctx = StageContext(
             recipe=recipe,
             config=config,
@@ -161,19 +181,24 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
             inputs={field: _outputs(run_dir, stage) for field, stage in inputs.items()},
             resume_from=checkpoint,
         )
+        run_name = recipe.tracking.run_name or run_dir.name
         try:
-            with dashboard_env(backend_env(recipe.tracking, run_dir.root, name, recipe.tracking.run_name or run_dir.name)):
+            with dashboard_env(backend_env(recipe.tracking, run_dir.root, name, run_name)), \
+                    stage_scope(recipe, config, ctx.stage_dir, run_dir.name):
                 result = STAGES[config.kind].run(ctx)
         except BaseException as err:
-            status.state, status.finished = "failed", utc_now()
-            status.error = f"{type(err).__name__}: {err}"[:2000]
+            if main:
+                status.state, status.finished = "failed", utc_now()
+                status.error = f"{type(err).__name__}: {err}"[:2000]
+                run_dir.write_status(status)
+                write_lineage(recipe, run_dir)
+            raise
+        if main:
+            status.state, status.finished = "done", utc_now()
+            status.outputs, status.summary = result.outputs, result.summary
             run_dir.write_status(status)
             write_lineage(recipe, run_dir)
-            raise
-        status.state, status.finished = "done", utc_now()
-        status.outputs, status.summary = result.outputs, result.summary
-        run_dir.write_status(status)
-        write_lineage(recipe, run_dir)
+        barrier()  # the next stage reads this one's status.json
         log(f"[{number}/{len(configs)}] {name}: done")
     return run_dir
 
