@@ -56,9 +56,9 @@ class Lineage(BaseModel):
     stages: list[StageLineage]
 
 
-def preflight(recipe: Recipe, world_size: int = 1) -> list[str]:
+def preflight(recipe: Recipe, world_size: int = 1, distributed: bool = True) -> list[str]:
     """Problems that stop a run before anything heavy: hardware for the model, missing dashboard packages,
-    and the distributed compatibility check (recipe x installed versions x this machine)."""
+    and (with `distributed`) the errors of the compatibility check: recipe x installed versions x this machine."""
     from finetune.distributed.preflight import check
     from finetune.model import check_hardware, resolve_source
     from finetune.tracking import check_backends
@@ -68,7 +68,8 @@ def preflight(recipe: Recipe, world_size: int = 1) -> list[str]:
         resolve_source(recipe.model, convert=False)
     except WenmaiError as err:
         problems.append(str(err))
-    problems += [str(f) for f in check(recipe, world_size).findings if f.severity == "error"]
+    if distributed:
+        problems += [str(f) for f in check(recipe, world_size).blocking()]
     return problems
 
 
@@ -157,23 +158,24 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
             log(f"[{number}/{len(configs)}] {name}: done already, skipped")
             continue
         checkpoint = run_dir.latest_checkpoint(name) if previous is not None else None
-        barrier()  # every rank has read the previous state before rank 0 rewrites it
-        metrics = run_dir.metrics_path(name)
-        if checkpoint is not None:
-            if main:
-                truncate_metrics(metrics, int(checkpoint.name.rsplit("-", 1)[-1]))
-            log(f"[{number}/{len(configs)}] {name}: resuming from {checkpoint.name}")
-        else:
-            if main:
-                metrics.unlink(missing_ok=True)
-            log(f"[{number}/{len(configs)}] {name} ({config.kind})")
         inputs = {field: stage for field, stage in resolved_inputs[name].items()}
         status = StageStatus(
             name=name, kind=config.kind, state="running", started=utc_now(), inputs=inputs,
             attempts=(previous.attempts + 1) if previous else 1,
         )
+        barrier()  # every rank has read the previous state before rank 0 rewrites it
         if main:
+            metrics = run_dir.metrics_path(name)
+            if checkpoint is not None:
+                truncate_metrics(metrics, int(checkpoint.name.rsplit("-", 1)[-1]))
+            else:
+                metrics.unlink(missing_ok=True)
             run_dir.write_status(status)
+        barrier()  # the stage folder exists before any rank uses it
+        if checkpoint is not None:
+            log(f"[{number}/{len(configs)}] {name}: resuming from {checkpoint.name}")
+        else:
+            log(f"[{number}/{len(configs)}] {name} ({config.kind})")
         ctx = StageContext(
             recipe=recipe,
             config=config,
