@@ -1,7 +1,7 @@
 """Installed as `sitecustomize` in the processes of a multi-process test run (never imported by Wenmai).
 
 In every process that a launcher started (RANK is set), it records each successful write under the run
-folder (WENMAI_AUDIT_ROOT) to `<WENMAI_AUDIT_LOG>.rank<R>`, and wraps `finetune.training.save_adapter`
+folder (Python file and folder operations, torch.save, safetensors) (WENMAI_AUDIT_ROOT) to `<WENMAI_AUDIT_LOG>.rank<R>`, and wraps `finetune.training.save_adapter`
 to dump the adapter as this rank holds it (gathered under ZeRO-3) to `<WENMAI_AUDIT_LOG>.adapter<R>.pt`.
 """
 
@@ -53,6 +53,22 @@ def _install() -> None:
 
         setattr(os, name, audited)
 
+    def wrap_saver(module, name):  # writers in C++/Rust that bypass Python's open()
+        original = getattr(module, name)
+
+        def audited(obj, target, *args, **kwargs):
+            result = original(obj, target, *args, **kwargs)
+            if isinstance(target, str | os.PathLike):
+                record(f"{module.__name__}.{name}", target)
+            return result
+
+        setattr(module, name, audited)
+
+    import safetensors.torch
+    import torch
+
+    wrap_saver(torch, "save")
+    wrap_saver(safetensors.torch, "save_file")
     builtins.open = io.open = audited_open
     os.open = audited_os_open
     for name, paths in (("mkdir", [0]), ("replace", [0, 1]), ("rename", [0, 1]), ("unlink", [0]), ("remove", [0]),

@@ -179,6 +179,8 @@ def test_missing_cuda_blocks_a_gpu_launch_but_only_warns_a_plan(recipe_with):
     [finding] = [f for f in report.findings if f.rule == "cuda-missing"]
     assert "2 processes per node need 2 GPUs and this node has no CUDA GPU" in finding.message and "--cpu" in finding.message
     assert finding in report.blocking() and finding not in report.blocking(planning=True)
+    fsdp = check(recipe_with("distributed: {strategy: fsdp}\n"), 1, hardware=Hardware(host_available=8 * GIB), versions=VERSIONS)
+    assert "fsdp shards only on CUDA GPUs" in str(fsdp.blocking()[0])
     two = Hardware(cuda=True, gpus=2, gpu_name="L4", gpu_memory=24 * GIB, host_available=64 * GIB)
     assert "this node has 2 GPUs" in findings(recipe, 4, hardware=two, gpus_per_node=4, launch_on_gpus=True)["cuda-missing"][0]
 

@@ -270,9 +270,13 @@ def cuda_rules(recipe: Recipe, world_size: int, gpus_per_node: int, hardware: Ha
         have = "no CUDA GPU" if not hardware.cuda else f"{hardware.gpus} GPU{'s' if hardware.gpus != 1 else ''}"
         return [Finding("cuda-missing", "--gpus", f"{gpus_per_node} processes per node need {gpus_per_node} GPUs and this node "
                         f"has {have}; lower --gpus, or add --cpu to test the multi-process run on CPU (gloo)", machine=True)]
-    if not hardware.cuda and (section.strategy in ("deepspeed", "fsdp")):
+    if not hardware.cuda and section.strategy == "fsdp":
         return [Finding("cuda-missing", "distributed.strategy",
-                        f"{section.strategy} on a machine without CUDA runs on CPU with the gloo backend: fine for tests, "
+                        "fsdp shards only on CUDA GPUs and this machine has none (on CPU accelerate would quietly run "
+                        "plain data parallel); run on GPUs, or use ddp or deepspeed to test on CPU", machine=True)]
+    if not hardware.cuda and section.strategy == "deepspeed":
+        return [Finding("cuda-missing", "distributed.strategy",
+                        "deepspeed on a machine without CUDA runs on CPU with the gloo backend: fine for tests, "
                         "far too slow for training", severity="warning", machine=True)]
     return []
 
