@@ -77,7 +77,8 @@ def assert_same(a: dict, b: dict, atol: float) -> None:
 
 
 def test_two_process_ddp_run_matches_one_process_and_only_rank0_writes(tmp_path, tiny_model, uneven_data):
-    text = tiny_recipe(tiny_model, uneven_data, tmp_path / "runs", batch_size=2, **SGD) + "distributed: {strategy: ddp}\n"
+    text = (tiny_recipe(tiny_model, uneven_data, tmp_path / "runs", batch_size=2, gradient_checkpointing=True, **SGD)
+            + "distributed: {strategy: ddp}\n")  # checkpointing: DDP + reentrant checkpointing on a PeftModel
     result, run_dir, log = launch_two(tmp_path, text, "ddp")
 
     assert result.stdout.count("run finished:") == 1 and result.stderr.count("run folder:") == 1  # quiet rank 1
@@ -124,3 +125,20 @@ def test_two_process_zero3_run_saves_a_gathered_adapter_that_loads_without_deeps
     before = base(ids).logits
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run_dir.output("sft", "adapter")))
     assert not torch.allclose(tuned(ids).logits, before, atol=1e-5)
+
+
+def test_qlora_zero3_benchmark_harness_runs_on_cpu(tmp_path):
+    """scripts/bench/qlora_zero3.py on a tiny shape without quantization: both configurations train, save, reload."""
+    import json
+
+    result = subprocess.run([sys.executable, "scripts/bench/qlora_zero3.py", "--shape", "tiny", "--quantization", "none",
+                             "--steps", "1", "--seq-len", "64", "--workdir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["config"] for r in rows] == ["plain", "zero3"]
+    for row in rows:
+        assert row["ok"], row.get("error")
+        assert row["reload_ok"] and row["adapter_weights"] > 0 and row["adapter_changes_logits"], row
+        assert row["estimate_parts"]["weights"] > 0 and row["estimate_bytes"] > 0
+    assert "| zero3 | none | cpu | True |" in result.stdout

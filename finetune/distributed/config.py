@@ -153,10 +153,10 @@ def trainer_args(section: DistributedSection) -> dict[str, Any]:
             "state_dict_type": "FULL_STATE_DICT",  # adapters saved whole, as plain PEFT files
         }
         return {"fsdp": True, "fsdp_config": fsdp_config}
-    if section.strategy == "ddp":
-        # every LoRA parameter gets a gradient each step: skip DDP's search for unused ones
-        return {"ddp_find_unused_parameters": False}
-    return {}
+    # DDP (ddp, or any launch of several processes): every LoRA parameter gets a gradient each step, and
+    # searching for unused ones breaks reentrant activation checkpointing (transformers only knows to turn
+    # the search off for a bare PreTrainedModel, not for a PeftModel)
+    return {"ddp_find_unused_parameters": False}
 
 
 @contextlib.contextmanager
