@@ -114,7 +114,8 @@ data:
   culture: {{path: {ROOT / 'recipes' / 'data' / 'culture_sft.jsonl'}, format: chat}}
 stages:
   - sft: {{dataset: culture, max_steps: {args.steps}, batch_size: {args.batch_size}, seq_len: {args.seq_len},
-          packing: true, gradient_checkpointing: true, precision: {precision}, logging_steps: 5, save_steps: 1000}}
+          packing: true, gradient_checkpointing: true, precision: {precision}, warmup: 0, logging_steps: 5,
+          save_steps: 1000}}
 {distributed}
 """, encoding="utf-8")
     return path
