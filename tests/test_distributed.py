@@ -423,3 +423,12 @@ def test_slurm_template_starts_one_launcher_per_node(tmp_path, write_recipe, tin
     for rank, line in enumerate(commands):
         assert f"--nnodes 2 --node-rank {rank} --master-addr gpu-a --master-port 29500 --nproc-per-node 4" in line
         assert f"--run-dir {tmp_path / 'runs' / 'recipe-job4242'}" in line
+
+
+def test_deepspeed_without_a_launcher_says_to_use_wenmai_launch(cli, write_recipe, tiny_model, chat_file, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = write_recipe(tiny_recipe(tiny_model, chat_file, tmp_path / "runs") + "distributed: {strategy: deepspeed}\n")
+    code, _, err = cli("run", recipe)
+    assert code == 2 and "runs under a launcher, even on one GPU: start it with `wenmai launch RECIPE --gpus N`" in " ".join(err.split())
+    assert not (tmp_path / "runs").exists()

@@ -26,6 +26,7 @@ class Ranks:
     local_rank: int = 0
     world_size: int = 1
     local_world_size: int = 1  # processes on this node
+    launched: bool = False  # started by a launcher (torchrun), which sets up the process group's address
 
     @property
     def is_main(self) -> bool:
@@ -39,6 +40,7 @@ def current() -> Ranks:
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        launched="RANK" in os.environ and "MASTER_ADDR" in os.environ,
     )
 
 
@@ -54,6 +56,11 @@ def connect(section: DistributedSection) -> Ranks:
     DeepSpeed gets its own initialisation (it wraps torch.distributed and must know the group exists).
     """
     ranks = current()
+    if section.strategy in ("deepspeed", "fsdp") and not ranks.launched:
+        from finetune.errors import WenmaiError
+
+        raise WenmaiError(f"distributed.strategy: {section.strategy} runs under a launcher, even on one GPU: "
+                          "start it with `wenmai launch RECIPE --gpus N` (or set strategy: none for `wenmai run`)")
     if ranks.world_size == 1:
         return ranks
     import torch
