@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 import finetune
 from finetune.config_io import LoadedRecipe, load_recipe, load_resolved
 from finetune.distributed.config import stage_scope
-from finetune.distributed.ranks import barrier, connect, is_main_process, main_only
+from finetune.distributed.ranks import Ranks, barrier, connect, is_main_process, main_only
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.recipe import Recipe, wiring
 from finetune.run_dir import (
@@ -106,6 +106,7 @@ def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log
     check_data(recipe)
     if ranks.world_size > 1 and run_dir_path is None:
         raise WenmaiError("a run with several processes needs the same --run-dir on every process; start it with `wenmai launch`")
+    _convert_once_per_node(recipe, ranks)
     if ranks.is_main:  # rank 0 owns the run folder; the others wait until it exists
         run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
         atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
@@ -136,8 +137,19 @@ def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, over
     problems = preflight(stored.recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
+    _convert_once_per_node(stored.recipe, ranks)
     log(f"resuming {run_dir.root}")
     return run_stages(stored.recipe, run_dir, log)
+
+
+def _convert_once_per_node(recipe: Recipe, ranks: Ranks) -> None:
+    """A GGUF model is converted into the node's cache by one process while the others wait."""
+    if recipe.model.gguf_file and ranks.world_size > 1:
+        from finetune.model import resolve_source
+
+        if ranks.local_rank == 0:
+            resolve_source(recipe.model)
+        barrier()
 
 
 def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:

@@ -214,6 +214,9 @@ def test_memory_estimate_against_the_gpu(recipe_with):
     report = check(recipe, hardware=tiny_gpu, versions=VERSIONS)
     assert report.blocking() and report.blocking()[0].rule == "gpu-memory"
     assert "gpu-memory" not in findings(recipe)  # 80 GiB
+    just = Hardware(cuda=True, gpus=1, gpu_name="T", gpu_memory=int(report.estimates[0].total), host_available=8 * GIB)
+    near = check(recipe, hardware=just, versions=VERSIONS)  # the estimate is rough: at 100% it warns, refuses above 115%
+    assert [f.severity for f in near.findings if f.rule == "gpu-memory"] == ["warning"] and not near.blocking()
 
 
 # --- the memory estimate ------------------------------------------------------------------------

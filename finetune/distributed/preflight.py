@@ -18,7 +18,8 @@ from finetune.errors import WenmaiError
 from finetune.recipe import Recipe
 
 MIN_VERSIONS = {"deepspeed": "0.16", "bitsandbytes": "0.43.3"}  # bitsandbytes: quant_storage for sharded QLoRA (PEFT guide)
-GPU_MEMORY_WARNING = 0.9
+GPU_MEMORY_WARNING = 0.9  # estimate / GPU memory above which pre-flight warns
+GPU_MEMORY_ERROR = 1.15  # ... and refuses: the estimate is rough, a run it wrongly refused would be lost time
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,7 @@ def memory_rules(recipe: Recipe, estimates: list[Estimate], hardware: Hardware, 
                     f"stage {est.stage!r} needs about {gib(est.total)} per GPU ({_largest(est)}) and {hardware.gpu_name} has "
                     f"{gib(hardware.gpu_memory)}; lower batch_size or seq_len, turn on gradient_checkpointing, "
                     "use nf4, ZeRO-3 / FSDP, or offload",
-                    severity="error" if share > 1 else "warning", machine=True))
+                    severity="error" if share > GPU_MEMORY_ERROR else "warning", machine=True))
         if est.host_per_node and est.host_per_node > hardware.host_available:
             findings.append(Finding(
                 "host-memory", "distributed.offload_params" if recipe.distributed.offload_params != "none"
