@@ -50,6 +50,7 @@ def validate(
     out.print(loaded.to_yaml(annotate=True), highlight=False, markup=False)
     counts = check_data(loaded.recipe)
     out.print(plan_table(loaded.recipe, counts))
+    out.print(data_table([c["report"] for c in counts.values() if c.get("report")]))
     for problem in preflight(loaded.recipe, distributed=False):
         console.print(f"[yellow]warning:[/] {problem}")
     report = check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, with_estimates=True)
@@ -197,6 +198,59 @@ def plan_table(recipe, counts: dict[str, dict]) -> Table:
         steps = getattr(stage, "max_steps", None)
         length = "—" if steps is None else (f"{steps} steps" if steps > 0 else f"{stage.epochs:g} epochs")
         table.add_row(str(i), stage.stage_name, stage.kind, reads, data, length)
+    return table
+
+
+data_app = typer.Typer(help="The cultural data layer: rights, sensitivity, PII, duplicates, data cards.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+FormatOption = Annotated[str | None, typer.Option("--format", help="Record format of a data file (default: from its first record).")]
+PolicyOption = Annotated[Path | None, typer.Option("--recipe", help="Take data.policy from this recipe (default: the built-in policy).")]
+
+
+@data_app.command("check")
+def data_check(target: Annotated[Path, typer.Argument(help="A recipe (its datasets) or a data file.")],
+               format_: FormatOption = None, recipe: PolicyOption = None) -> None:
+    """Run the data layer without writing anything: what would train, and what is kept out and why."""
+    from finetune.data.commands import check
+
+    out.print(data_table(check(target, format_, recipe)))
+
+
+@data_app.command("scrub")
+def data_scrub(source: Annotated[Path, typer.Argument(help="Data file to clean.")],
+               dest: Annotated[Path, typer.Argument(help="Where to write the records that may train (JSONL).")],
+               format_: FormatOption = None, recipe: PolicyOption = None,
+               dedup: Annotated[bool, typer.Option(help="Drop duplicates too (as the recipe's policy says).")] = True) -> None:
+    """Write the records that pass the policy, with personal data masked (and duplicates dropped), to DEST."""
+    from finetune.data.commands import scrub
+
+    report = scrub(source, dest, format_, recipe, dedup)
+    out.print(data_table([report]))
+    out.print(f"[green]wrote {report.kept} records to {dest}[/]")
+
+
+@data_app.command("card")
+def data_card(target: Annotated[Path, typer.Argument(help="A recipe (its datasets) or a data file.")],
+              out_dir: Annotated[Path, typer.Option("--out", help="Folder for data_card.md, data_card.json and the register.")] = Path("."),
+              format_: FormatOption = None, recipe: PolicyOption = None) -> None:
+    """Write a data card (markdown + JSON) and the sensitive-topic register for a recipe's datasets or a file."""
+    from finetune.data.commands import card
+
+    for path in card(target, out_dir, format_, recipe):
+        out.print(f"[green]wrote[/] {path}")
+
+
+def data_table(reports: list) -> Table:
+    """One row per dataset: read, bad, kept out by policy (by reason), PII found, duplicates, kept."""
+    table = Table(title="Data layer (policy → PII → dedup)", title_justify="left")
+    for column in ("dataset", "read", "bad", "excluded by policy", "personal data", "duplicates", "register", "kept"):
+        table.add_column(column)
+    for r in reports:
+        excluded = "\n".join(f"{n} {reason}" for reason, n in r.excluded.items()) or "0"
+        pii = ", ".join(f"{n} {kind}" for kind, n in r.pii_found.items())
+        pii = f"{pii} ({r.pii_action})" if pii else "0"
+        duplicates = ", ".join(f"{n} {kind}" for kind, n in r.duplicates.items()) or "0"
+        table.add_row(r.name, str(r.records_read), str(r.bad_records), excluded, pii, duplicates, str(r.registered), str(r.kept))
     return table
 
 

@@ -296,6 +296,9 @@ def _resolve_paths(data: Any, origins: dict, loc: Loc = ()) -> None:
             extra = (info.json_schema_extra or {}) if info is not None else {}
             if isinstance(value, str) and extra.get("is_path") and not _ENV_REF.search(value):
                 data[key] = _resolve_one(value, origins.get(here) or _nearest(origins, here), extra.get("is_path"))
+            elif isinstance(value, list) and extra.get("is_path"):  # a list of paths
+                data[key] = [_resolve_one(v, origins.get((*here, i)) or _nearest(origins, here), extra.get("is_path"))
+                             if isinstance(v, str) and not _ENV_REF.search(v) else v for i, v in enumerate(value)]
             else:
                 _resolve_paths(value, origins, here)
     elif isinstance(data, list):
@@ -352,6 +355,8 @@ def _field_at(loc: Loc):
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             info = ann.model_fields.get(key) if isinstance(key, str) else None
             if info is None:
+                info = _extra_field(ann) if isinstance(key, str) else None
+            if info is None:
                 return None
             ann = info.annotation
         elif typing.get_origin(ann) is list:
@@ -361,6 +366,20 @@ def _field_at(loc: Loc):
         else:
             return None
     return info
+
+
+def _extra_field(model: type[BaseModel]):
+    """For a model whose extra keys are typed (`__pydantic_extra__: dict[str, X]`, like `data`), a field of type X."""
+    from pydantic.fields import FieldInfo
+
+    if model.model_config.get("extra") != "allow":
+        return None
+    try:
+        extra = typing.get_type_hints(model).get("__pydantic_extra__")
+    except (NameError, TypeError):
+        return None
+    args = typing.get_args(extra) if typing.get_origin(extra) is dict else ()
+    return FieldInfo.from_annotation(args[1]) if len(args) == 2 else None
 
 
 def _model_at(loc: Loc) -> type[BaseModel] | None:

@@ -80,7 +80,8 @@ def check_data(recipe: Recipe) -> dict[str, dict]:
     counts = {}
     for name in used_datasets(recipe):
         records = load_records(recipe, name)
-        counts[name] = {"records": len(records.records), "skipped": len(records.skipped)}
+        counts[name] = {"records": len(records.records), "skipped": len(records.skipped),
+                        "report": getattr(records, "report", None)}  # what the data layer kept out, and why
     return counts
 
 

@@ -5,10 +5,14 @@ Field descriptions are the documentation: `wenmai stages` and `wenmai validate` 
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from finetune.data.policy import DataPolicy, RecordMetadata
 from finetune.errors import Problem
 from finetune.stages import STAGES
 from finetune.stages.base import StageConfig
@@ -74,6 +78,78 @@ class DatasetSection(Section):
     )
     max_records: int | None = Field(None, gt=0, description="Use only the first N records (quick experiments).")
     system_prompt: str | None = Field(None, description="System message added to records that have none.")
+    defaults: RecordMetadata | None = Field(
+        None, description="Rights and provenance for records that do not carry their own: licence, source, "
+        "rights_holder, sensitivity, topics, consent (a record's own fields win).",
+    )
+
+
+class DataSection(BaseModel):
+    """Named datasets (any key) and `policy`, the rules every record passes before it trains.
+
+    Reads like a mapping of dataset name -> DatasetSection (`data[name]`, `name in data`, iteration),
+    so `policy` is the one name a dataset cannot have.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, DatasetSection] = Field(init=False)  # type: ignore[assignment]
+    policy: DataPolicy = Field(default_factory=DataPolicy, description="Rights, sensitivity, PII and dedup rules for every dataset.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_typo(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                close = key != "policy" and difflib.get_close_matches(str(key), ["policy"], n=1, cutoff=0.7)
+                if close and not (isinstance(value, dict) and "path" in value):
+                    raise ValueError(f"{key!r} is neither `policy` nor a dataset (a dataset has path: and format:) "
+                                     "— did you mean policy?")
+        return data
+
+    @property
+    def datasets(self) -> dict[str, DatasetSection]:
+        """Every dataset by name (the keys of `data` other than `policy`)."""
+        return dict(self.__pydantic_extra__ or {})
+
+    def __getitem__(self, name: str) -> DatasetSection:
+        return self.datasets[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.datasets
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(self.datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+    def keys(self):
+        """Dataset names."""
+        return self.datasets.keys()
+
+    def values(self):
+        """Dataset sections."""
+        return self.datasets.values()
+
+    def items(self):
+        """(name, section) pairs."""
+        return self.datasets.items()
+
+    def get(self, name: str, default: DatasetSection | None = None) -> DatasetSection | None:
+        """The dataset `name`, or `default`."""
+        return self.datasets.get(name, default)
+
+    def problems(self) -> list[Problem]:
+        """The policy's own problems and metadata defaults it does not accept, with their key paths."""
+        out = [Problem(f"data.policy.{field}", message) for field, message in self.policy.check()]
+        files = [("topic_list", self.policy.topic_list), ("pii.name_list", self.policy.pii.name_list)]
+        files += [(f"dedup.check_against[{i}]", p) for i, p in enumerate(self.policy.dedup.check_against)]
+        out += [Problem(f"data.policy.{key}", f"{path} not found") for key, path in files if path and not Path(path).exists()]
+        for name, section in self.items():
+            if section.defaults is not None:
+                out += [Problem(f"data.{name}.defaults.{field}", message)
+                        for field, message in self.policy.metadata_problems(section.defaults)]
+        return out
 
 
 class TrackingSection(Section):
@@ -194,7 +270,7 @@ class Recipe(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Recipe name; run folders are named after it.")
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
-    data: dict[str, DatasetSection] = Field(..., description="Named datasets that stages read.")
+    data: DataSection = Field(..., description="Named datasets that stages read, and the data `policy`.")
     stages: list[StageEntry] = Field(..., min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
@@ -266,6 +342,7 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
                 problems.append(Problem(path, f"dataset {value!r} has format {recipe.data[value].format!r}; "
                                               f"a {config.kind} stage reads {' or '.join(formats)}"))
         problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config)]
+    problems += recipe.data.problems()
     if recipe.model.gguf_file and recipe.model.quantization != "none":
         problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
                                                       "quantize the converted folder instead, or set quantization: none"))

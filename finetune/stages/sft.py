@@ -57,10 +57,10 @@ def run(ctx: StageContext) -> StageResult:
     stop_ids = end_of_turn_ids(tokenizer)
 
     assistant_only = config.loss_on == "assistant"
-    train = tokenize_records(recipe, config.dataset, tokenizer, config.seq_len, assistant_only)
+    train = tokenize_records(recipe, config.dataset, tokenizer, config.seq_len, assistant_only, ctx.stage_dir)
     train_rows, eval_rows = train.rows, None
     if config.eval_dataset:
-        eval_rows = tokenize_records(recipe, config.eval_dataset, tokenizer, config.seq_len, assistant_only).rows
+        eval_rows = tokenize_records(recipe, config.eval_dataset, tokenizer, config.seq_len, assistant_only, ctx.stage_dir).rows
     elif config.eval_fraction:
         split = Dataset.from_list(train_rows).train_test_split(test_size=config.eval_fraction, seed=config.seed)
         train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
@@ -93,7 +93,8 @@ def run(ctx: StageContext) -> StageResult:
         write_contract(template_contract(tokenizer, stop_ids), ctx.stage_dir)
 
     return StageResult(
-        outputs={"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json", "metrics": "metrics.jsonl"},
+        outputs={"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json", "metrics": "metrics.jsonl",
+                 "data_card": "data_card.md", "register": "sensitive_register.jsonl"},
         summary={
             "data": train.stats,
             "eval_sequences": len(eval_rows or []),
