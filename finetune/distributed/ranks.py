@@ -71,8 +71,12 @@ def connect(section: DistributedSection) -> Ranks:
         torch.cuda.set_device(ranks.local_rank)  # quantized weights load onto the current device
     backend = "nccl" if cuda else "gloo"
     if section.strategy == "deepspeed":
-        import deepspeed
+        try:
+            import deepspeed
+        except ImportError:
+            from finetune.errors import WenmaiError
 
+            raise WenmaiError("distributed.strategy: deepspeed is not installed; pip install 'wenmai[gpu]'") from None
         deepspeed.init_distributed(dist_backend=backend)
     elif not dist.is_initialized():
         dist.init_process_group(backend=backend)
