@@ -34,9 +34,15 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks f
 
 
 @app.command()
-def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], set_: SetOption = None) -> None:
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: SetOption = None,
+    gpus: Annotated[int, typer.Option(help="Check for this many processes (GPUs) per node.")] = 1,
+    nodes: Annotated[int, typer.Option(help="Check for this many nodes.")] = 1,
+) -> None:
     """Check a recipe and its data without loading weights; print the resolved recipe and the plan."""
     from finetune.config_io import load_recipe
+    from finetune.distributed.preflight import check
     from finetune.pipeline import check_data, preflight
 
     loaded = load_recipe(recipe, set_ or [])
@@ -45,9 +51,87 @@ def validate(recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")], 
     counts = check_data(loaded.recipe)
     out.print(plan_table(loaded.recipe, counts))
     out.print(data_table([c["report"] for c in counts.values() if c.get("report")]))
-    for problem in preflight(loaded.recipe):
+    for problem in preflight(loaded.recipe, distributed=False):
         console.print(f"[yellow]warning:[/] {problem}")
+    report = check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, with_estimates=True)
+    show_report(report, planning=True)
     out.print("[green]recipe is valid[/]")
+
+
+@app.command()
+def launch(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file (optional with --resume).")] = None,
+    gpus: Annotated[int, typer.Option(help="Processes per node, one per GPU.")] = 1,
+    nodes: Annotated[int, typer.Option(help="Nodes in the job; run this command once on each.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This node's rank, 0 .. nodes-1 (SLURM: $SLURM_NODEID).")] = 0,
+    master_addr: Annotated[str | None, typer.Option(help="Address of node 0 (several nodes).")] = None,
+    master_port: Annotated[int, typer.Option(help="Port on node 0 for the processes to meet (several nodes).")] = 29500,
+    run_dir: Annotated[Path | None, typer.Option(help="Run folder shared by every process (default: <output.root>/<name>-<UTC time>).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder on several processes.")] = None,
+    set_: SetOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command and the findings; start nothing.")] = False,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Start the processes on CPU (gloo backend): tests and debugging.")] = False,
+) -> None:
+    """Run a recipe on several GPUs or nodes: checks it, then starts one process per GPU with torchrun."""
+    from finetune.config_io import load_recipe, load_resolved
+    from finetune.distributed import launch as launching
+    from finetune.distributed.preflight import check
+    from finetune.pipeline import check_data
+    from finetune.run_dir import RunDir
+
+    if resume is not None:
+        folder = RunDir.open(resume)
+        loaded = load_resolved(folder.recipe_path.read_text(encoding="utf-8"), folder.recipe_path)
+    elif recipe is None:
+        raise WenmaiError("give a recipe file (wenmai launch recipes/x.yaml --gpus 8) or --resume RUN_DIR")
+    else:
+        loaded = load_recipe(recipe, set_ or [])
+    launch_plan = launching.plan(recipe, loaded.recipe, gpus, nodes, node_rank, master_addr, master_port, run_dir, resume,
+                                 tuple(set_ or ()), cpu)
+    check_data(loaded.recipe)
+    report = check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, launch_on_gpus=not cpu, with_estimates=True)
+    show_report(report, planning=dry_run)
+    out.print(launch_plan.shell(), highlight=False, markup=False, soft_wrap=True)
+    if dry_run:
+        return
+    launching.execute(launch_plan)
+
+
+def show_report(report, planning: bool) -> None:
+    """Print the pre-flight findings and the memory estimate; raise on findings that stop the run."""
+    from finetune.errors import ConfigError, Problem
+
+    blocking = report.blocking(planning)
+    for finding in report.findings:
+        if finding not in blocking:
+            console.print(f"[yellow]warning:[/] {finding}", highlight=False)
+    if report.estimates:
+        out.print(memory_table(report))
+    if blocking:
+        raise ConfigError([Problem(f.path, f.message) for f in blocking], "pre-flight found problems")
+
+
+def memory_table(report) -> Table:
+    """The per-GPU memory estimate of each trainer stage."""
+    from finetune.distributed.memory import gib
+
+    hardware = report.hardware
+    device = f"{hardware.gpu_name}, {gib(hardware.gpu_memory)}" if hardware.cuda else "no GPU here"
+    table = Table(title=f"Memory per GPU (estimate; {report.world_size} process{'es' if report.world_size > 1 else ''}; {device})",
+                  title_justify="left")
+    for column in ("stage", "weights", "adapter + grads + optimizer", "activations", "logits", "total"):
+        table.add_column(column)
+    for est in report.estimates:
+        training = est.parts["adapter"] + est.parts["gradients"] + est.parts["optimizer"]
+        total = gib(est.total) + (f" (loading {gib(est.load_peak)})" if est.load_peak else "")
+        table.add_row(est.stage, gib(est.parts["weights"]), gib(training), gib(est.parts["activations"]),
+                      gib(est.parts["logits"]), total)
+    notes = [n for est in report.estimates for n in est.notes]
+    if any(est.host_per_node for est in report.estimates):
+        notes.append("host memory per node for offload: " + ", ".join(f"{e.stage} {gib(e.host_per_node)}" for e in report.estimates))
+    if notes:
+        table.caption = "\n".join(dict.fromkeys(notes))
+    return table
 
 
 @app.command()
@@ -61,7 +145,9 @@ def run(
     """Run every stage of a recipe into a new run folder (or resume one)."""
     from finetune import pipeline
     from finetune.config_io import load_recipe
+    from finetune.distributed.ranks import is_main_process, quiet_other_ranks
 
+    quiet_other_ranks()  # under `wenmai launch`, only rank 0 talks
     log = lambda message: console.print(f"[cyan]wenmai[/] {message}", highlight=False)  # noqa: E731
     if resume is not None:
         if run_dir is not None:
@@ -71,8 +157,9 @@ def run(
         raise WenmaiError("give a recipe file (wenmai run recipes/quickstart.yaml) or --resume RUN_DIR")
     else:
         folder = pipeline.start(load_recipe(recipe, set_ or []), run_dir, log=log, force=force)
-    out.print(summary_table(folder))
-    out.print(f"[green]run finished:[/] {folder.root}")
+    if is_main_process():
+        out.print(summary_table(folder))
+        out.print(f"[green]run finished:[/] {folder.root}")
 
 
 @app.command("eval")

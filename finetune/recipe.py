@@ -172,6 +172,70 @@ class OutputSection(Section):
     root: str = Field("runs", description="Folder holding run folders (relative to the current directory).")
 
 
+class DistributedSection(Section):
+    """How training is spread over GPUs and nodes; `wenmai launch` starts one process per GPU."""
+
+    strategy: Literal["none", "ddp", "deepspeed", "fsdp"] = Field(
+        "none",
+        description="none: one process; ddp: data parallel, every GPU holds the whole model; deepspeed: ZeRO "
+        "sharding and offload; fsdp: PyTorch FSDP2 through accelerate.",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="deepspeed: ZeRO stage; 1 shards optimiser states, 2 also gradients, 3 also the weights."
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: keep optimiser states in host memory (cpu) or on a local NVMe drive (nvme)."
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Keep weights in host memory or on NVMe between uses (deepspeed ZeRO-3; fsdp: cpu)."
+    )
+    nvme_path: str | None = Field(None, description="Folder on a local NVMe drive for nvme offload.", json_schema_extra={"is_path": True})
+    deepspeed_config: str | None = Field(
+        None,
+        description="Your own DeepSpeed JSON file, or a shipped one by name (zero2, zero3, zero3_offload in "
+        "configs/deepspeed/); replaces zero_stage and the offload keys. `auto` values are filled for each stage.",
+        json_schema_extra={"is_path": "maybe"},
+    )
+    gradient_clipping: float | Literal["auto"] = Field(
+        "auto", description="Clip gradients to this norm in every trainer stage; auto: each stage's max_grad_norm."
+    )
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision for every trainer stage; auto: each stage's own `precision`."
+    )
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Sequences per optimiser step over all processes; each stage's gradient accumulation becomes "
+        "global / (batch_size x processes), so the recipe trains alike on 1 or 64 GPUs. Unset: batch_size x "
+        "gradient_accumulation x processes.",
+    )
+
+    def check(self) -> list[tuple[str, str]]:
+        """Contradictions inside the section (no machine, no world size needed)."""
+        problems = []
+        given = {k for k in self.model_fields_set if getattr(self, k) not in (None, "none")}
+        deepspeed_only, offload = {"zero_stage", "deepspeed_config"}, {"offload_optimizer", "offload_params", "nvme_path"}
+        foreign = given & {"none": deepspeed_only | offload, "ddp": deepspeed_only | offload, "fsdp": deepspeed_only}.get(self.strategy, set())
+        for key in sorted(foreign):
+            where = "deepspeed or fsdp" if key == "offload_params" else "deepspeed"
+            problems.append((key, f"applies to strategy {where}, and strategy is {self.strategy}; "
+                                  "set distributed.strategy or remove the key"))
+        if self.deepspeed_config and {"zero_stage", "offload_optimizer", "offload_params"} & self.model_fields_set:
+            problems.append(("deepspeed_config", "set either your own DeepSpeed JSON or zero_stage/offload_*, not both; "
+                                                 "the JSON's zero_optimization section decides those"))
+        if self.strategy == "deepspeed" and self.offload_params != "none" and self.zero_stage < 3 and not self.deepspeed_config:
+            problems.append(("offload_params", f"DeepSpeed offloads weights only with ZeRO-3 (zero_stage is {self.zero_stage}); "
+                                               "set zero_stage: 3 or offload_params: none"))
+        if self.strategy == "fsdp" and "nvme" in (self.offload_params, self.offload_optimizer):
+            problems.append(("offload_params", "fsdp offloads to cpu only; use strategy: deepspeed for nvme"))
+        if self.strategy == "fsdp" and self.offload_optimizer != "none" and self.offload_params == "none":
+            problems.append(("offload_optimizer", "fsdp offloads weights, gradients and optimiser states together; "
+                                                  "set offload_params: cpu (and leave offload_optimizer unset)"))
+        if "nvme" in (self.offload_params, self.offload_optimizer) and not self.nvme_path:
+            problems.append(("nvme_path", "nvme offload needs nvme_path: a folder on a local NVMe drive"))
+        return problems
+
+
 class _StageEntryBase(BaseModel):
     """One item of `stages:` — a mapping with exactly one key, the stage kind."""
 
@@ -216,6 +280,7 @@ class Recipe(Section):
     stages: list[StageEntry] = Field(..., min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     def stage_configs(self) -> list[StageConfig]:
         return [entry.config for entry in self.stages]
@@ -291,6 +356,7 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
     if recipe.model.gguf_file and recipe.model.quantization != "none":
         problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
                                                       "quantize the converted folder instead, or set quantization: none"))
+    problems += [Problem(f"distributed.{field}", message) for field, message in recipe.distributed.check()]
     problems += wiring(recipe)[1]
     return problems
 

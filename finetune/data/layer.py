@@ -103,7 +103,9 @@ def load_dataset(recipe: Recipe, name: str, stage_dir: Path | None = None) -> La
     report, register, skipped = DatasetReport(name=name, path="", format=""), [], []
     records = [r for _, r in stream_dataset(name, recipe.data[name], policy, report, register, skipped,
                                              scrubber=scrubber, reference=reference)]
-    if stage_dir is not None:
+    from finetune.distributed.ranks import is_main_process
+
+    if stage_dir is not None and is_main_process():  # under `wenmai launch`, rank 0 alone writes the run folder
         from finetune.data.card import write_stage_files
 
         write_stage_files(Path(stage_dir), report, register, policy)

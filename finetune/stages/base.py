@@ -45,6 +45,13 @@ class StageConfig(BaseModel):
     def stage_name(self) -> str:
         return self.name or self.kind
 
+    def adapters_on_base(self) -> int:
+        """LoRA adapters this stage keeps on one base model at once (2 when a reference is a frozen adapter copy).
+
+        ZeRO-3 and FSDP shard weights once, at the start; a stage that switches between adapters cannot use them.
+        """
+        return 1
+
 
 class TrainingOptions(StageConfig):
     """Training options shared by every trainer stage; one builder turns them into TRL arguments."""

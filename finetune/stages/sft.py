@@ -45,9 +45,10 @@ def run(ctx: StageContext) -> StageResult:
     from finetune.data import tokenize_records
     from finetune.data.chat import end_of_turn_ids
     from finetune.data.template import template_contract, write_contract
+    from finetune.distributed.ranks import is_main_process
     from finetune.run_dir import atomic_dir
     from finetune.tracking import jsonl_callback
-    from finetune.training import build_training_args
+    from finetune.training import build_training_args, save_adapter
 
     config: Config = ctx.config
     recipe = ctx.recipe
@@ -85,11 +86,11 @@ def run(ctx: StageContext) -> StageResult:
     if eval_rows and trainer.state.global_step % config.eval_steps:
         trainer.evaluate()  # the eval loss after the last step, not only at the last eval_steps boundary
 
-    with atomic_dir(ctx.stage_dir / "adapter") as tmp:
-        trainer.model.save_pretrained(tmp)
-    with atomic_dir(ctx.stage_dir / "tokenizer") as tmp:
-        tokenizer.save_pretrained(tmp)
-    write_contract(template_contract(tokenizer, stop_ids), ctx.stage_dir)
+    save_adapter(trainer, ctx.stage_dir / "adapter")  # every rank: ZeRO-3 / FSDP gather the shards
+    if is_main_process():
+        with atomic_dir(ctx.stage_dir / "tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
+        write_contract(template_contract(tokenizer, stop_ids), ctx.stage_dir)
 
     return StageResult(
         outputs={"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json", "metrics": "metrics.jsonl",
