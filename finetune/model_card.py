@@ -72,7 +72,7 @@ def data_cards(run_root: Path, stage_names: list[str]) -> list[tuple[str, Path, 
         for name in DATA_CARD_FILES:
             path = run_root / stage / name
             if path.is_file():
-                notes = _rights_lines(path) if name.endswith(".json") else []
+                notes = (_card_lines(path) or _rights_lines(path)) if name.endswith(".json") else []
                 found.append((stage, path, notes))
     return found
 
@@ -101,8 +101,10 @@ def render_card(*, title: str, provenance_block: dict, recipe: Any, lineage: dic
     for name, info in lineage.get("data", {}).items():
         lines.append(f"- `{name}`: {info.get('format')} records from `{Path(info.get('path', '')).name}` "
                      f"(sha256 `{str(info.get('sha256', ''))[:16]}…`)")
-    for stage, path, notes in cards:
-        lines.append(f"- Data card of stage `{stage}`: [{path}]({path})" + ("" if not notes else ": " + "; ".join(notes)))
+    for stage in dict.fromkeys(stage for stage, _, _ in cards):
+        files = [(path, notes) for s, path, notes in cards if s == stage]
+        lines.append(f"- Data card of stage `{stage}`: " + ", ".join(f"[{Path(p).name}]({p})" for p, _ in files))
+        lines += [f"  - {note}" for _, notes in files for note in notes]
     if not cards:
         lines.append("- No data card was recorded for this run; check each dataset's licence and rights before publishing.")
     lines += ["", "## Stages", "", "| stage | kind | key figures |", "| --- | --- | --- |"]
@@ -150,6 +152,25 @@ def _figures(summary: dict) -> str:
         elif isinstance(value, float):
             parts.append(f"{key}={value:.4g}")
     return ", ".join(parts) or "—"
+
+
+def _card_lines(path: Path) -> list[str]:
+    """One line per dataset of a data layer card: records kept, licences, sources, grades, personal data."""
+    try:
+        from finetune.data.card import DataCard
+
+        card = DataCard.model_validate_json(path.read_text(encoding="utf-8"))
+    except (ImportError, OSError, ValueError):
+        return []
+    lines = []
+    for d in card.datasets:
+        counts = lambda table: ", ".join(f"{k} ×{v}" for k, v in table.items()) or "none recorded"  # noqa: E731
+        lines.append(f"`{d.name}`: {d.kept} records kept of {d.records_read}; licences {counts(d.licences)}; "
+                     f"sources {counts(d.sources)}; sensitivity {counts(d.grades)}; personal data found "
+                     f"{counts(d.pii_found)} ({d.pii_action})")
+    if card.policy.get("intended_use"):
+        lines.append(f"data policy: intended use {card.policy['intended_use']}")
+    return lines
 
 
 def _rights_lines(path: Path) -> list[str]:

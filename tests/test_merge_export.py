@@ -195,14 +195,21 @@ def test_model_card_has_label_provenance_stages_and_data(exported):
     assert "| GGUF Q8_0 | HF export |" in card
 
 
-def test_model_card_summarises_a_data_card_when_the_data_layer_wrote_one(tmp_path, exported):
+def test_model_card_summarises_the_data_card_of_the_training_stage(exported):
+    folder = exported.output("export", "model")
+    card = (folder / "README.md").read_text()
+    assert (folder / "data_cards" / "sft-data_card.json").is_file() and (folder / "data_cards" / "sft-data_card.md").is_file()
+    assert "Data card of stage `sft`: [sft-data_card.md](data_cards/sft-data_card.md)" in card
+    assert "`d`: 24 records kept of 24; licences none recorded" in card and "data policy: intended use research" in card
+
+
+def test_model_card_lists_licence_and_rights_from_any_data_card_json(tmp_path, exported):
     run_dir = copy_run(exported, tmp_path / "copy")
     (run_dir.root / "sft" / "data_card.json").write_text(json.dumps(
         {"datasets": {"d": {"records": 24, "licence": "CC-BY-4.0", "rights": {"holder": "Palace Museum"}}}}))
     extend_run(run_dir.root, [("export", {"formats": ["hf"]})], **QUIET)
     card = (run_dir.output("export", "model") / "README.md").read_text()
     assert "datasets.d.licence: CC-BY-4.0" in card and "holder=Palace Museum" in card
-    assert (run_dir.output("export", "model") / "data_cards" / "sft-data_card.json").is_file()
 
 
 def test_a_failed_export_leaves_the_previous_export_and_no_partial_folder(tmp_path, exported, monkeypatch):

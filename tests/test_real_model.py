@@ -36,5 +36,9 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
         capture_output=True, text=True, timeout=1800, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = RunDir.open(tmp_path / "qs").status("sft").summary
+    run = RunDir.open(tmp_path / "qs")
+    summary = run.status("sft").summary
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary
+    gate = run.status("evaluate").summary["gate"]
+    assert gate["passed"], gate
+    assert "Replies, before and after" in (run.root / "report.html").read_text(encoding="utf-8")

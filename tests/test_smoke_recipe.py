@@ -33,3 +33,4 @@ def test_smoke_recipe_runs_every_stage(tmp_path, tiny_model):
     assert read_metrics(folder.metrics_path("sft")), "no metrics logged"
     assert list((folder.root / "sft" / "tensorboard").glob("events.out.tfevents.*")), "tensorboard got nothing"
     assert set(lineage["data"]) == {"culture", "instructions"} and lineage["packages"]["trl"]
+    assert "<svg" in (folder.root / "report.html").read_text(encoding="utf-8"), "the run report was not written"
