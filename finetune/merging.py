@@ -42,7 +42,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         have = "unknown" if self.available_bytes is None else f"{_gib(self.available_bytes)} available"
-        return (f"needs ≈{_gib(self.needed_bytes)} on {self.device} ({self.parameters / 1e6:,.0f}M parameters in "
+        return (f"needs ≈{_gib(self.needed_bytes)} on {self.device} ({self.parameters / 1e6:,.1f}M parameters in "
                 f"{self.dtype}, plus working memory); {have}")
 
     def to_json(self) -> dict:
