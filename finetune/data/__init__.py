@@ -7,13 +7,14 @@ from typing import Any
 
 from finetune.data.chat import IGNORE_INDEX, to_messages, tokenize_chat, tokenize_text
 from finetune.data.records import RecordSet, read_records
-from finetune.recipe import Recipe
+from finetune.recipe import Recipe, reward_dimensions
 
 
 def load_records(recipe: Recipe, name: str) -> RecordSet:
     """The valid records of the recipe's dataset `name` (bad ones fail or are skipped, by its policy)."""
     section = recipe.data[name]
-    return read_records(section.path, section.format, section.on_bad_record, section.max_records)
+    context = {"dimensions": [d.name for d in reward_dimensions(recipe)], "tier_order": section.tier_order}
+    return read_records(section.path, section.format, section.on_bad_record, section.max_records, context)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from finetune.data.preference import PREFERENCE_MODELS, check_record_set
 from finetune.errors import DataError
 
 MAX_LISTED_PROBLEMS = 20
@@ -53,7 +54,9 @@ class TextRecord(BaseModel):
     text: str = Field(..., min_length=1)
 
 
-RECORD_MODELS: dict[str, type[BaseModel]] = {"chat": ChatRecord, "instruction": InstructionRecord, "text": TextRecord}
+RECORD_MODELS: dict[str, type[BaseModel]] = {
+    "chat": ChatRecord, "instruction": InstructionRecord, "text": TextRecord, **PREFERENCE_MODELS,
+}
 
 
 @dataclass
@@ -64,8 +67,13 @@ class RecordSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file:line, reason)
 
 
-def read_records(path: str | Path, fmt: str, on_bad: str = "fail", max_records: int | None = None) -> RecordSet:
-    """Read and validate every record of a data file; raise `DataError` naming file:line on bad ones."""
+def read_records(
+    path: str | Path, fmt: str, on_bad: str = "fail", max_records: int | None = None, context: dict | None = None
+) -> RecordSet:
+    """Read and validate every record of a data file; raise `DataError` naming file:line on bad ones.
+
+    `context` carries what records are checked against (the recipe's reward dimensions, a tier order).
+    """
     model = RECORD_MODELS[fmt]
     records: list[dict] = []
     bad: list[tuple[str, str]] = []
@@ -74,7 +82,7 @@ def read_records(path: str | Path, fmt: str, on_bad: str = "fail", max_records: 
             bad.append((where, str(raw)))
             continue
         try:
-            records.append(model.model_validate(raw).model_dump(exclude_unset=False))
+            records.append(model.model_validate(raw, context=context).model_dump(exclude_unset=False))
         except ValidationError as err:
             bad.append((where, _describe(err, raw)))
         if max_records and len(records) >= max_records:
@@ -88,6 +96,7 @@ def read_records(path: str | Path, fmt: str, on_bad: str = "fail", max_records: 
         )
     if not records:
         raise DataError(f"{path}: no usable records (format {fmt!r}); check the file and the dataset's `format`")
+    check_record_set(fmt, records, str(path))
     return RecordSet(records, bad)
 
 
