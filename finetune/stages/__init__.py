@@ -3,8 +3,9 @@
 Stage modules import only pydantic at import time, so the registry is cheap to load.
 """
 
-from finetune.stages import sft
+from finetune.stages import reward, sft
 
 STAGES = {
     "sft": sft,
+    "reward": reward,
 }
