@@ -32,4 +32,4 @@ def test_smoke_recipe_runs_every_stage(tmp_path, tiny_model):
             assert (folder.root / stage.stage_name / output).exists(), output
     assert read_metrics(folder.metrics_path("sft")), "no metrics logged"
     assert list((folder.root / "sft" / "tensorboard").glob("events.out.tfevents.*")), "tensorboard got nothing"
-    assert set(lineage["data"]) == {"culture", "instructions"} and lineage["packages"]["trl"]
+    assert set(lineage["data"]) == {"culture", "instructions", "ratings"} and lineage["packages"]["trl"]
