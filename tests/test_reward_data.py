@@ -247,3 +247,37 @@ def test_shipped_culture_ratings_form_pairs_on_every_dimension():
     assert set(counts) == set(DIMENSIONS) and min(counts.values()) >= 50
     agreement = rater_agreement(records, DIMENSIONS)
     assert all(0.5 < agreement[d]["within_one"] <= 1 and agreement[d]["exact"] < 1 for d in DIMENSIONS)
+
+
+def test_validate_catches_an_unknown_dimension_in_the_data_before_any_model_loads(cli, write_recipe, tmp_path):
+    ratings = write_jsonl(tmp_path / "r.jsonl", [rating("q", "x", accuracy=4), rating("q", "y", tone=2)])
+    recipe = write_recipe(f"""\
+        name: t
+        include: [reward/culture]
+        model: {{path: {tmp_path / "no-model-needed"}}}
+        data: {{r: {{path: {ratings}, format: ratings}}}}
+        stages: [{{reward: {{dataset: r}}}}]
+        """)
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and f"{ratings}:2: scores: unknown reward dimension 'tone'" in err
+
+
+def test_a_recipes_tiers_and_transcript_datasets_load_as_pairs(write_recipe, tmp_path, tiny_model):
+    from reward.data import load_pairs
+
+    tiers = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "dimension": "safety", "responses": [
+        {"response": "careful", "tier": "good"}, {"response": "risky", "tier": "harmful"}, {"response": "meh", "tier": "acceptable"}]}])
+    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: q\n\nAssistant: kind", "rejected": "\n\nHuman: q\n\nAssistant: rude"}])
+    recipe = load_recipe(write_recipe(f"""\
+        name: t
+        include: [reward/culture]
+        model: {{path: {tiny_model}}}
+        data:
+          tiers: {{path: {tiers}, format: tiers, tier_order: [good, acceptable, harmful]}}
+          hh: {{path: {hh}, format: pairs}}
+        stages: [{{reward: {{dataset: tiers, eval_dataset: hh}}}}]
+        """)).recipe
+    tier_pairs = load_pairs(recipe, "tiers")
+    assert tier_pairs.stats["pairs"] == {"safety": 3}
+    [pair] = load_pairs(recipe, "hh").pairs
+    assert (pair.chosen, pair.rejected, pair.dimension) == ("kind", "rude", None)

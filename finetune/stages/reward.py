@@ -30,6 +30,7 @@ class Config(TrainingOptions):
         description="Hold out this share of the prompts (with all their pairs) for pairwise accuracy; "
         "default 0.1 unless eval_dataset is set; 0 turns evaluation off.",
     )
+    batch_size: int = Field(4, ge=1, description="Pairs per device per micro-batch (each pair is two sequences).")
     seq_len: int = Field(512, gt=0, description="Tokens per prompt + response; longer ones lose their beginning (counted in the summary).")
     margin_scale: float = Field(
         0.0, ge=0,
