@@ -92,9 +92,8 @@ def train(ctx: StageContext) -> TrainedRewardModel:
         slots=slot_names([d.name for d in dimensions]),
         weights=[d.weight for d in dimensions],
     )
+    # transformers evaluates after the last step too, so the summary has held-out accuracy before and after
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    if data.eval_rows and trainer.state.global_step % config.eval_steps:
-        trainer.evaluate()  # held-out accuracy after the last step, not only at the last eval_steps boundary
     trainer.model.eval()
     card = RewardModelCard(
         dimensions=dimensions, base_model=recipe.model.model_dump(mode="json"), seq_len=config.seq_len,
@@ -127,6 +126,7 @@ def prepare(ctx: StageContext, tokenizer: Any) -> PreparedData:
     slots = slot_names(names)
     train_rows, train_truncated = tokenize_examples(tokenizer, examples, config.seq_len, config.margin_scale, len(slots))
     eval_rows, eval_truncated = tokenize_examples(tokenizer, eval_examples, config.seq_len, config.margin_scale, len(slots))
+    eval_rows.sort(key=lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])))  # batches of like lengths: less padding
     stats.update(
         train_pairs=_labelled(examples, slots), eval_pairs=_labelled(eval_examples, slots),
         train_examples=len(train_rows), eval_examples=len(eval_rows), truncated=train_truncated + eval_truncated,
