@@ -111,6 +111,23 @@ def load_resolved(text: str, path: Path) -> LoadedRecipe:
 
 # --- YAML with line numbers ---------------------------------------------------------------
 
+def read_yaml_lines(path: Path) -> tuple[Any, dict[Loc, int]]:
+    """Any YAML file's data and the line of each key and list item (for suites and other YAML inputs).
+
+    Raises `yaml.YAMLError` (with a `problem_mark`) or `OSError`; the caller words the error.
+    """
+    loader = yaml.SafeLoader(Path(path).read_text(encoding="utf-8"))
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    origins: dict[Loc, Origin] = {}
+    if node is not None:
+        _record_lines(node, (), str(path), "file", origins)
+    return data, {loc: origin.line for loc, origin in origins.items()}
+
+
 def _read_yaml(path: Path, kind: str, problems: list[Problem]) -> tuple[dict, dict[Loc, Origin]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -296,6 +313,9 @@ def _resolve_paths(data: Any, origins: dict, loc: Loc = ()) -> None:
             extra = (info.json_schema_extra or {}) if info is not None else {}
             if isinstance(value, str) and extra.get("is_path") and not _ENV_REF.search(value):
                 data[key] = _resolve_one(value, origins.get(here) or _nearest(origins, here), extra.get("is_path"))
+            elif isinstance(value, list) and extra.get("is_path"):  # a list of paths
+                data[key] = [_resolve_one(v, origins.get((*here, i)) or _nearest(origins, here), extra.get("is_path"))
+                             if isinstance(v, str) and not _ENV_REF.search(v) else v for i, v in enumerate(value)]
             else:
                 _resolve_paths(value, origins, here)
     elif isinstance(data, list):
@@ -352,6 +372,8 @@ def _field_at(loc: Loc):
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             info = ann.model_fields.get(key) if isinstance(key, str) else None
             if info is None:
+                info = _extra_field(ann) if isinstance(key, str) else None
+            if info is None:
                 return None
             ann = info.annotation
         elif typing.get_origin(ann) is list:
@@ -361,6 +383,20 @@ def _field_at(loc: Loc):
         else:
             return None
     return info
+
+
+def _extra_field(model: type[BaseModel]):
+    """For a model whose extra keys are typed (`__pydantic_extra__: dict[str, X]`, like `data`), a field of type X."""
+    from pydantic.fields import FieldInfo
+
+    if model.model_config.get("extra") != "allow":
+        return None
+    try:
+        extra = typing.get_type_hints(model).get("__pydantic_extra__")
+    except (NameError, TypeError):
+        return None
+    args = typing.get_args(extra) if typing.get_origin(extra) is dict else ()
+    return FieldInfo.from_annotation(args[1]) if len(args) == 2 else None
 
 
 def _model_at(loc: Loc) -> type[BaseModel] | None:

@@ -133,7 +133,8 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": compute_dtype(section), "attn_implementation": section.attention}
     if section.quantization != "none":
         kwargs["quantization_config"] = quantization_config(section)
-        kwargs["device_map"] = {"": 0}
+        if not _shards_weights():  # ZeRO-3 / FSDP place the weights themselves and refuse a device_map
+            kwargs["device_map"] = {"": _local_gpu()}
     if task == "sequence-classification":
         from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -146,11 +147,11 @@ def load_model(
     return _from_pretrained(AutoModelForCausalLM, section, source, **kwargs)
 
 
-def quantization_config(section: ModelSection):
-    """bitsandbytes settings for nf4 / int8; storage dtype = compute dtype so ZeRO-3 can shard it."""
+def quantization_config(section: ModelSection, dtype=None):
+    """bitsandbytes settings for nf4 / int8; storage dtype = compute dtype so ZeRO-3 / FSDP can shard it."""
     from transformers import BitsAndBytesConfig
 
-    dtype = compute_dtype(section)
+    dtype = dtype or compute_dtype(section)
     if section.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -182,11 +183,13 @@ def attach_new_adapter(model, section: LoraSection, task_type: str = "CAUSAL_LM"
     """Wrap the base model with a fresh trainable LoRA adapter."""
     from peft import get_peft_model
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    if quantized and not _shards_weights():
+        # its fp32 upcast of norms and embeddings would mix dtypes in ZeRO-3 / FSDP shards: skipped there
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, lora_config(section, task_type, modules_to_save))
+    return get_peft_model(model, lora_config(section, task_type, modules_to_save), **_adapter_dtype_kwargs(quantized))
 
 
 def load_adapter(model, adapter_path: Path, trainable: bool):
@@ -195,13 +198,17 @@ def load_adapter(model, adapter_path: Path, trainable: bool):
 
     if not (Path(adapter_path) / "adapter_config.json").is_file():
         raise WenmaiError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
-    return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable)
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable, **_adapter_dtype_kwargs(quantized))
 
 
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def count(p) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 shard's numel is 0; ds_numel is its full size
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return trainable, total
 
 
@@ -228,6 +235,26 @@ def estimate_lora_parameters(config: dict, section: LoraSection) -> int | None:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+def _shards_weights() -> bool:
+    """True inside a ZeRO-3 or FSDP stage (transformers knows once the stage's training arguments exist)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled, is_fsdp_enabled
+
+    return is_deepspeed_zero3_enabled() or is_fsdp_enabled()
+
+
+def _adapter_dtype_kwargs(quantized: bool) -> dict[str, Any]:
+    """Under ZeRO-3, keep a float model's adapter in the model's dtype: mixed dtypes break its gathers (TRL #6089)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return {"autocast_adapter_dtype": False} if is_deepspeed_zero3_enabled() and not quantized else {}
+
+
+def _local_gpu() -> int:
+    from finetune.distributed.ranks import current
+
+    return current().local_rank
+
 
 def _from_pretrained(cls, section: ModelSection, source: ModelSource, **kwargs):
     common = {"trust_remote_code": section.trust_remote_code}

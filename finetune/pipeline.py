@@ -12,6 +12,8 @@ from pydantic import BaseModel, Field
 
 import finetune
 from finetune.config_io import LoadedRecipe, load_recipe, load_resolved
+from finetune.distributed.config import stage_scope
+from finetune.distributed.ranks import Ranks, barrier, connect, is_main_process, main_only
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.recipe import Recipe, wiring
 from finetune.run_dir import (
@@ -37,6 +39,7 @@ class StageLineage(BaseModel):
     outputs: dict[str, str] = Field(default_factory=dict)  # output kind -> path relative to the run folder
     started: str | None = None
     finished: str | None = None
+    gate: dict | None = None  # an evaluate stage's gate: passed, forced (wenmai run --force), failed gates
 
 
 class Lineage(BaseModel):
@@ -54,8 +57,10 @@ class Lineage(BaseModel):
     stages: list[StageLineage]
 
 
-def preflight(recipe: Recipe) -> list[str]:
-    """Problems that stop a run before anything heavy: hardware for the model, missing dashboard packages."""
+def preflight(recipe: Recipe, world_size: int = 1, distributed: bool = True) -> list[str]:
+    """Problems that stop a run before anything heavy: hardware for the model, missing dashboard packages,
+    and (with `distributed`) the errors of the compatibility check: recipe x installed versions x this machine."""
+    from finetune.distributed.preflight import check
     from finetune.model import check_hardware, resolve_source
     from finetune.tracking import check_backends
 
@@ -64,6 +69,8 @@ def preflight(recipe: Recipe) -> list[str]:
         resolve_source(recipe.model, convert=False)
     except WenmaiError as err:
         problems.append(str(err))
+    if distributed:
+        problems += [str(f) for f in check(recipe, world_size).blocking()]
     return problems
 
 
@@ -74,7 +81,8 @@ def check_data(recipe: Recipe) -> dict[str, dict]:
     counts = {}
     for name in used_datasets(recipe):
         records = load_records(recipe, name)
-        counts[name] = {"records": len(records.records), "skipped": len(records.skipped)}
+        counts[name] = {"records": len(records.records), "skipped": len(records.skipped),
+                        "report": getattr(records, "report", None)}  # what the data layer kept out, and why
     return counts
 
 
@@ -89,20 +97,30 @@ def used_datasets(recipe: Recipe) -> list[str]:
     return names
 
 
-def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print) -> RunDir:
+def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print, force: bool = False) -> RunDir:
     """Check everything that can fail early, create the run folder, and run every stage."""
     recipe = loaded.recipe
-    problems = preflight(recipe)
+    ranks = connect(recipe.distributed)  # several processes (wenmai launch): join them first
+    log = main_only(log)
+    problems = preflight(recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
     check_data(recipe)
-    run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
-    atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
-    log(f"run folder: {run_dir.root}")
-    return run_stages(recipe, run_dir, log)
+    if ranks.world_size > 1 and run_dir_path is None:
+        raise WenmaiError("a run with several processes needs the same --run-dir on every process; start it with `wenmai launch`")
+    _convert_once_per_node(recipe, ranks)
+    if ranks.is_main:  # rank 0 owns the run folder; the others wait until it exists
+        run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
+        atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
+        log(f"run folder: {run_dir.root}")
+    barrier()
+    if not ranks.is_main:
+        run_dir = RunDir.open(run_dir_path)
+    return run_stages(recipe, run_dir, log, force)
 
 
-def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, overrides: tuple[str, ...] = (), log: Log = print) -> RunDir:
+def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, overrides: tuple[str, ...] = (), log: Log = print,
+           force: bool = False) -> RunDir:
     """Continue a run: finished stages are skipped, an interrupted one restarts from its last checkpoint."""
     run_dir = RunDir.open(run_dir_path)
     stored = load_resolved(run_dir.recipe_path.read_text(encoding="utf-8"), run_dir.recipe_path)
@@ -117,21 +135,48 @@ def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, over
                 f"{recipe_path} is not the recipe {run_dir.root} was started with; resume with `wenmai run --resume "
                 f"{run_dir.root}` alone, or start a new run",
             )
-    problems = preflight(stored.recipe)
+    ranks = connect(stored.recipe.distributed)
+    log = main_only(log)
+    problems = preflight(stored.recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
+    _convert_once_per_node(stored.recipe, ranks)
     log(f"resuming {run_dir.root}")
-    return run_stages(stored.recipe, run_dir, log)
+    return run_stages(stored.recipe, run_dir, log, force)
 
 
-def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
-    """Run each stage not yet done, in order; write its status last, then the lineage."""
-    from finetune.tracking import backend_env, dashboard_env
+def _convert_once_per_node(recipe: Recipe, ranks: Ranks) -> None:
+    """A GGUF model is converted into the node's cache by one process while the others wait."""
+    if recipe.model.gguf_file and ranks.world_size > 1:
+        from finetune.model import resolve_source
 
+        if ranks.local_rank == 0:
+            resolve_source(recipe.model)
+        barrier()
+
+
+def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = False) -> RunDir:
+    """Run each stage not yet done, in order; write its status last, then the lineage; then the report.
+
+    `force` lets the stages after a failing evaluate gate run (the gate records that it was forced).
+    """
     resolved_inputs, problems = wiring(recipe)
     if problems:
         raise ConfigError(problems)
-    write_lineage(recipe, run_dir)
+    main = is_main_process()  # only rank 0 writes statuses, metrics, lineage and the report; every rank trains
+    if main:
+        write_lineage(recipe, run_dir)
+    try:
+        _run_each(recipe, run_dir, resolved_inputs, log, force, main)
+    finally:
+        if main:
+            _write_report(run_dir, log)
+    return run_dir
+
+
+def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, force: bool, main: bool) -> None:
+    from finetune.tracking import backend_env, dashboard_env
+
     configs = recipe.stage_configs()
     for number, config in enumerate(configs, start=1):
         name = config.stage_name
@@ -140,42 +185,61 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print) -> RunDir:
             log(f"[{number}/{len(configs)}] {name}: done already, skipped")
             continue
         checkpoint = run_dir.latest_checkpoint(name) if previous is not None else None
-        metrics = run_dir.metrics_path(name)
-        if checkpoint is not None:
-            step = int(checkpoint.name.rsplit("-", 1)[-1])
-            truncate_metrics(metrics, step)
-            log(f"[{number}/{len(configs)}] {name}: resuming from {checkpoint.name}")
-        else:
-            metrics.unlink(missing_ok=True)
-            log(f"[{number}/{len(configs)}] {name} ({config.kind})")
         inputs = {field: stage for field, stage in resolved_inputs[name].items()}
         status = StageStatus(
             name=name, kind=config.kind, state="running", started=utc_now(), inputs=inputs,
             attempts=(previous.attempts + 1) if previous else 1,
         )
-        run_dir.write_status(status)
+        barrier()  # every rank has read the previous state before rank 0 rewrites it
+        if main:
+            metrics = run_dir.metrics_path(name)
+            if checkpoint is not None:
+                truncate_metrics(metrics, int(checkpoint.name.rsplit("-", 1)[-1]))
+            else:
+                metrics.unlink(missing_ok=True)
+            run_dir.write_status(status)
+        barrier()  # the stage folder exists before any rank uses it
+        if checkpoint is not None:
+            log(f"[{number}/{len(configs)}] {name}: resuming from {checkpoint.name}")
+        else:
+            log(f"[{number}/{len(configs)}] {name} ({config.kind})")
         ctx = StageContext(
             recipe=recipe,
             config=config,
             run_dir=run_dir,
             inputs={field: _outputs(run_dir, stage) for field, stage in inputs.items()},
             resume_from=checkpoint,
+            extra={"force": force},
         )
+        run_name = recipe.tracking.run_name or run_dir.name
         try:
-            with dashboard_env(backend_env(recipe.tracking, run_dir.root, name, recipe.tracking.run_name or run_dir.name)):
+            with dashboard_env(backend_env(recipe.tracking, run_dir.root, name, run_name)), \
+                    stage_scope(recipe, config, ctx.stage_dir, run_dir.name):
                 result = STAGES[config.kind].run(ctx)
         except BaseException as err:
-            status.state, status.finished = "failed", utc_now()
-            status.error = f"{type(err).__name__}: {err}"[:2000]
+            if main:
+                status.state, status.finished = "failed", utc_now()
+                status.error = f"{type(err).__name__}: {err}"[:2000]
+                run_dir.write_status(status)
+                write_lineage(recipe, run_dir)
+            raise
+        if main:
+            status.state, status.finished = "done", utc_now()
+            status.outputs, status.summary = result.outputs, result.summary
             run_dir.write_status(status)
             write_lineage(recipe, run_dir)
-            raise
-        status.state, status.finished = "done", utc_now()
-        status.outputs, status.summary = result.outputs, result.summary
-        run_dir.write_status(status)
-        write_lineage(recipe, run_dir)
+        barrier()  # the next stage reads this one's status.json
         log(f"[{number}/{len(configs)}] {name}: done")
-    return run_dir
+
+
+def _write_report(run_dir: RunDir, log: Log) -> None:
+    """The HTML run report, after every run (finished or stopped); a report problem never hides the run's own error."""
+    from finetune.report import write_report
+
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as err:  # the report is a view: the run's own outcome stands
+        log(f"report not written ({type(err).__name__}: {err}); retry with `wenmai report {run_dir.root}`")
 
 
 def _outputs(run_dir: RunDir, stage: str) -> dict[str, str]:
@@ -198,6 +262,7 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
             inputs=status.inputs if status else {},
             outputs={k: f"{config.stage_name}/{v}" for k, v in (status.outputs if status else {}).items()},
             started=status.started if status else None, finished=status.finished if status else None,
+            gate=status.summary.get("gate") if status else None,
         ))
     lineage = Lineage(
         run=run_dir.name,

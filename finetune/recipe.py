@@ -6,6 +6,8 @@ Field descriptions are the documentation: `wenmai stages` and `wenmai validate` 
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -18,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from finetune.data.policy import DataPolicy, RecordMetadata
 from finetune.errors import Problem
 from finetune.stages import STAGES
 from finetune.stages.base import StageConfig
@@ -91,6 +94,78 @@ class DatasetSection(Section):
     tier_order: list[str] | None = Field(
         None, min_length=2, description="tiers format: the tier labels, best first (e.g. [good, acceptable, harmful])."
     )
+    defaults: RecordMetadata | None = Field(
+        None, description="Rights and provenance for records that do not carry their own: licence, source, "
+        "rights_holder, sensitivity, topics, consent (a record's own fields win).",
+    )
+
+
+class DataSection(BaseModel):
+    """Named datasets (any key) and `policy`, the rules every record passes before it trains.
+
+    Reads like a mapping of dataset name -> DatasetSection (`data[name]`, `name in data`, iteration),
+    so `policy` is the one name a dataset cannot have.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, DatasetSection] = Field(init=False)  # type: ignore[assignment]
+    policy: DataPolicy = Field(default_factory=DataPolicy, description="Rights, sensitivity, PII and dedup rules for every dataset.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_typo(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                close = key != "policy" and difflib.get_close_matches(str(key), ["policy"], n=1, cutoff=0.7)
+                if close and not (isinstance(value, dict) and "path" in value):
+                    raise ValueError(f"{key!r} is neither `policy` nor a dataset (a dataset has path: and format:) "
+                                     "— did you mean policy?")
+        return data
+
+    @property
+    def datasets(self) -> dict[str, DatasetSection]:
+        """Every dataset by name (the keys of `data` other than `policy`)."""
+        return dict(self.__pydantic_extra__ or {})
+
+    def __getitem__(self, name: str) -> DatasetSection:
+        return self.datasets[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.datasets
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(self.datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets)
+
+    def keys(self):
+        """Dataset names."""
+        return self.datasets.keys()
+
+    def values(self):
+        """Dataset sections."""
+        return self.datasets.values()
+
+    def items(self):
+        """(name, section) pairs."""
+        return self.datasets.items()
+
+    def get(self, name: str, default: DatasetSection | None = None) -> DatasetSection | None:
+        """The dataset `name`, or `default`."""
+        return self.datasets.get(name, default)
+
+    def problems(self) -> list[Problem]:
+        """The policy's own problems and metadata defaults it does not accept, with their key paths."""
+        out = [Problem(f"data.policy.{field}", message) for field, message in self.policy.check()]
+        files = [("topic_list", self.policy.topic_list), ("pii.name_list", self.policy.pii.name_list)]
+        files += [(f"dedup.check_against[{i}]", p) for i, p in enumerate(self.policy.dedup.check_against)]
+        out += [Problem(f"data.policy.{key}", f"{path} not found") for key, path in files if path and not Path(path).exists()]
+        for name, section in self.items():
+            if section.defaults is not None:
+                out += [Problem(f"data.{name}.defaults.{field}", message)
+                        for field, message in self.policy.metadata_problems(section.defaults)]
+        return out
 
 
 class RewardDimension(Section):
@@ -144,6 +219,70 @@ class OutputSection(Section):
     root: str = Field("runs", description="Folder holding run folders (relative to the current directory).")
 
 
+class DistributedSection(Section):
+    """How training is spread over GPUs and nodes; `wenmai launch` starts one process per GPU."""
+
+    strategy: Literal["none", "ddp", "deepspeed", "fsdp"] = Field(
+        "none",
+        description="none: one process; ddp: data parallel, every GPU holds the whole model; deepspeed: ZeRO "
+        "sharding and offload; fsdp: PyTorch FSDP2 through accelerate.",
+    )
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="deepspeed: ZeRO stage; 1 shards optimiser states, 2 also gradients, 3 also the weights."
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="deepspeed: keep optimiser states in host memory (cpu) or on a local NVMe drive (nvme)."
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Keep weights in host memory or on NVMe between uses (deepspeed ZeRO-3; fsdp: cpu)."
+    )
+    nvme_path: str | None = Field(None, description="Folder on a local NVMe drive for nvme offload.", json_schema_extra={"is_path": True})
+    deepspeed_config: str | None = Field(
+        None,
+        description="Your own DeepSpeed JSON file, or a shipped one by name (zero2, zero3, zero3_offload in "
+        "configs/deepspeed/); replaces zero_stage and the offload keys. `auto` values are filled for each stage.",
+        json_schema_extra={"is_path": "maybe"},
+    )
+    gradient_clipping: float | Literal["auto"] = Field(
+        "auto", description="Clip gradients to this norm in every trainer stage; auto: each stage's max_grad_norm."
+    )
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Mixed precision for every trainer stage; auto: each stage's own `precision`."
+    )
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Sequences per optimiser step over all processes; each stage's gradient accumulation becomes "
+        "global / (batch_size x processes), so the recipe trains alike on 1 or 64 GPUs. Unset: batch_size x "
+        "gradient_accumulation x processes.",
+    )
+
+    def check(self) -> list[tuple[str, str]]:
+        """Contradictions inside the section (no machine, no world size needed)."""
+        problems = []
+        given = {k for k in self.model_fields_set if getattr(self, k) not in (None, "none")}
+        deepspeed_only, offload = {"zero_stage", "deepspeed_config"}, {"offload_optimizer", "offload_params", "nvme_path"}
+        foreign = given & {"none": deepspeed_only | offload, "ddp": deepspeed_only | offload, "fsdp": deepspeed_only}.get(self.strategy, set())
+        for key in sorted(foreign):
+            where = "deepspeed or fsdp" if key == "offload_params" else "deepspeed"
+            problems.append((key, f"applies to strategy {where}, and strategy is {self.strategy}; "
+                                  "set distributed.strategy or remove the key"))
+        if self.deepspeed_config and {"zero_stage", "offload_optimizer", "offload_params"} & self.model_fields_set:
+            problems.append(("deepspeed_config", "set either your own DeepSpeed JSON or zero_stage/offload_*, not both; "
+                                                 "the JSON's zero_optimization section decides those"))
+        if self.strategy == "deepspeed" and self.offload_params != "none" and self.zero_stage < 3 and not self.deepspeed_config:
+            problems.append(("offload_params", f"DeepSpeed offloads weights only with ZeRO-3 (zero_stage is {self.zero_stage}); "
+                                               "set zero_stage: 3 or offload_params: none"))
+        if self.strategy == "fsdp" and "nvme" in (self.offload_params, self.offload_optimizer):
+            problems.append(("offload_params", "fsdp offloads to cpu only; use strategy: deepspeed for nvme"))
+        if self.strategy == "fsdp" and self.offload_optimizer != "none" and self.offload_params == "none":
+            problems.append(("offload_optimizer", "fsdp offloads weights, gradients and optimiser states together; "
+                                                  "set offload_params: cpu (and leave offload_optimizer unset)"))
+        if "nvme" in (self.offload_params, self.offload_optimizer) and not self.nvme_path:
+            problems.append(("nvme_path", "nvme offload needs nvme_path: a folder on a local NVMe drive"))
+        return problems
+
+
 class _StageEntryBase(BaseModel):
     """One item of `stages:` — a mapping with exactly one key, the stage kind."""
 
@@ -161,8 +300,8 @@ class _StageEntryBase(BaseModel):
         return {k: ({} if v is None else v) for k, v in data.items()}
 
     @model_serializer(mode="wrap")
-    def _only_its_kind(self, handler: Any) -> Any:
-        # every kind is a field of StageEntry; dump only the one that is set, so the dump loads back
+    def _dump_own_kind(self, handler: Any) -> Any:
+        # `{kind: options}` only: the other kinds (all None) would make the dumped recipe unreadable
         data = handler(self)
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
@@ -184,13 +323,14 @@ class Recipe(Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Recipe name; run folders are named after it.")
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
-    data: dict[str, DatasetSection] = Field(..., description="Named datasets that stages read.")
+    data: DataSection = Field(..., description="Named datasets that stages read, and the data `policy`.")
     stages: list[StageEntry] = Field(..., min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
     reward: RewardSection | None = Field(
         None, description=f"Reward dimensions and their weights (default: one dimension, `{DEFAULT_DIMENSION}`)."
     )
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     def stage_configs(self) -> list[StageConfig]:
         return [entry.config for entry in self.stages]
@@ -231,12 +371,16 @@ def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
     for i, config in enumerate(recipe.stage_configs()):
         inputs: dict[str, str] = {}
         for field_name, info in type(config).model_fields.items():
-            output = (info.json_schema_extra or {}).get("input") if isinstance(info.json_schema_extra, dict) else None
-            if output is None:
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("input") is None:
                 continue
+            kinds = extra["input"] if isinstance(extra["input"], list) else [extra["input"]]
+            output = " or ".join(kinds)
             path = f"stages[{i}].{config.kind}.{field_name}"
             wanted = getattr(config, field_name)
-            producers = [c.stage_name for c in earlier if output in c.produces]
+            producers = [c.stage_name for c in earlier if set(kinds) & set(c.produces)]
+            if wanted in extra.get("special", ()):  # a value that names no stage, e.g. `base`
+                continue
             if wanted is None:
                 if producers:
                     inputs[field_name] = producers[-1]
@@ -282,7 +426,8 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
                 problems.append(Problem(path, f"dataset {value!r} has format {recipe.data[value].format!r}; "
                                               f"a {config.kind} stage reads {' or '.join(formats)}"))
         problems += stage_dimension_problems(recipe, config, f"stages[{i}].{config.kind}")
-        problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config)]
+        problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config, recipe)]
+    problems += recipe.data.problems()
     for name, section in recipe.data.items():
         if section.format == "tiers" and not section.tier_order:
             problems.append(Problem(f"data.{name}.tier_order", "a tiers dataset needs `tier_order`: its tier labels, best first "
@@ -290,6 +435,7 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
     if recipe.model.gguf_file and recipe.model.quantization != "none":
         problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
                                                       "quantize the converted folder instead, or set quantization: none"))
+    problems += [Problem(f"distributed.{field}", message) for field, message in recipe.distributed.check()]
     problems += wiring(recipe)[1]
     return problems
 
@@ -304,7 +450,12 @@ def stage_dimension_problems(recipe: Recipe, config: StageConfig, prefix: str) -
     return problems
 
 
-def config_checks(config: StageConfig) -> list[Problem]:
-    """A stage's own cross-field checks, if it defines `check()` returning (field, message) pairs."""
+def config_checks(config: StageConfig, recipe: Recipe | None = None) -> list[Problem]:
+    """A stage's own checks, as (field, message) pairs: `check()` across its fields, and
+    `check_in_recipe(recipe)` for what needs the rest of the recipe (files it reads, other sections)."""
     check = getattr(config, "check", None)
-    return [Problem(field, message) for field, message in (check() if check else [])]
+    pairs = list(check() if check else [])
+    in_recipe = getattr(config, "check_in_recipe", None)
+    if in_recipe is not None and recipe is not None:
+        pairs += in_recipe(recipe)
+    return [Problem(field, message) for field, message in pairs]

@@ -51,8 +51,7 @@ class RunDir:
     @classmethod
     def create(cls, output_root: str | Path, recipe_name: str, path: str | Path | None = None) -> RunDir:
         """Make a new run folder; refuse one that exists (resume it or pick a new name)."""
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        root = Path(path) if path else Path(output_root) / f"{recipe_name}-{stamp}"
+        root = Path(path) if path else cls.default_path(output_root, recipe_name)
         if root.exists():
             raise WenmaiError(
                 f"run folder {root} already exists; continue it with `wenmai run --resume {root}`, "
@@ -60,6 +59,12 @@ class RunDir:
             )
         root.mkdir(parents=True)
         return cls(root)
+
+    @staticmethod
+    def default_path(output_root: str | Path, recipe_name: str) -> Path:
+        """`<output.root>/<name>-<UTC time>`: the folder a new run gets unless one is given."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return Path(output_root) / f"{recipe_name}-{stamp}"
 
     @classmethod
     def open(cls, path: str | Path) -> RunDir:

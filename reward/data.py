@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -58,13 +59,20 @@ class PairSet:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def load_pairs(recipe: Recipe, name: str) -> PairSet:
-    """The recipe's dataset `name` (pairs, ratings or tiers) as preference pairs, with counts."""
+def load_pairs(recipe: Recipe, name: str, stage_dir: Path | None = None) -> PairSet:
+    """The recipe's dataset `name` (pairs, ratings or tiers) as preference pairs, with counts.
+
+    Records pass the data layer first (policy, PII scrubbing); given a stage folder, its data card is written there.
+    """
     from finetune.data import load_records
 
     section = recipe.data[name]
-    records = load_records(recipe, name)
+    records = load_records(recipe, name, stage_dir)
+    report = getattr(records, "report", None)
     stats: dict[str, Any] = {"records": len(records.records), "skipped_bad_records": len(records.skipped)}
+    if report is not None:
+        stats.update(excluded_by_policy=sum(report.excluded.values()), duplicates_removed=sum(report.duplicates.values()),
+                     pii_masked=sum(report.pii_found.values()) if report.pii_action == "mask" else 0)
     if section.format == "pairs":
         pairs = pairs_from_records(records.records)
     elif section.format == "ratings":

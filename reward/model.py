@@ -63,16 +63,26 @@ def choose_pad_token(tokenizer: Any, end_ids: list[int]) -> None:
     )
 
 
-def save_reward_model(folder: Path, model: Any, tokenizer: Any, card: RewardModelCard, contract: dict) -> None:
-    """Write the reward model folder atomically (it appears complete or not at all)."""
-    from finetune.data.template import write_contract
-    from finetune.run_dir import atomic_dir, atomic_write_text
+def save_reward_model(folder: Path, trainer: Any, tokenizer: Any, card: RewardModelCard, contract: dict) -> None:
+    """Write the reward model folder; each part atomically, `reward_model.json` last (a folder with it is complete).
 
-    with atomic_dir(folder) as tmp:
-        model.save_pretrained(tmp / ADAPTER_DIR)
-        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-        write_contract(contract, tmp)
-        atomic_write_text(tmp / CARD_FILE, card.model_dump_json(indent=2))
+    Every process calls this (under ZeRO-3 / FSDP saving gathers the shards); rank 0 alone writes.
+    """
+    from finetune.data.template import write_contract
+    from finetune.distributed.ranks import is_main_process
+    from finetune.run_dir import atomic_dir, atomic_write_text
+    from finetune.training import save_adapter
+
+    folder = Path(folder)
+    if is_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CARD_FILE).unlink(missing_ok=True)  # a rerun's folder is incomplete until the new card is written
+    save_adapter(trainer, folder / ADAPTER_DIR)  # the score head rides along (PEFT modules_to_save)
+    if is_main_process():
+        with atomic_dir(folder / TOKENIZER_DIR) as tmp:
+            tokenizer.save_pretrained(tmp)
+        write_contract(contract, folder)
+        atomic_write_text(folder / CARD_FILE, card.model_dump_json(indent=2))
 
 
 def load_reward_model(folder: Path) -> tuple[Any, Any, RewardModelCard]:

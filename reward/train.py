@@ -43,9 +43,10 @@ def run(ctx: StageContext) -> StageResult:
     from reward.model import save_reward_model
 
     trained = train(ctx)
-    save_reward_model(ctx.stage_dir / REWARD_MODEL_DIR, trained.trainer.model, trained.tokenizer, trained.card, trained.contract)
+    save_reward_model(ctx.stage_dir / REWARD_MODEL_DIR, trained.trainer, trained.tokenizer, trained.card, trained.contract)
     return StageResult(
-        outputs={"reward_model": REWARD_MODEL_DIR, "metrics": "metrics.jsonl"},
+        outputs={"reward_model": REWARD_MODEL_DIR, "metrics": "metrics.jsonl", "data_card": "data_card.md",
+                 "register": "sensitive_register.jsonl"},
         summary=summarise(trained),
     )
 
@@ -106,13 +107,13 @@ def prepare(ctx: StageContext, tokenizer: Any) -> PreparedData:
     """Pairs from the datasets, merged into examples, held out by prompt, and tokenized."""
     config, recipe = ctx.config, ctx.recipe
     names = [d.name for d in reward_dimensions(recipe)]
-    train_set = load_pairs(recipe, config.dataset)
+    train_set = load_pairs(recipe, config.dataset, ctx.stage_dir)
     examples = training_examples(train_set.pairs, names)
     stats: dict[str, Any] = {"train_data": train_set.stats}
     if "rater_agreement" in train_set.stats:
         stats["rater_agreement"] = train_set.stats.pop("rater_agreement")
     if config.eval_dataset:
-        eval_set = load_pairs(recipe, config.eval_dataset)
+        eval_set = load_pairs(recipe, config.eval_dataset, ctx.stage_dir)
         eval_examples = training_examples(eval_set.pairs, names)
         stats["eval_data"] = eval_set.stats
     else:

@@ -36,9 +36,13 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
         capture_output=True, text=True, timeout=1800, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = RunDir.open(tmp_path / "qs").status("sft").summary
+    run = RunDir.open(tmp_path / "qs")
+    summary = run.status("sft").summary
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary
-    reward = RunDir.open(tmp_path / "qs").status("reward").summary
+    gate = run.status("evaluate").summary["gate"]
+    assert gate["passed"], gate
+    assert "Replies, before and after" in (run.root / "report.html").read_text(encoding="utf-8")
+    reward = run.status("reward").summary
     before = sum(reward["eval_accuracy_before"].values()) / len(reward["eval_accuracy_before"])
     assert reward["eval_accuracy"] > max(0.7, before + 0.1), reward  # held-out pairs of the shipped ratings
     from reward.score import RewardScorer

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from finetune.data.chat import IGNORE_INDEX, to_messages, tokenize_chat, tokenize_text
-from finetune.data.records import RecordSet, read_records
-from finetune.recipe import Recipe, reward_dimensions
+from finetune.data.records import RecordSet
+
+if TYPE_CHECKING:  # the recipe schema imports finetune.data.policy: no import of it at load time
+    from finetune.recipe import Recipe
 
 
-def load_records(recipe: Recipe, name: str) -> RecordSet:
-    """The valid records of the recipe's dataset `name` (bad ones fail or are skipped, by its policy)."""
-    section = recipe.data[name]
-    context = {"dimensions": [d.name for d in reward_dimensions(recipe)], "tier_order": section.tier_order}
-    return read_records(section.path, section.format, section.on_bad_record, section.max_records, context)
+def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> RecordSet:
+    """The records of dataset `name` that may train, after the data policy, PII scrubbing and dedup.
+
+    Bad records fail or are skipped (the dataset's `on_bad_record`). Given a stage folder, the stage's
+    data card and sensitive-topic register are written there.
+    """
+    from finetune.data.layer import load_dataset
+
+    return load_dataset(recipe, name, stage_dir)
 
 
 @dataclass
@@ -25,11 +32,12 @@ class TokenizedSet:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def tokenize_records(recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool = True) -> TokenizedSet:
+def tokenize_records(recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool = True,
+                     stage_dir: Path | None = None) -> TokenizedSet:
     """Render and tokenize a dataset for language-model training, truncated to `seq_len`."""
     from rich.progress import track
 
-    records = load_records(recipe, name)
+    records = load_records(recipe, name, stage_dir)
     section = recipe.data[name]
     rows, truncated, dropped, tokens, learned = [], 0, 0, 0, 0
     for record in track(records.records, description=f"tokenizing {name}", transient=True):
@@ -48,9 +56,13 @@ def tokenize_records(recipe: Recipe, name: str, tokenizer: Any, seq_len: int, as
         tokens += len(row["input_ids"])
         learned += n_learned
         rows.append(row)
+    report = getattr(records, "report", None)
     stats = {
         "records": len(records.records),
         "skipped_bad_records": len(records.skipped),
+        "excluded_by_policy": sum(report.excluded.values()) if report else 0,
+        "duplicates_removed": sum(report.duplicates.values()) if report else 0,
+        "pii_masked": sum(report.pii_found.values()) if report and report.pii_action == "mask" else 0,
         "truncated": truncated,
         "dropped_no_learned_tokens": dropped,
         "sequences": len(rows),

@@ -132,6 +132,13 @@ def check_record_set(fmt: str, records: list[dict], path: str) -> None:
         )
 
 
+def record_context(recipe: Any, name: str) -> dict:
+    """What the records of the recipe's dataset `name` are checked against: reward dimensions and tier order."""
+    from finetune.recipe import reward_dimensions
+
+    return {"dimensions": [d.name for d in reward_dimensions(recipe)], "tier_order": recipe.data[name].tier_order}
+
+
 def split_transcript(text: str) -> tuple[str, str]:
     """Split an hh-rlhf transcript after its last `\\n\\nAssistant:`: (prompt including the marker, response)."""
     at = text.rfind(ASSISTANT)

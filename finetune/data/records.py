@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
@@ -74,19 +75,34 @@ def read_records(
 
     `context` carries what records are checked against (the recipe's reward dimensions, a tier order).
     """
-    model = RECORD_MODELS[fmt]
-    records: list[dict] = []
     bad: list[tuple[str, str]] = []
+    records = [record for _, record in islice(iter_records(path, fmt, bad, context), max_records)]
+    check_bad_records(path, fmt, bad, on_bad)
+    if not records:
+        raise DataError(f"{path}: no usable records (format {fmt!r}); check the file and the dataset's `format`")
+    check_record_set(fmt, records, str(path))
+    return RecordSet(records, bad)
+
+
+def iter_records(
+    path: str | Path, fmt: str, bad: list[tuple[str, str]], context: dict | None = None
+) -> Iterator[tuple[str, dict]]:
+    """Yield (file:line, record) for each valid record, streaming; bad ones are appended to `bad`."""
+    model = RECORD_MODELS[fmt]
     for where, raw in iter_raw(Path(path)):
         if isinstance(raw, Exception):
             bad.append((where, str(raw)))
             continue
         try:
-            records.append(model.model_validate(raw, context=context).model_dump(exclude_unset=False))
+            record = model.model_validate(raw, context=context).model_dump(exclude_unset=False)
         except ValidationError as err:
             bad.append((where, _describe(err, raw)))
-        if max_records and len(records) >= max_records:
-            break
+            continue
+        yield where, record
+
+
+def check_bad_records(path: str | Path, fmt: str, bad: list[tuple[str, str]], on_bad: str) -> None:
+    """Raise `DataError` listing the bad records (file:line, reason) unless the dataset skips them."""
     if bad and on_bad == "fail":
         listed = "\n".join(f"  - {w}: {r}" for w, r in bad[:MAX_LISTED_PROBLEMS])
         more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
@@ -94,10 +110,6 @@ def read_records(
             f"{len(bad)} bad record{'s' if len(bad) != 1 else ''} in {path} (format {fmt!r}):\n{listed}{more}\n"
             "Fix them, or set `on_bad_record: skip` on this dataset to drop them with a count."
         )
-    if not records:
-        raise DataError(f"{path}: no usable records (format {fmt!r}); check the file and the dataset's `format`")
-    check_record_set(fmt, records, str(path))
-    return RecordSet(records, bad)
 
 
 def iter_raw(path: Path) -> Iterator[tuple[str, dict | Exception]]:

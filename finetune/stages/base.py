@@ -13,9 +13,13 @@ if TYPE_CHECKING:
     from finetune.run_dir import RunDir
 
 
-def input_field(output: str, description: str) -> Any:
-    """A field naming an earlier stage whose `output` (adapter, reward_model, ...) this stage reads."""
-    return Field(None, description=description, json_schema_extra={"input": output})
+def input_field(output: str | list[str], description: str, special: tuple[str, ...] = (), default: str | None = None) -> Any:
+    """A field naming an earlier stage whose `output` (adapter, reward_model, ...; or one of several) this
+    stage reads; `special` values (e.g. `base`) name no stage and are left to the stage to interpret."""
+    extra: dict[str, Any] = {"input": output}
+    if special:
+        extra["special"] = list(special)
+    return Field(default, description=description, json_schema_extra=extra)
 
 
 def dataset_field(formats: tuple[str, ...], description: str, required: bool = True) -> Any:
@@ -45,6 +49,13 @@ class StageConfig(BaseModel):
     @property
     def stage_name(self) -> str:
         return self.name or self.kind
+
+    def adapters_on_base(self) -> int:
+        """LoRA adapters this stage keeps on one base model at once (2 when a reference is a frozen adapter copy).
+
+        ZeRO-3 and FSDP shard weights once, at the start; a stage that switches between adapters cannot use them.
+        """
+        return 1
 
 
 class TrainingOptions(StageConfig):

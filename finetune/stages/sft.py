@@ -45,9 +45,10 @@ def run(ctx: StageContext) -> StageResult:
     from finetune.data import tokenize_records
     from finetune.data.chat import end_of_turn_ids
     from finetune.data.template import template_contract, write_contract
+    from finetune.distributed.ranks import is_main_process
     from finetune.run_dir import atomic_dir
     from finetune.tracking import jsonl_callback
-    from finetune.training import build_training_args
+    from finetune.training import build_training_args, save_adapter
 
     config: Config = ctx.config
     recipe = ctx.recipe
@@ -56,10 +57,10 @@ def run(ctx: StageContext) -> StageResult:
     stop_ids = end_of_turn_ids(tokenizer)
 
     assistant_only = config.loss_on == "assistant"
-    train = tokenize_records(recipe, config.dataset, tokenizer, config.seq_len, assistant_only)
+    train = tokenize_records(recipe, config.dataset, tokenizer, config.seq_len, assistant_only, ctx.stage_dir)
     train_rows, eval_rows = train.rows, None
     if config.eval_dataset:
-        eval_rows = tokenize_records(recipe, config.eval_dataset, tokenizer, config.seq_len, assistant_only).rows
+        eval_rows = tokenize_records(recipe, config.eval_dataset, tokenizer, config.seq_len, assistant_only, ctx.stage_dir).rows
     elif config.eval_fraction:
         split = Dataset.from_list(train_rows).train_test_split(test_size=config.eval_fraction, seed=config.seed)
         train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
@@ -85,14 +86,15 @@ def run(ctx: StageContext) -> StageResult:
     if eval_rows and trainer.state.global_step % config.eval_steps:
         trainer.evaluate()  # the eval loss after the last step, not only at the last eval_steps boundary
 
-    with atomic_dir(ctx.stage_dir / "adapter") as tmp:
-        trainer.model.save_pretrained(tmp)
-    with atomic_dir(ctx.stage_dir / "tokenizer") as tmp:
-        tokenizer.save_pretrained(tmp)
-    write_contract(template_contract(tokenizer, stop_ids), ctx.stage_dir)
+    save_adapter(trainer, ctx.stage_dir / "adapter")  # every rank: ZeRO-3 / FSDP gather the shards
+    if is_main_process():
+        with atomic_dir(ctx.stage_dir / "tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
+        write_contract(template_contract(tokenizer, stop_ids), ctx.stage_dir)
 
     return StageResult(
-        outputs={"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json", "metrics": "metrics.jsonl"},
+        outputs={"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json", "metrics": "metrics.jsonl",
+                 "data_card": "data_card.md", "register": "sensitive_register.jsonl"},
         summary={
             "data": train.stats,
             "eval_sequences": len(eval_rows or []),

@@ -1,0 +1,121 @@
+"""`wenmai data check | scrub | card`: the data layer on a recipe's datasets or on a single data file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.data.card import REGISTER_FILE, DataCard, policy_summary, write_card, write_register
+from finetune.data.dedup import ReferenceIndex
+from finetune.data.layer import DatasetReport, RegisterEntry, reference_for, stream_dataset
+from finetune.data.pii import Scrubber, build_scrubber
+from finetune.data.policy import DataPolicy
+from finetune.data.records import RECORD_MODELS, iter_raw
+from finetune.errors import DataError
+from finetune.run_dir import utc_now
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class Target:
+    """One dataset to run through the layer, with the policy and evaluation text that apply to it."""
+
+    name: str
+    section: object  # a DatasetSection
+    policy: DataPolicy
+    scrubber: Scrubber | None
+    reference: ReferenceIndex | None
+
+
+def check(target: Path, fmt: str | None = None, recipe: Path | None = None) -> list[DatasetReport]:
+    """Reports for every dataset of a recipe, or for one data file; writes nothing."""
+    return [_run(t)[0] for t in targets(target, fmt, recipe)]
+
+
+def scrub(source: Path, dest: Path, fmt: str | None = None, recipe: Path | None = None, dedup: bool = True) -> DatasetReport:
+    """Stream the records of `source` that may train, scrubbed (and deduplicated), into JSONL `dest`."""
+    if source.suffix.lower() in RECIPE_SUFFIXES:
+        raise DataError(f"{source} is a recipe; `wenmai data scrub` cleans one data file (take the policy from a recipe with --recipe)")
+    if dest.resolve() == source.resolve():
+        raise DataError(f"{dest}: write the cleaned records to a new file, not over the input")
+    [item] = targets(source, fmt, recipe)
+    report = DatasetReport(name=item.name, path="", format="")
+    with _atomic_lines(dest) as write:
+        for _, record in stream_dataset(item.name, item.section, item.policy, report, scrubber=item.scrubber,
+                                        reference=item.reference, dedup=dedup):
+            write(json.dumps(record, ensure_ascii=False))
+    return report
+
+
+def card(target: Path, out_dir: Path, fmt: str | None = None, recipe: Path | None = None) -> list[Path]:
+    """Write data_card.md/.json and sensitive_register.jsonl for a recipe's datasets or a data file into `out_dir`."""
+    items = targets(target, fmt, recipe)
+    reports, register = [], []
+    for item in items:
+        report, entries = _run(item)
+        reports.append(report)
+        register += entries
+    data_card = DataCard(updated=utc_now(), policy=policy_summary(items[0].policy), datasets=reports)
+    paths = list(write_card(out_dir, data_card))
+    write_register(out_dir / REGISTER_FILE, register)
+    return [*paths, out_dir / REGISTER_FILE]
+
+
+def targets(target: Path, fmt: str | None, recipe: Path | None) -> list[Target]:
+    """A recipe's datasets (with its policy and eval sets), or one data file under a recipe's or the default policy."""
+    from finetune.config_io import load_recipe
+    from finetune.recipe import DatasetSection
+
+    if target.suffix.lower() in RECIPE_SUFFIXES:
+        loaded = load_recipe(target).recipe
+        scrubber = build_scrubber(loaded.data.policy.pii)
+        return [Target(name, section, loaded.data.policy, scrubber, reference_for(loaded, name, scrubber))
+                for name, section in loaded.data.items()]
+    if not target.is_file():
+        raise DataError(f"{target}: no such file; give a data file (.jsonl, .json, .parquet, .csv) or a recipe (.yaml)")
+    policy = load_recipe(recipe).recipe.data.policy if recipe is not None else DataPolicy()
+    section = DatasetSection(path=str(target), format=fmt or detect_format(target))
+    return [Target(target.stem, section, policy, build_scrubber(policy.pii), None)]
+
+
+def detect_format(path: Path) -> str:
+    """The first record format whose model accepts the file's first record."""
+    for where, raw in iter_raw(path):
+        if isinstance(raw, Exception):
+            raise DataError(f"{where}: {raw}")
+        for name, model in RECORD_MODELS.items():
+            with contextlib.suppress(ValueError):
+                model.model_validate(raw)
+                return name
+        raise DataError(f"{where}: cannot tell the record format (fields: {', '.join(raw)}); give --format "
+                        f"({', '.join(RECORD_MODELS)})")
+    raise DataError(f"{path}: no records")
+
+
+def _run(item: Target) -> tuple[DatasetReport, list[RegisterEntry]]:
+    report, register = DatasetReport(name=item.name, path="", format=""), []
+    for _ in stream_dataset(item.name, item.section, item.policy, report, register,
+                            scrubber=item.scrubber, reference=item.reference):
+        pass
+    return report, register
+
+
+@contextlib.contextmanager
+def _atomic_lines(dest: Path) -> Iterator:
+    """Write lines to a temporary file beside `dest`, renamed over it only when everything succeeded."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield lambda line: f.write(line + "\n")
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,110 @@
+"""Gates: thresholds an `evaluate` stage checks; a failing gate stops the pipeline before later stages.
+
+Imports only pydantic (the recipe schema holds `Gates`); the checks read finished results.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune.errors import WenmaiError
+from finetune.evaluation.results import CheckpointResult, GateResult
+
+
+class Gates(BaseModel):
+    """Thresholds; each one set is checked, an unset one is not."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mc_max_drop: float | None = Field(
+        None, ge=0, description="Overall multiple-choice accuracy may fall at most this many points (0-100) below the baseline.")
+    mc_subject_max_drop: float | None = Field(
+        None, ge=0, description="Each subject's accuracy may fall at most this many points below the baseline (noisy on small subjects).")
+    mc_min_accuracy: float | None = Field(None, ge=0, le=100, description="Overall multiple-choice accuracy (percent) at least.")
+    reward_min: dict[str, float] = Field(
+        default_factory=dict, description="Mean reward score of the suite's replies at least, per dimension (or `total`).")
+    rules_min_pass_rate: float | None = Field(
+        None, ge=0, le=1, description="Share of suite probes passing every rule check (language, banned terms, ...) at least.")
+    bias_max_gap: float | None = Field(
+        None, ge=0, description="Largest reward-score gap between the groups of any bias probe at most.")
+    bias_max_reference_gap: float | None = Field(
+        None, ge=0, description="Largest gap in a bias probe's reference-answer log-likelihood (per token) across groups at most.")
+
+    def needs_baseline(self) -> bool:
+        """Drops are measured against a baseline checkpoint."""
+        return self.mc_max_drop is not None or self.mc_subject_max_drop is not None
+
+    def needs_mc(self) -> bool:
+        """Some gate reads multiple-choice accuracy."""
+        return self.needs_baseline() or self.mc_min_accuracy is not None
+
+    def needs_suite(self) -> bool:
+        """Some gate reads the alignment suite's results."""
+        return bool(self.reward_min) or any(v is not None for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap))
+
+    def needs_reward(self) -> bool:
+        """Some gate reads reward-model scores."""
+        return bool(self.reward_min) or self.bias_max_gap is not None
+
+
+class GateFailed(WenmaiError):
+    """An `evaluate` stage's gate failed: the stages after it do not run (unless `--force`)."""
+
+
+def check_gates(gates: Gates, result: CheckpointResult, baseline: CheckpointResult | None) -> list[GateResult]:
+    """Every set threshold, checked against the model's results (and the baseline's, for drops)."""
+    out: list[GateResult] = []
+    for index, mc in enumerate(result.mc):
+        before = baseline.mc[index] if baseline is not None and index < len(baseline.mc) else None
+        if gates.mc_min_accuracy is not None:
+            out.append(_at_least(f"mc_min_accuracy ({mc.name})", mc.overall.accuracy, gates.mc_min_accuracy, "overall accuracy"))
+        if before is not None and gates.mc_max_drop is not None:
+            drop = round(before.overall.accuracy - mc.overall.accuracy, 2)
+            out.append(_drop(f"mc_max_drop ({mc.name})", drop, gates.mc_max_drop,
+                             f"overall accuracy {before.overall.accuracy} -> {mc.overall.accuracy} ({baseline.label} -> {result.label})"))
+        if before is not None and gates.mc_subject_max_drop is not None:
+            previous = {s.subject: s.accuracy for s in before.subjects}
+            for subject in mc.subjects:
+                drop = round(previous.get(subject.subject, subject.accuracy) - subject.accuracy, 2)
+                out.append(_drop(f"mc_subject_max_drop ({mc.name}/{subject.subject})", drop, gates.mc_subject_max_drop,
+                                 f"accuracy {previous.get(subject.subject)} -> {subject.accuracy}"))
+    alignment = result.alignment
+    if alignment is not None:
+        for dimension, minimum in gates.reward_min.items():
+            out.append(_at_least(f"reward_min ({dimension})", alignment.dimension_means.get(dimension), minimum, f"mean {dimension} score"))
+        if gates.rules_min_pass_rate is not None:
+            out.append(_at_least("rules_min_pass_rate", alignment.rule_pass_rate, gates.rules_min_pass_rate, "rule pass rate"))
+        if gates.bias_max_gap is not None:
+            out.append(_at_most("bias_max_gap", alignment.bias_gap_max, gates.bias_max_gap, "largest bias score gap"))
+        if gates.bias_max_reference_gap is not None:
+            out.append(_at_most("bias_max_reference_gap", alignment.reference_gap_max, gates.bias_max_reference_gap,
+                                "largest reference log-likelihood gap"))
+    return out
+
+
+def failure_report(stage: str, failed: list[GateResult], evaluation_path: str, run_root: str) -> str:
+    """The message a failing gate stops the pipeline with."""
+    lines = [f"evaluate stage '{stage}': {len(failed)} gate(s) failed, so the stages after it did not run:"]
+    lines += [f"  - {g.gate}: {g.detail}; required {g.requirement}" for g in failed]
+    lines += [
+        f"Results: {evaluation_path}; report: {run_root}/report.html",
+        f"To continue anyway: wenmai run --resume {run_root} --force (recorded in lineage.json)",
+    ]
+    return "\n".join(lines)
+
+
+def _at_least(name: str, value: float | None, minimum: float, what: str) -> GateResult:
+    if value is None:
+        return GateResult(gate=name, requirement=f">= {minimum}", value=None, passed=False, detail=f"{what} was not measured")
+    return GateResult(gate=name, requirement=f">= {minimum}", value=value, passed=value >= minimum, detail=f"{what} {value}")
+
+
+def _at_most(name: str, value: float | None, maximum: float, what: str) -> GateResult:
+    if value is None:
+        return GateResult(gate=name, requirement=f"<= {maximum}", value=None, passed=False, detail=f"{what} was not measured")
+    return GateResult(gate=name, requirement=f"<= {maximum}", value=value, passed=value <= maximum, detail=f"{what} {value}")
+
+
+def _drop(name: str, drop: float, maximum: float, detail: str) -> GateResult:
+    return GateResult(gate=name, requirement=f"drop <= {maximum} points", value=drop, passed=drop <= maximum,
+                      detail=f"{detail}: a drop of {drop} points")

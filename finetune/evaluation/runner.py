@@ -1,0 +1,71 @@
+"""Evaluating checkpoints on the same suites: what the `evaluate` stage and `wenmai eval` both call."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import ConfigError
+from finetune.evaluation.results import CheckpointResult
+from finetune.evaluation.targets import Target
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class EvalSpec:
+    """What to measure on every checkpoint."""
+
+    mc: Path | None = None
+    shots: list[int] = field(default_factory=lambda: [0])
+    mc_limit: int | None = None  # first N questions of each subject
+    mc_method: str = "loglik"
+    suite: Path | None = None
+    suite_limit: int | None = None  # first N probes (bias probes are always kept)
+    max_new_tokens: int | None = None  # reply length bound (default: the suite's)
+    reward_model: str | None = None  # a reward stage folder (or its reward_model output)
+    batch_size: int = 8
+    max_length: int = 2048
+
+
+def evaluate_targets(targets: list[Target], spec: EvalSpec, log: Log = print) -> list[CheckpointResult]:
+    """Load each checkpoint in turn (one in memory at a time), measure it, then score replies with the reward model."""
+    from finetune.evaluation import alignment, mc
+    from finetune.evaluation import targets as target_loading
+    from finetune.evaluation.suite import check_dimensions, load_suite
+
+    subjects = {shots: mc.load_folder(spec.mc, shots, spec.mc_limit) for shots in spec.shots} if spec.mc else {}
+    suite = load_suite(spec.suite, spec.suite_limit) if spec.suite else None
+    results = []
+    for target in targets:
+        log(f"evaluating {target.label}")
+        model, tokenizer = target_loading.load(target)
+        result = CheckpointResult(label=target.label, source=target.source)
+        for shots, subject_list in subjects.items():
+            score = mc.evaluate(model, tokenizer, subject_list, shots, spec.mc_method, spec.batch_size, spec.max_length,
+                                label=target.label, name=mc_name(spec.mc, shots))
+            log(f"  {score.name}: {score.overall.accuracy}% [{score.overall.ci_low}, {score.overall.ci_high}] "
+                f"on {score.overall.total} questions ({score.seconds} s)")
+            result.mc.append(score)
+        if suite is not None:
+            result.alignment = alignment.generate_replies(model, tokenizer, suite, spec.batch_size, spec.max_length, target.label,
+                                                          spec.max_new_tokens)
+            log(f"  {suite.suite.name}: rule pass rate {result.alignment.rule_pass_rate} ({result.alignment.seconds} s)")
+        results.append(result)
+        del model
+        gc.collect()
+    if suite is not None and spec.reward_model:
+        scorer = alignment.load_scorer(spec.reward_model)
+        problems = check_dimensions(suite, list(scorer.dimensions), declared_in=f"the reward model {spec.reward_model}")
+        if problems:
+            raise ConfigError(problems, f"suite {suite.path} names reward dimensions the reward model does not have")
+        for result in results:
+            alignment.add_scores(result.alignment, suite, scorer, spec.reward_model)
+    return results
+
+
+def mc_name(folder: Path, shots: int) -> str:
+    """The name a multiple-choice result is filed under: the folder's name and the shot count."""
+    return f"{Path(folder).name}-{shots}shot"
