@@ -3,9 +3,10 @@
 Stage modules import only pydantic at import time, so the registry is cheap to load.
 """
 
-from finetune.stages import evaluate, sft
+from finetune.stages import evaluate, reward, sft
 
 STAGES = {
     "sft": sft,
+    "reward": reward,
     "evaluate": evaluate,
 }
