@@ -314,6 +314,47 @@ def _option_fields(model, prefix: str = ""):
             yield f"{prefix}{name}", info
 
 
+reward_app = typer.Typer(help="Reward models: score answers with a trained reward model.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
+
+
+@reward_app.command("score")
+def reward_score(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (or its reward stage folder, or a reward_model folder).")],
+    input_: Annotated[Path, typer.Option("--input", help="JSONL/JSON/Parquet/CSV: `prompt` + `response`, or `messages` ending with the answer.")],
+    stage: Annotated[str | None, typer.Option(help="Reward stage to use when the run has several.")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write each input record with its `scores` here (JSONL).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Answers per forward pass.")] = 8,
+) -> None:
+    """Score answers per reward dimension and the weighted total with a run's reward model."""
+    import json
+
+    from finetune.run_dir import atomic_write_text
+    from reward.score import score_file
+
+    scored, names = score_file(run_dir, input_, stage, batch_size)
+    if output is not None:
+        atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
+    out.print(score_table(scored, names, rows=0 if output else 50))
+    if output is not None:
+        out.print(f"[green]scores written:[/] {output}")
+
+
+def score_table(scored: list[dict], names: list[str], rows: int) -> Table:
+    """The first `rows` scored records and the mean of each score."""
+    table = Table(title=f"Reward scores ({len(scored)} answers)", title_justify="left")
+    table.add_column("#")
+    table.add_column("answer")
+    for name in names:
+        table.add_column(name, justify="right")
+    for i, record in enumerate(scored[:rows], start=1):
+        answer = str(record.get("response") or (record.get("messages") or [{}])[-1].get("content", ""))
+        table.add_row(str(i), answer[:40] + ("…" if len(answer) > 40 else ""), *(f"{record['scores'][n]:.3f}" for n in names))
+    means = [sum(r["scores"][n] for r in scored) / len(scored) for n in names]
+    table.add_row("", "[bold]mean[/]", *(f"{m:.3f}" for m in means))
+    return table
+
+
 def plan_table(recipe, counts: dict[str, dict]) -> Table:
     """Stages in order with their wiring, datasets and sizes, and the LoRA size estimate."""
     from finetune.model import estimate_lora_parameters, model_config_dict

@@ -117,8 +117,14 @@ def load_tokenizer(section: ModelSection, source: ModelSource):
     return tokenizer
 
 
-def load_model(section: ModelSection, source: ModelSource, task: str = "causal-lm", num_labels: int = 1):
-    """The base model for training or inference: dtype, attention, and quantization from the recipe."""
+def load_model(
+    section: ModelSection, source: ModelSource, task: str = "causal-lm", num_labels: int = 1, pad_token_id: int | None = None
+):
+    """The base model for training or inference: dtype, attention, and quantization from the recipe.
+
+    `sequence-classification` adds a fresh score head with `num_labels` outputs (reward models); its
+    `pad_token_id` is how the model finds each sequence's last token, so pass the one inputs are padded with.
+    """
     problems = check_hardware(section)
     if problems:
         raise WenmaiError("\n".join(problems))
@@ -130,8 +136,14 @@ def load_model(section: ModelSection, source: ModelSource, task: str = "causal-l
         if not _shards_weights():  # ZeRO-3 / FSDP place the weights themselves and refuse a device_map
             kwargs["device_map"] = {"": _local_gpu()}
     if task == "sequence-classification":
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+
         kwargs["num_labels"] = num_labels
-        return _from_pretrained(AutoModelForSequenceClassification, section, source, **kwargs)
+        with suppress_seqcls_warning():  # the new score head and the unused LM head are expected, not news
+            model = _from_pretrained(AutoModelForSequenceClassification, section, source, **kwargs)
+        if pad_token_id is not None:
+            model.config.get_text_config().pad_token_id = pad_token_id
+        return model
     return _from_pretrained(AutoModelForCausalLM, section, source, **kwargs)
 
 

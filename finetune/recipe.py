@@ -10,14 +10,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from finetune.data.policy import DataPolicy, RecordMetadata
 from finetune.errors import Problem
 from finetune.stages import STAGES
 from finetune.stages.base import StageConfig
 
-DATA_FORMATS = ("chat", "instruction", "text")
+DATA_FORMATS = ("chat", "instruction", "text", "pairs", "ratings", "tiers")
+DEFAULT_DIMENSION = "overall"  # the one reward dimension of a recipe without a `reward` section
 
 
 class Section(BaseModel):
@@ -70,14 +79,21 @@ class DatasetSection(Section):
     """A named dataset file."""
 
     path: str = Field(..., description="JSONL, JSON, Parquet or CSV file (relative to the recipe).", json_schema_extra={"is_path": True})
-    format: Literal["chat", "instruction", "text"] = Field(
-        ..., description="chat: `messages`; instruction: `instruction`/`input`/`output`; text: `text`."
+    format: Literal["chat", "instruction", "text", "pairs", "ratings", "tiers"] = Field(
+        ...,
+        description="chat: `messages`; instruction: `instruction`/`input`/`output`; text: `text`; "
+        "pairs: `prompt`/`chosen`/`rejected` (or hh-rlhf transcripts), optional `dimension`, `margin`; "
+        "ratings: `prompt`/`response`/`scores` {dimension: 1..5}, optional `rater`; "
+        "tiers: `prompt` and `responses` [{response, tier}], tiers ranked by `tier_order`.",
     )
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail", description="fail: stop at the first bad record; skip: drop bad records and report how many."
     )
     max_records: int | None = Field(None, gt=0, description="Use only the first N records (quick experiments).")
     system_prompt: str | None = Field(None, description="System message added to records that have none.")
+    tier_order: list[str] | None = Field(
+        None, min_length=2, description="tiers format: the tier labels, best first (e.g. [good, acceptable, harmful])."
+    )
     defaults: RecordMetadata | None = Field(
         None, description="Rights and provenance for records that do not carry their own: licence, source, "
         "rights_holder, sensitivity, topics, consent (a record's own fields win).",
@@ -150,6 +166,37 @@ class DataSection(BaseModel):
                 out += [Problem(f"data.{name}.defaults.{field}", message)
                         for field, message in self.policy.metadata_problems(section.defaults)]
         return out
+
+
+class RewardDimension(Section):
+    """One thing a reward model judges, with its weight in the total."""
+
+    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="Dimension name (lowercase, e.g. `safety`); data and later stages refer to it.")
+    description: str = Field("", description="What the dimension judges, in the raters' words.")
+    weight: float = Field(1.0, ge=0, description="Weight in the total reward (the total is the weighted mean of the dimensions).")
+
+    @field_validator("name")
+    @classmethod
+    def _not_total(cls, name: str) -> str:
+        if name == "total":
+            raise ValueError("`total` is reserved for the weighted total; name the dimension differently")
+        return name
+
+
+class RewardSection(Section):
+    """Reward dimensions, declared once: the reward stage trains one head each; later stages refer to them by name."""
+
+    dimensions: list[RewardDimension] = Field(..., min_length=1, description="The dimensions, in head order.")
+
+    @model_validator(mode="after")
+    def _unique_and_weighted(self) -> RewardSection:
+        names = [d.name for d in self.dimensions]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"dimension names must be unique; repeated: {', '.join(repeated)}")
+        if sum(d.weight for d in self.dimensions) <= 0:
+            raise ValueError("at least one dimension needs a weight above 0, or the total reward is undefined")
+        return self
 
 
 class TrackingSection(Section):
@@ -278,6 +325,9 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(..., description="Named datasets that stages read, and the data `policy`.")
     stages: list[StageEntry] = Field(..., min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
+    reward: RewardSection | None = Field(
+        None, description=f"Reward dimensions and their weights (default: one dimension, `{DEFAULT_DIMENSION}`)."
+    )
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
@@ -287,6 +337,30 @@ class Recipe(Section):
 
     def stage(self, name: str) -> StageConfig:
         return next(c for c in self.stage_configs() if c.stage_name == name)
+
+
+def reward_dimensions(recipe: Recipe) -> list[RewardDimension]:
+    """The recipe's reward dimensions, or the single default dimension when it declares none."""
+    if recipe.reward is None:
+        return [RewardDimension(name=DEFAULT_DIMENSION, description="Overall preference.")]
+    return list(recipe.reward.dimensions)
+
+
+def check_dimension_names(recipe: Recipe, names: str | list[str] | dict[str, object] | None, path: str) -> list[Problem]:
+    """Problems for names (a name, a list, or a mapping keyed by name) that the `reward` section does not declare."""
+    if names is None:
+        return []
+    wanted = [names] if isinstance(names, str) else list(names)
+    declared = [d.name for d in reward_dimensions(recipe)]
+    problems = []
+    for name in wanted:
+        if name in declared or name == "total":
+            continue
+        guess = difflib.get_close_matches(str(name), declared, n=1, cutoff=0.6)
+        hint = f"did you mean {guess[0]}? " if guess else ""
+        where = "the recipe's `reward` section declares" if recipe.reward else "no `reward` section, so the only dimension is"
+        problems.append(Problem(path, f"unknown reward dimension {name!r}; {hint}{where}: {', '.join(declared)}"))
+    return problems
 
 
 def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
@@ -351,13 +425,28 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
             elif recipe.data[value].format not in formats:
                 problems.append(Problem(path, f"dataset {value!r} has format {recipe.data[value].format!r}; "
                                               f"a {config.kind} stage reads {' or '.join(formats)}"))
+        problems += stage_dimension_problems(recipe, config, f"stages[{i}].{config.kind}")
         problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config, recipe)]
     problems += recipe.data.problems()
+    for name, section in recipe.data.items():
+        if section.format == "tiers" and not section.tier_order:
+            problems.append(Problem(f"data.{name}.tier_order", "a tiers dataset needs `tier_order`: its tier labels, best first "
+                                                              "(e.g. [good, acceptable, harmful])"))
     if recipe.model.gguf_file and recipe.model.quantization != "none":
         problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
                                                       "quantize the converted folder instead, or set quantization: none"))
     problems += [Problem(f"distributed.{field}", message) for field, message in recipe.distributed.check()]
     problems += wiring(recipe)[1]
+    return problems
+
+
+def stage_dimension_problems(recipe: Recipe, config: StageConfig, prefix: str) -> list[Problem]:
+    """Unknown reward dimensions in a stage's fields made with `dimension_field` (rlhf weights, gates...)."""
+    problems: list[Problem] = []
+    for field_name, info in type(config).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("dimensions"):
+            problems += check_dimension_names(recipe, getattr(config, field_name), f"{prefix}.{field_name}")
     return problems
 
 

@@ -42,3 +42,12 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
     gate = run.status("evaluate").summary["gate"]
     assert gate["passed"], gate
     assert "Replies, before and after" in (run.root / "report.html").read_text(encoding="utf-8")
+    reward = run.status("reward").summary
+    before = sum(reward["eval_accuracy_before"].values()) / len(reward["eval_accuracy_before"])
+    assert reward["eval_accuracy"] > max(0.7, before + 0.1), reward  # held-out pairs of the shipped ratings
+    from reward.score import RewardScorer
+
+    scorer = RewardScorer.from_stage(tmp_path / "qs" / "reward")
+    assert scorer.tokenizer.pad_token == "<|endoftext|>"  # SmolLM2 pads with <|im_end|>, where the reward is read
+    scores = scorer.score(["《静夜思》是谁写的？"] * 2, ["《静夜思》是唐代诗人李白所作。", "静夜思李白写的唐代，月光床前看见他。"], batch_size=2)
+    assert set(scores) == {"accuracy", "cultural_value", "safety", "fluency", "total"}

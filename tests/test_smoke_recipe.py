@@ -32,5 +32,8 @@ def test_smoke_recipe_runs_every_stage(tmp_path, tiny_model):
             assert (folder.root / stage.stage_name / output).exists(), output
     assert read_metrics(folder.metrics_path("sft")), "no metrics logged"
     assert list((folder.root / "sft" / "tensorboard").glob("events.out.tfevents.*")), "tensorboard got nothing"
-    assert set(lineage["data"]) == {"culture", "instructions"} and lineage["packages"]["trl"]
+    assert set(lineage["data"]) == {"culture", "instructions", "ratings"} and lineage["packages"]["trl"]
     assert "<svg" in (folder.root / "report.html").read_text(encoding="utf-8"), "the run report was not written"
+    evaluate = folder.status("evaluate").summary
+    dimensions = [d.name for d in recipe.reward.dimensions]
+    assert all(isinstance(evaluate.get(f"{d}_mean"), float) for d in [*dimensions, "total"]), evaluate  # the real scorer ran

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from finetune.data.dedup import Deduplicator, NearIndex, ReferenceIndex
 from finetune.data.pii import Scrubber, build_scrubber
 from finetune.data.policy import METADATA_FIELDS, DataPolicy, RecordMetadata, record_metadata
+from finetune.data.preference import PREFERENCE_MODELS, check_record_set, record_context
 from finetune.data.records import RecordSet, check_bad_records, iter_raw, iter_records
 from finetune.data.topics import TopicList
 from finetune.errors import DataError
@@ -102,7 +103,8 @@ def load_dataset(recipe: Recipe, name: str, stage_dir: Path | None = None) -> La
     reference = reference_for(recipe, name, scrubber)
     report, register, skipped = DatasetReport(name=name, path="", format=""), [], []
     records = [r for _, r in stream_dataset(name, recipe.data[name], policy, report, register, skipped,
-                                             scrubber=scrubber, reference=reference)]
+                                             scrubber=scrubber, reference=reference, context=record_context(recipe, name))]
+    check_record_set(recipe.data[name].format, records, str(recipe.data[name].path))
     from finetune.distributed.ranks import is_main_process
 
     if stage_dir is not None and is_main_process():  # under `wenmai launch`, rank 0 alone writes the run folder
@@ -115,20 +117,25 @@ def load_dataset(recipe: Recipe, name: str, stage_dir: Path | None = None) -> La
 def stream_dataset(name: str, section: DatasetSection, policy: DataPolicy, report: DatasetReport,
                    register: list[RegisterEntry] | None = None, skipped: list[tuple[str, str]] | None = None, *,
                    scrubber: Scrubber | None = None, reference: ReferenceIndex | None = None,
-                   dedup: bool = True) -> Iterator[tuple[str, dict]]:
+                   dedup: bool = True, context: dict | None = None) -> Iterator[tuple[str, dict]]:
     """Yield (file:line, record) for each record that may train; fill `report`, `register` and `skipped`.
 
-    `scrubber` (default: the policy's) and `reference` let a caller build them once for several datasets.
+    `scrubber` (default: the policy's) and `reference` let a caller build them once for several datasets;
+    `context` is what records are checked against (the recipe's reward dimensions, a tier order).
+    Preference data (pairs, ratings, tiers) is not deduplicated within itself: one prompt answered several
+    times, the same answer rated by several raters, and near-identical answers are its signal. It is still
+    checked against evaluation text.
     """
     report.path, report.format, report.pii_action = str(section.path), section.format, policy.pii.action
     report.file_bytes = Path(section.path).stat().st_size if Path(section.path).is_file() else 0
     skipped = [] if skipped is None else skipped
     scrubber = scrubber or build_scrubber(policy.pii)
+    dedup = dedup and section.format not in PREFERENCE_MODELS
     deduplicator = Deduplicator(policy.dedup if dedup else policy.dedup.model_copy(update={"exact": False, "near": False}),
                                 reference)
     topics = TopicList.load(policy.topic_list)
     with _progress(Path(section.path), name) as advance:
-        for where, record in islice(iter_records(section.path, section.format, skipped), section.max_records):
+        for where, record in islice(iter_records(section.path, section.format, skipped, context), section.max_records):
             advance()
             report.records_read += 1
             try:

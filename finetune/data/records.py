@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from finetune.data.preference import PREFERENCE_MODELS, check_record_set
 from finetune.errors import DataError
 
 MAX_LISTED_PROBLEMS = 20
@@ -54,7 +55,9 @@ class TextRecord(BaseModel):
     text: str = Field(..., min_length=1)
 
 
-RECORD_MODELS: dict[str, type[BaseModel]] = {"chat": ChatRecord, "instruction": InstructionRecord, "text": TextRecord}
+RECORD_MODELS: dict[str, type[BaseModel]] = {
+    "chat": ChatRecord, "instruction": InstructionRecord, "text": TextRecord, **PREFERENCE_MODELS,
+}
 
 
 @dataclass
@@ -65,17 +68,25 @@ class RecordSet:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file:line, reason)
 
 
-def read_records(path: str | Path, fmt: str, on_bad: str = "fail", max_records: int | None = None) -> RecordSet:
-    """Read and validate every record of a data file; raise `DataError` naming file:line on bad ones."""
+def read_records(
+    path: str | Path, fmt: str, on_bad: str = "fail", max_records: int | None = None, context: dict | None = None
+) -> RecordSet:
+    """Read and validate every record of a data file; raise `DataError` naming file:line on bad ones.
+
+    `context` carries what records are checked against (the recipe's reward dimensions, a tier order).
+    """
     bad: list[tuple[str, str]] = []
-    records = [record for _, record in islice(iter_records(path, fmt, bad), max_records)]
+    records = [record for _, record in islice(iter_records(path, fmt, bad, context), max_records)]
     check_bad_records(path, fmt, bad, on_bad)
     if not records:
         raise DataError(f"{path}: no usable records (format {fmt!r}); check the file and the dataset's `format`")
+    check_record_set(fmt, records, str(path))
     return RecordSet(records, bad)
 
 
-def iter_records(path: str | Path, fmt: str, bad: list[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
+def iter_records(
+    path: str | Path, fmt: str, bad: list[tuple[str, str]], context: dict | None = None
+) -> Iterator[tuple[str, dict]]:
     """Yield (file:line, record) for each valid record, streaming; bad ones are appended to `bad`."""
     model = RECORD_MODELS[fmt]
     for where, raw in iter_raw(Path(path)):
@@ -83,7 +94,7 @@ def iter_records(path: str | Path, fmt: str, bad: list[tuple[str, str]]) -> Iter
             bad.append((where, str(raw)))
             continue
         try:
-            record = model.model_validate(raw).model_dump(exclude_unset=False)
+            record = model.model_validate(raw, context=context).model_dump(exclude_unset=False)
         except ValidationError as err:
             bad.append((where, _describe(err, raw)))
             continue

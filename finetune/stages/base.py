@@ -28,6 +28,11 @@ def dataset_field(formats: tuple[str, ...], description: str, required: bool = T
     return Field(... if required else None, description=description, json_schema_extra=extra)
 
 
+def dimension_field(description: str, default: Any = None) -> Any:
+    """A field naming reward dimensions (a name, a list, or a mapping keyed by name) of the recipe's `reward` section."""
+    return Field(default, description=description, json_schema_extra={"dimensions": True})
+
+
 class StageConfig(BaseModel):
     """Options every stage has."""
 
