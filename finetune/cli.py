@@ -227,6 +227,82 @@ def stages() -> None:
         out.print(table)
 
 
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with a finished training stage.")],
+    adapter: Annotated[str | None, typer.Option(help="Stage whose adapter to merge (default: the latest that made one).")] = None,
+    name: Annotated[str, typer.Option(help="Name of the merge stage in the run folder.")] = "merge",
+    force: Annotated[bool, typer.Option(help="Merge again even if the stage is done.")] = False,
+) -> None:
+    """Merge a run's adapter into its base model (unquantised, training dtype) behind the parity gate."""
+    from finetune.post_run import extend_run
+
+    options = {"name": name} if name != "merge" else {}
+    options.update({"adapter": adapter} if adapter else {})
+    folder = extend_run(run_dir, [("merge", options)], force=force, log=_log)
+    out.print(summary_table(folder))
+    out.print(f"[green]merged model:[/] {folder.output(name, 'model')}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder with a finished training (or merge) stage.")],
+    format_: Annotated[str, typer.Option("--format", help="Comma-separated: hf, gguf.")] = "hf",
+    gguf_types: Annotated[str | None, typer.Option(help="Comma-separated GGUF types: f32, f16, bf16, q8_0 (default f16,q8_0).")] = None,
+    name: Annotated[str, typer.Option(help="Name of the export stage in the run folder.")] = "export",
+    force: Annotated[bool, typer.Option(help="Export again even if the stage is done.")] = False,
+) -> None:
+    """Export a run (merging its adapter first if needed): HF safetensors (+ GGUF), chat template, model card, label."""
+    from finetune.post_run import export_stages, extend_run
+
+    folder = extend_run(run_dir, export_stages(run_dir, format_, gguf_types, name), force=force, log=_log)
+    out.print(summary_table(folder))
+    out.print(f"[green]exported:[/] {folder.output(name, 'model')}")
+
+
+@app.command()
+def chat(
+    export_dir: Annotated[Path, typer.Argument(help="Export folder (runs/<run>/export/model), its stage folder, or the run folder.")],
+    prompt: Annotated[str | None, typer.Option(help="Ask one question and exit (default: an interactive session).")] = None,
+    system: Annotated[str | None, typer.Option(help="System message.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 answers greedily; above 0 samples.")] = 0.0,
+    label: Annotated[bool, typer.Option(help="Print each answer as JSON with the AI-generated-content implicit label.")] = False,
+    gguf: Annotated[str | None, typer.Option(help="Talk to one of the export's GGUF files (through transformers).")] = None,
+) -> None:
+    """Talk to an exported model with its own chat template; answers stop at the end-of-turn token."""
+    import json
+
+    from finetune.generate import ExportedModel
+    from finetune.model_card import EXPLICIT_LABEL
+
+    model = ExportedModel(export_dir, gguf)
+    messages = [{"role": "system", "content": system}] if system else []
+
+    def answer(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        reply = model.reply(messages, max_new_tokens, temperature, label)
+        messages.append({"role": "assistant", "content": reply.text})
+        print(json.dumps(reply.to_json(), ensure_ascii=False) if label else reply.text, flush=True)
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    console.print(f"[dim]{model.folder} — {EXPLICIT_LABEL}; empty line or Ctrl-D ends[/]")
+    while True:
+        try:
+            text = input("> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        answer(text)
+
+
+def _log(message: str) -> None:
+    console.print(f"[cyan]wenmai[/] {message}", highlight=False)
+
+
 def _option_fields(model, prefix: str = ""):
     """(dotted name, field) for every option; a nested section (evaluate's `gates`) lists its own options."""
     from pydantic import BaseModel

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -155,8 +155,10 @@ def _convert_once_per_node(recipe: Recipe, ranks: Ranks) -> None:
         barrier()
 
 
-def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = False) -> RunDir:
-    """Run each stage not yet done, in order; write its status last, then the lineage; then the report.
+def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = False,
+               only: Collection[str] | None = None) -> RunDir:
+    """Run each stage not yet done (of `only`, when given), in order; write its status last, then the lineage;
+    then the report.
 
     `force` lets the stages after a failing evaluate gate run (the gate records that it was forced).
     """
@@ -167,19 +169,22 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = 
     if main:
         write_lineage(recipe, run_dir)
     try:
-        _run_each(recipe, run_dir, resolved_inputs, log, force, main)
+        _run_each(recipe, run_dir, resolved_inputs, log, force, main, only)
     finally:
         if main:
             _write_report(run_dir, log)
     return run_dir
 
 
-def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, force: bool, main: bool) -> None:
+def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, force: bool, main: bool,
+              only: Collection[str] | None = None) -> None:
     from finetune.tracking import backend_env, dashboard_env
 
     configs = recipe.stage_configs()
     for number, config in enumerate(configs, start=1):
         name = config.stage_name
+        if only is not None and name not in only:
+            continue
         previous = run_dir.status(name)
         if previous is not None and previous.state == "done":
             log(f"[{number}/{len(configs)}] {name}: done already, skipped")

@@ -47,7 +47,7 @@ def build_tokenizer(folder: Path, vocab_size: int = 600):
     return fast
 
 
-def build_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def build_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """A tiny Llama-architecture causal LM with its tokenizer, saved as a from_pretrained folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -67,6 +67,7 @@ def build_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) 
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        initializer_range=initializer_range,  # larger: wider logits, so a LoRA can make the model confident
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)

@@ -3,10 +3,12 @@
 Stage modules import only pydantic at import time, so the registry is cheap to load.
 """
 
-from finetune.stages import evaluate, reward, sft
+from finetune.stages import evaluate, export, merge, reward, sft
 
 STAGES = {
     "sft": sft,
     "reward": reward,
     "evaluate": evaluate,
+    "merge": merge,
+    "export": export,
 }

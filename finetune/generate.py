@@ -1,0 +1,82 @@
+"""Talking to an exported model with its own chat template: `wenmai chat EXPORT_DIR`.
+
+The export's tokenizer is checked against its `template.json` on load (the template contract), generation
+stops at every stop id training used, and a reply can carry the AI-generated-content implicit label.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import WenmaiError
+
+
+@dataclass
+class Reply:
+    """One generated answer: its text, whether it ended at a stop token, and its label metadata if asked."""
+
+    text: str
+    token_ids: list[int]
+    stopped: bool
+    metadata: dict | None = None
+
+    def to_json(self) -> dict:
+        from finetune.model_card import EXPLICIT_LABEL
+
+        out: dict[str, Any] = {"role": "assistant", "content": self.text, "stopped_at_eos": self.stopped}
+        if self.metadata is not None:
+            out["explicit_label"] = EXPLICIT_LABEL
+            out["metadata"] = self.metadata
+        return out
+
+
+class ExportedModel:
+    """An export folder loaded for chat: model, verified tokenizer, stop ids and provenance."""
+
+    def __init__(self, export_dir: str | Path, gguf_file: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from finetune.data.template import read_contract, verify_contract
+        from finetune.model_card import PROVENANCE_FILE
+
+        self.folder = find_export(Path(export_dir))
+        self.contract = read_contract(self.folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
+        verify_contract(self.tokenizer, self.contract, f"load of {self.folder}")
+        if gguf_file is not None and not (self.folder / gguf_file).is_file():
+            found = ", ".join(p.name for p in self.folder.glob("*.gguf")) or "none"
+            raise WenmaiError(f"--gguf: {gguf_file} is not in {self.folder} (GGUF files there: {found})")
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        self.model = AutoModelForCausalLM.from_pretrained(str(self.folder), **kwargs).eval()
+        self.stop_ids = list(self.contract["stop_token_ids"])
+        provenance_file = self.folder / PROVENANCE_FILE
+        self.provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.is_file() else {}
+
+    def reply(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, label: bool = False) -> Reply:
+        """The model's next assistant turn for `messages`, rendered with the training chat template."""
+        import torch
+
+        from finetune.model_card import implicit_label
+
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      eos_token_id=self.stop_ids, pad_token_id=self.contract["pad_token_id"], **sampling)
+        new = out[0, ids.shape[1]:].tolist()
+        stopped = bool(new) and new[-1] in self.stop_ids
+        answer = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True).strip()
+        return Reply(answer, new, stopped, implicit_label(answer, self.provenance) if label else None)
+
+
+def find_export(path: Path) -> Path:
+    """The export folder itself, given it, its stage folder, or a run folder with an `export` stage."""
+    for candidate in (path, path / "model", path / "export" / "model"):
+        if (candidate / "config.json").is_file() and (candidate / "template.json").is_file():
+            return candidate
+    raise WenmaiError(f"{path} is not a Wenmai export (no config.json with template.json); give the folder that "
+                      "`wenmai export` wrote (runs/<run>/export/model)")
