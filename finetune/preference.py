@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.errors import DataError
+from finetune.errors import DataError, WenmaiError
 from finetune.stages.base import StageContext, StageResult
 from reward.data import PreferencePair, load_pairs, split_by_prompt
 
@@ -91,24 +91,18 @@ SUMMARY_ARGS = ("loss_type", "precompute_ref_log_probs", "use_liger_kernel")
 
 def trainer_args(config: Any, method: str, train_examples: int) -> dict[str, Any]:
     """The method's own TRL arguments from the stage options (the shared ones come from `build_training_args`)."""
-    pairs_per_step = config.batch_size * config.gradient_accumulation
+    per_step = config.batch_size * config.gradient_accumulation
     if method == "dpo":
         losses = [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
-        if config.liger_kernel:
-            from finetune.stages.dpo import liger_problems
-
-            problems = liger_problems(config.stage_name)
-            if problems:
-                from finetune.errors import WenmaiError
-
-                raise WenmaiError(problems[0])
+        if config.machine_problems():  # liger_kernel without CUDA or liger-kernel: say so before any weights load
+            raise WenmaiError("; ".join(config.machine_problems()))
         return {"loss_type": losses, "loss_weights": config.loss_weights, "label_smoothing": config.label_smoothing,
-                "precompute_ref_log_probs": config.precompute(train_examples, pairs_per_step),
+                "precompute_ref_log_probs": config.precompute(train_examples, per_step),
                 "precompute_ref_batch_size": config.precompute_batch_size, "use_liger_kernel": config.liger_kernel}
     if method == "kto":
         return {"loss_type": config.loss_type, "desirable_weight": config.desirable_weight,
                 "undesirable_weight": config.undesirable_weight,
-                "precompute_ref_log_probs": config.precompute(train_examples, pairs_per_step)}
+                "precompute_ref_log_probs": config.precompute(train_examples, per_step)}
     return {}
 
 

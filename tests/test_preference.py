@@ -199,6 +199,31 @@ def test_kto_and_orpo_train_and_save_their_adapters(model_dir, tmp_path):
     assert any("log_odds_ratio" in r for r in read_metrics(run_dir.metrics_path("orpo")))
 
 
+def test_an_interrupted_dpo_stage_resumes_from_its_checkpoint_to_the_same_adapter(model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from finetune.pipeline import resume
+    from finetune.run_dir import StageStatus, utc_now
+
+    stages = SFT + ("- dpo: {dataset: pairs, max_steps: 4, batch_size: 4, learning_rate: 0.01, warmup: 0, seq_len: 64, "
+                    "eval_fraction: 0, save_steps: 2, logging_steps: 1}\n")
+    whole = run(tmp_path, recipe_text(model_dir, tmp_path, stages), name="whole")
+    cut = tmp_path / "runs" / "cut"
+    shutil.copytree(whole.root, cut)
+    folder = RunDir.open(cut)
+    shutil.rmtree(cut / "dpo" / "checkpoints" / "checkpoint-4")
+    folder.write_status(StageStatus(name="dpo", kind="dpo", state="running", started=utc_now(), inputs={"policy": "sft"}))
+    logged: list[str] = []
+    resumed = resume(cut, log=logged.append)
+    assert "[2/2] dpo: resuming from checkpoint-2" in logged
+    assert [r["step"] for r in read_metrics(resumed.metrics_path("dpo")) if "loss" in r] == [1, 2, 3, 4]
+    want = load_file(str(whole.output("dpo", "adapter") / "adapter_model.safetensors"))
+    got = load_file(str(resumed.output("dpo", "adapter") / "adapter_model.safetensors"))
+    assert set(got) == set(want) and all(got[k].allclose(want[k], atol=1e-6) for k in want)
+
+
 # --- data ------------------------------------------------------------------------------------
 
 def test_kto_labels_from_tiers_leave_the_middle_tier_out():

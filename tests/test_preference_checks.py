@@ -161,7 +161,7 @@ def test_loss_names_read_from_trl_source_match_the_imported_config():
 def test_precompute_auto_is_on_only_when_training_sees_every_pair():
     from finetune.stages.dpo import Config
 
-    assert Config(dataset="p").precompute(train_pairs=400, pairs_per_step=4)  # max_steps -1: whole epochs
-    assert not Config(dataset="p", max_steps=5).precompute(train_pairs=400, pairs_per_step=4)
-    assert Config(dataset="p", max_steps=100).precompute(train_pairs=400, pairs_per_step=4)
-    assert not Config(dataset="p", precompute_ref_log_probs=False).precompute(train_pairs=4, pairs_per_step=4)
+    assert Config(dataset="p").precompute(train_examples=400, examples_per_step=4)  # max_steps -1: whole epochs
+    assert not Config(dataset="p", max_steps=5).precompute(train_examples=400, examples_per_step=4)
+    assert Config(dataset="p", max_steps=100).precompute(train_examples=400, examples_per_step=4)
+    assert not Config(dataset="p", precompute_ref_log_probs=False).precompute(train_examples=4, examples_per_step=4)

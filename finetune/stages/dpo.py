@@ -67,6 +67,13 @@ class PreferenceOptions(TrainingOptions):
         """The policy adapter, plus its frozen copy as the reference when the policy starts from an adapter."""
         return 2 if self.uses_reference and self.policy != "base" else 1
 
+    def precompute(self, train_examples: int, examples_per_step: int) -> bool:
+        """Whether the reference log-probs are precomputed (auto: when training sees every example at least once)."""
+        setting = getattr(self, "precompute_ref_log_probs", False)
+        if setting == "auto":
+            return self.max_steps == -1 or self.max_steps * examples_per_step >= train_examples
+        return bool(setting)
+
 
 class Config(PreferenceOptions):
     """Preference optimisation (DPO and its loss variants) of the policy adapter against a frozen reference (TRL DPOTrainer)."""
@@ -113,12 +120,6 @@ class Config(PreferenceOptions):
     def machine_problems(self) -> list[str]:
         """What this machine lacks for the options chosen (pre-flight: a warning in validate, an error in run)."""
         return liger_problems(self.stage_name) if self.liger_kernel else []
-
-    def precompute(self, train_pairs: int, pairs_per_step: int) -> bool:
-        """Whether the reference log-probs are precomputed (auto: when training sees every pair at least once)."""
-        if self.precompute_ref_log_probs == "auto":
-            return self.max_steps == -1 or self.max_steps * pairs_per_step >= train_pairs
-        return bool(self.precompute_ref_log_probs)
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -39,12 +39,6 @@ class Config(PreferenceOptions):
             problems.append(("loss_type", unknown_choice(self.loss_type, known, "KTO loss")))
         return problems
 
-    def precompute(self, train_examples: int, examples_per_step: int) -> bool:
-        """Whether the reference log-probs are precomputed (auto: when training sees every answer at least once)."""
-        if self.precompute_ref_log_probs == "auto":
-            return self.max_steps == -1 or self.max_steps * examples_per_step >= train_examples
-        return bool(self.precompute_ref_log_probs)
-
 
 def run(ctx: StageContext) -> StageResult:
     """Train the policy adapter on desirable/undesirable answers and save it into the stage folder."""
