@@ -65,6 +65,7 @@ def train_and_save(ctx: StageContext, method: str) -> StageResult:
         trainer.evaluate()  # held-out margins after the last step
     outputs = save_policy(trainer, ctx, policy)
     summary = summarise(trainer.state.log_history, result.metrics, data, trainer.state.global_step)
+    summary["left_out_prompt_fills_seq_len"] = len(data.train_rows) - len(trainer.train_dataset)  # TRL drops those
     summary.update(used={"policy": policy.source}, **{k: v for k, v in method_args.items() if k in SUMMARY_ARGS})
     return StageResult(outputs=outputs, summary=summary)
 

@@ -91,6 +91,7 @@ def test_dpo_logs_reward_margins_and_accuracy_held_out(chain):
     summary = chain.status("dpo").summary
     assert summary["eval_reward_margin"] > 0 and summary["eval_reward_accuracy"] > 0.9, summary
     assert summary["train_data"]["pairs"] == {"total": 48} and summary["eval_examples"] == 12
+    assert summary["left_out_prompt_fills_seq_len"] == 0
     assert summary["loss_type"] == ["sigmoid"] and summary["precompute_ref_log_probs"] is True  # 12 steps x 8 cover 36 pairs
     rows = read_metrics(chain.metrics_path("dpo"))
     assert any("rewards/margins" in r and "rewards/accuracies" in r for r in rows)

@@ -96,7 +96,7 @@ class Config(PreferenceOptions):
     precompute_batch_size: int | None = Field(None, ge=1, description="Pairs per forward pass when precomputing (default: batch_size).")
     liger_kernel: bool = Field(
         False, description="Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU); needs CUDA and "
-        "liger-kernel (pip install 'wenmai[gpu]').",
+        "liger-kernel (the `gpu` extra).",
     )
 
     def check(self) -> list[tuple[str, str]]:
