@@ -165,3 +165,16 @@ def test_precompute_auto_is_on_only_when_training_sees_every_pair():
     assert not Config(dataset="p", max_steps=5).precompute(train_examples=400, examples_per_step=4)
     assert Config(dataset="p", max_steps=100).precompute(train_examples=400, examples_per_step=4)
     assert not Config(dataset="p", precompute_ref_log_probs=False).precompute(train_examples=4, examples_per_step=4)
+
+
+def test_rlhf_memory_estimate_counts_the_reward_model_as_a_second_base(recipe_with):
+    from finetune.distributed.memory import Shape, estimate
+
+    stages = ("- sft: {dataset: c}\n- reward: {dataset: p}\n- rlhf: {dataset: c}\n"
+              "- rlhf: {dataset: c, name: rules_only, reward_model: none, rules: {length: {max_chars: 90}}}\n")
+    recipe = load_recipe(recipe_with(stages)).recipe
+    shape = Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=600, tied=True)
+    with_reward_model = estimate(recipe, recipe.stage("rlhf"), 1, 1, shape)
+    rules_only = estimate(recipe, recipe.stage("rules_only"), 1, 1, shape)
+    assert with_reward_model.parts["weights"] == 2 * rules_only.parts["weights"]
+    assert any("2 copies of the base model" in note for note in with_reward_model.notes)

@@ -70,6 +70,10 @@ class Config(TrainingOptions):
         """The policy adapter, plus its frozen copy as the KL reference when beta > 0 and the policy starts from an adapter."""
         return 2 if self.beta > 0 and self.policy != "base" else 1
 
+    def models_in_memory(self) -> int:
+        """Base models held at once (memory estimate): the policy's, and the reward model's unless rules alone reward."""
+        return 1 if self.reward_model == "none" else 2
+
     def check(self) -> list[tuple[str, str]]:
         per_step = self.batch_size * self.gradient_accumulation
         if per_step % self.num_generations:
