@@ -57,6 +57,18 @@ def load_policy(ctx: StageContext) -> Policy:
     return Policy(model, trained.tokenizer, trained.contract, described)
 
 
+def drop_fresh_reference(trainer: Any, policy: Policy) -> None:
+    """For `policy: base`, remove the frozen copy TRL made of the new adapter: it is the base itself.
+
+    A new LoRA adapter starts as a zero delta, so its copy scores exactly like the base; without the copy TRL
+    switches the adapter off for the reference (the same numbers) and only one adapter sits on the base, as
+    `adapters_on_base` tells the pre-flight. An adapter trained by an earlier stage keeps its copy.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if policy.source.get("stage") == "base" and REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REFERENCE_ADAPTER)
+
+
 def save_policy(trainer: Any, ctx: StageContext, policy: Policy) -> dict[str, str]:
     """Save the trained adapter (without TRL's reference copy), the tokenizer and the template contract; the outputs."""
     from finetune.data.template import write_contract

@@ -40,7 +40,7 @@ def train_and_save(ctx: StageContext, method: str) -> StageResult:
     """Train the policy adapter with TRL's `method` trainer (dpo, kto, orpo) and save it into the stage folder."""
     from datasets import Dataset
 
-    from finetune.policy import load_policy, save_policy
+    from finetune.policy import drop_fresh_reference, load_policy, save_policy
     from finetune.tracking import jsonl_callback
     from finetune.training import build_training_args
 
@@ -60,6 +60,7 @@ def train_and_save(ctx: StageContext, method: str) -> StageResult:
         processing_class=policy.tokenizer,
         callbacks=[jsonl_callback(ctx.run_dir.metrics_path(config.stage_name), config.stage_name)],
     )
+    drop_fresh_reference(trainer, policy)
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if data.eval_rows and trainer.state.global_step % config.eval_steps:
         trainer.evaluate()  # held-out margins after the last step

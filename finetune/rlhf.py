@@ -21,7 +21,7 @@ def train_and_save(ctx: StageContext) -> StageResult:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from finetune.policy import load_policy, save_policy
+    from finetune.policy import drop_fresh_reference, load_policy, save_policy
     from finetune.tracking import jsonl_callback
     from finetune.training import build_training_args
 
@@ -40,6 +40,7 @@ def train_and_save(ctx: StageContext) -> StageResult:
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=policy.tokenizer,
         callbacks=[jsonl_callback(ctx.run_dir.metrics_path(config.stage_name), config.stage_name)],
     )
+    drop_fresh_reference(trainer, policy)
     result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     outputs = save_policy(trainer, ctx, policy)
     summary = summarise(trainer.state.log_history, result.metrics, rewards.names, trainer.state.global_step)

@@ -172,9 +172,9 @@ def test_loss_type_and_fast_path_reach_trl(model_dir, tmp_path, monkeypatch):
     seen: dict = {}
 
     class Recording(DPOTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            seen["trainer"] = self
+        def train(self, *args, **kwargs):
+            seen["trainer"], seen["adapters"] = self, list(self.model.peft_config)
+            return super().train(*args, **kwargs)
 
     monkeypatch.setattr(preference, "trl_classes", lambda method: (DPOConfig, Recording))
     stages = ("- dpo: {dataset: pairs, policy: base, loss_type: [ipo, sft], loss_weights: [1.0, 0.5], beta: 0.3, "
@@ -184,7 +184,7 @@ def test_loss_type_and_fast_path_reach_trl(model_dir, tmp_path, monkeypatch):
     assert trainer.args.loss_type == ["ipo", "sft"] and trainer.loss_types == ["ipo", "sft"]
     assert trainer.args.loss_weights == [1.0, 0.5] and trainer.beta == 0.3
     assert trainer.args.precompute_ref_log_probs and "ref_chosen_logps" in trainer.train_dataset.column_names
-    assert "ref" not in trainer.model.peft_config  # policy: base: a new adapter, the reference is the base
+    assert seen["adapters"] == ["default"]  # policy: base: one new adapter; the reference is the base (adapter off)
     assert run_dir.status("dpo").summary["loss_type"] == ["ipo", "sft"]
 
 
