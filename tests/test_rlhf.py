@@ -156,3 +156,32 @@ def test_weights_naming_a_dimension_the_reward_model_lacks_are_refused():
         dimension_weights(config, card({"accuracy": 1, "safety": 1}), "runs/x/reward/reward_model")
     assert str(info.value).startswith("stages.rlhf.weights: the reward model in runs/x/reward/reward_model has no "
                                       "dimension 'cultural_value'; its dimensions are accuracy, safety")
+
+
+def test_rlhf_from_the_base_keeps_one_adapter_and_the_base_as_reference(tmp_path, tiny_model, chat_file, monkeypatch):
+    import trl
+
+    seen: dict = {}
+
+    class Recording(trl.GRPOTrainer):
+        def train(self, *args, **kwargs):
+            seen["adapters"], seen["beta"] = list(self.model.peft_config), self.beta
+            return super().train(*args, **kwargs)
+
+    monkeypatch.setattr(trl, "GRPOTrainer", Recording)
+    recipe = tmp_path / "base.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: base
+        model: {{path: {tiny_model}}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        data:
+          d: {{path: {chat_file}, format: chat}}
+        stages:
+          - rlhf: {{dataset: d, policy: base, reward_model: none, rules: {{length: {{max_chars: 10}}}}, beta: 0.1,
+                    max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 4, save_steps: 100}}
+        output: {{root: {tmp_path / 'runs'}}}
+        """), encoding="utf-8")
+    run_dir = start(load_recipe(recipe), tmp_path / "runs" / "base", log=lambda _: None)
+    assert seen == {"adapters": ["default"], "beta": 0.1}  # a fresh adapter's copy is the base: not kept
+    assert load_recipe(recipe).recipe.stage("rlhf").adapters_on_base() == 1
+    assert run_dir.status("rlhf").summary["used"]["policy"] == {"stage": "base"}
