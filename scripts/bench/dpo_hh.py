@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--reward-stage", type=Path, default=None, help="reuse this reward stage instead of training one")
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="DPO learning rate (LoRA)")
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--epochs", type=float, default=1.0, help="DPO passes over its pairs")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
@@ -60,6 +61,7 @@ def main() -> None:
     reward_stage = args.reward_stage or run_dir.root / "reward"
     results: dict = {"eval_pairs": args.eval, "reward_pairs": 0 if args.reward_stage else args.reward_pairs,
                      "dpo_pairs": args.dpo_pairs, "seq_len": args.seq_len, "learning_rate": args.learning_rate, "beta": args.beta,
+                     "epochs": args.epochs,
                      "dpo": {k: v for k, v in run_dir.status("dpo").summary.items() if k not in ("train_data", "used")},
                      "train_wall_s": round(time.time() - started, 1)}
     results["reward_model"] = held_out_accuracy(reward_stage, eval_file)
@@ -79,7 +81,8 @@ def train(work: Path, reward_file: Path, dpo_file: Path, args) -> object:
     stages = []
     if args.reward_stage is None:
         stages.append({"reward": {"dataset": "reward", "learning_rate": 5e-4, "center_rewards_coefficient": 0.01, **common}})
-    stages.append({"dpo": {"dataset": "dpo", "policy": "base", "learning_rate": args.learning_rate, "beta": args.beta, **common}})
+    stages.append({"dpo": {"dataset": "dpo", "policy": "base", "learning_rate": args.learning_rate, "beta": args.beta,
+                           **common, "epochs": args.epochs}})
     recipe = work / "dpo-hh.yaml"
     recipe.write_text(
         "name: dpo-hh\ninclude: [models/smollm2-135m, lora/small]\n"
