@@ -40,6 +40,7 @@ class StageLineage(BaseModel):
     started: str | None = None
     finished: str | None = None
     gate: dict | None = None  # an evaluate stage's gate: passed, forced (wenmai run --force), failed gates
+    used: dict | None = None  # what a stage started from: the policy adapter (path, sha256), the reward model
 
 
 class Lineage(BaseModel):
@@ -65,6 +66,7 @@ def preflight(recipe: Recipe, world_size: int = 1, distributed: bool = True) -> 
     from finetune.tracking import check_backends
 
     problems = check_hardware(recipe.model) + check_backends(recipe.tracking)
+    problems += [p for c in recipe.stage_configs() for p in (c.machine_problems() if hasattr(c, "machine_problems") else [])]
     try:
         resolve_source(recipe.model, convert=False)
     except WenmaiError as err:
@@ -267,7 +269,7 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
             inputs=status.inputs if status else {},
             outputs={k: f"{config.stage_name}/{v}" for k, v in (status.outputs if status else {}).items()},
             started=status.started if status else None, finished=status.finished if status else None,
-            gate=status.summary.get("gate") if status else None,
+            gate=status.summary.get("gate") if status else None, used=status.summary.get("used") if status else None,
         ))
     lineage = Lineage(
         run=run_dir.name,

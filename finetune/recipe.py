@@ -385,8 +385,9 @@ def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
                 if producers:
                     inputs[field_name] = producers[-1]
                 elif not _input_optional(config, field_name):
+                    other = "".join(f", or set `{field_name}: {s}`" for s in extra.get("special", ()))
                     problems.append(Problem(path, f"needs an earlier stage that produces a {output}, and there is none; "
-                                                  f"add one before this stage or name one with `{field_name}:`"))
+                                                  f"add one before this stage or name one with `{field_name}:`{other}"))
             elif wanted in producers:
                 inputs[field_name] = wanted
             else:

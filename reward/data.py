@@ -59,10 +59,12 @@ class PairSet:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def load_pairs(recipe: Recipe, name: str, stage_dir: Path | None = None) -> PairSet:
+def load_pairs(recipe: Recipe, name: str, stage_dir: Path | None = None, on: str | None = None) -> PairSet:
     """The recipe's dataset `name` (pairs, ratings or tiers) as preference pairs, with counts.
 
     Records pass the data layer first (policy, PII scrubbing); given a stage folder, its data card is written there.
+    `on` is what the pairs judge: None, every dimension (the reward stage); `total`, ratings compared on the
+    weighted total (DPO); a dimension name, ratings compared on it and other dimensions' pairs left out.
     """
     from finetune.data import load_records
 
@@ -77,13 +79,17 @@ def load_pairs(recipe: Recipe, name: str, stage_dir: Path | None = None) -> Pair
         pairs = pairs_from_records(records.records)
     elif section.format == "ratings":
         dimensions = reward_dimensions(recipe)
-        pairs = ratings_to_pairs(records.records, dimensions, where=section.path)
+        pairs = ratings_to_pairs(records.records, dimensions, on=on, where=section.path)
         stats["ties_dropped"] = _tie_counts(records.records, [d.name for d in dimensions])
         stats["rater_agreement"] = rater_agreement(records.records, [d.name for d in dimensions])
     elif section.format == "tiers":
         pairs = tiers_to_pairs(records.records, section.tier_order or [])
     else:
         raise DataError(f"dataset {name!r} has format {section.format!r}; preference data is pairs, ratings or tiers")
+    if on not in (None, TOTAL):
+        kept = [p for p in pairs if p.dimension in (None, on)]
+        stats["other_dimension_pairs_left_out"] = len(pairs) - len(kept)
+        pairs = kept
     stats["pairs"] = pair_counts(pairs)
     return PairSet(pairs, stats)
 

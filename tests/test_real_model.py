@@ -51,3 +51,18 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
     assert scorer.tokenizer.pad_token == "<|endoftext|>"  # SmolLM2 pads with <|im_end|>, where the reward is read
     scores = scorer.score(["《静夜思》是谁写的？"] * 2, ["《静夜思》是唐代诗人李白所作。", "静夜思李白写的唐代，月光床前看见他。"], batch_size=2)
     assert set(scores) == {"accuracy", "cultural_value", "safety", "fluency", "total"}
+    dpo = run.status("dpo").summary
+    assert dpo["steps"] == 8 and dpo["used"]["policy"]["stage"] == "sft" and dpo["train_data"]["pairs"]["total"] > 100, dpo
+    assert run.status("merge").summary["adapter_stage"] == "dpo"  # the quickstart merges and exports the DPO adapter
+
+
+def test_quickstart_rlhf_scores_every_dimension(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "run", "recipes/quickstart-rlhf.yaml", "--run-dir", str(tmp_path / "qs")],
+        capture_output=True, text=True, timeout=1800, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = RunDir.open(tmp_path / "qs")
+    summary = run.status("rlhf").summary
+    assert set(summary["reward_last"]) == {"accuracy", "cultural_value", "safety", "fluency", "rule_length", "rule_banned_terms"}
+    assert summary["steps"] == 3 and summary["used"]["reward_model"]["stage"] == "reward", summary

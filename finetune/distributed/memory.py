@@ -111,6 +111,10 @@ def estimate(recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, s
     offload_params = (zero is not None and zero.offload_params != "none") or fsdp_offload
     own_shard = 0 if offload_params else full / world_size
     weights = 2 * layer + own_shard if sharded else full  # sharded: own slice + two layers gathered for use
+    copies = config.models_in_memory() if hasattr(config, "models_in_memory") else 1
+    if copies > 1:  # e.g. rlhf: the reward model is a second copy of the base (not sharded: it only scores)
+        weights += (copies - 1) * full
+        notes.append(f"{config.stage_name}: {copies} copies of the base model in memory (the policy and the reward model)")
 
     # the adapter, its gradients and optimiser states (only LoRA trains)
     trainable = estimate_lora_parameters(_config_dict(shape), lora) or 0

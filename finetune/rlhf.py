@@ -1,0 +1,195 @@
+"""The `rlhf` stage's work: prompts, reward functions (one per reward-model dimension, plus rules), TRL's GRPOTrainer.
+
+TRL's GRPOTrainer reads a model reward at `logits[:, 0]` and cannot take an unmerged PeftModel as a reward
+model, so each dimension of the trained reward model is a plain reward function instead, named after its
+dimension (TRL logs `rewards/<dimension>/mean`). The functions share one `RewardScorer`: the first of them
+scores a batch of answers on every dimension at once, the others read their column. Generation on CPU is
+transformers' `generate` (no vLLM).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.errors import DataError, WenmaiError
+from finetune.stages.base import StageContext, StageResult
+from reward.rules import completion_text, rule_functions
+
+
+def train_and_save(ctx: StageContext) -> StageResult:
+    """Sample, score, update; save the adapter; summarise rewards per dimension, KL and answer length."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from finetune.policy import drop_fresh_reference, load_policy, save_policy
+    from finetune.tracking import jsonl_callback
+    from finetune.training import build_training_args
+
+    config, recipe = ctx.config, ctx.recipe
+    policy = load_policy(ctx)
+    prompts, prompt_stats = load_prompts(ctx, policy.tokenizer)
+    rewards = build_rewards(ctx, device=next(policy.model.parameters()).device)
+    args = build_training_args(
+        GRPOConfig, config, recipe, ctx.stage_dir, ctx.run_dir.name, has_eval=False,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length, beta=config.beta,
+        temperature=config.temperature, scale_rewards=config.scale_rewards, reward_weights=rewards.weights,
+        disable_dropout=True,  # the same answer must get the same log-prob from policy and reference
+    )
+    trainer = GRPOTrainer(
+        model=policy.model, reward_funcs=rewards.functions, args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=policy.tokenizer,
+        callbacks=[jsonl_callback(ctx.run_dir.metrics_path(config.stage_name), config.stage_name)],
+    )
+    drop_fresh_reference(trainer, policy)
+    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    outputs = save_policy(trainer, ctx, policy)
+    summary = summarise(trainer.state.log_history, result.metrics, rewards.names, trainer.state.global_step)
+    summary.update(prompts=prompt_stats, reward_functions=dict(zip(rewards.names, rewards.weights, strict=True)),
+                   used={"policy": policy.source, "reward_model": rewards.source})
+    return StageResult(outputs=outputs, summary=summary)
+
+
+class Rewards:
+    """The reward functions for GRPOTrainer, their weights (`reward_weights`), names, and the reward model used."""
+
+    def __init__(self) -> None:
+        self.functions: list[Any] = []
+        self.weights: list[float] = []
+        self.source: dict | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [f.__name__ for f in self.functions]
+
+    def add(self, function: Any, weight: float) -> None:
+        self.functions.append(function)
+        self.weights.append(float(weight))
+
+
+def build_rewards(ctx: StageContext, device: Any = None) -> Rewards:
+    """A reward function per dimension of the wired reward model (weights normalised to sum 1), then the rules."""
+    config = ctx.config
+    rewards = Rewards()
+    folder = ctx.inputs.get("reward_model", {}).get("reward_model")
+    if folder is not None:
+        from finetune.policy import relative_to_run
+        from reward.score import RewardScorer
+
+        scorer = RewardScorer.from_stage(folder)
+        if device is not None:
+            scorer.model.to(device)
+        weights = dimension_weights(config, scorer.card, folder)
+        shared = SharedScores(scorer)
+        for name, weight in weights.items():
+            rewards.add(DimensionReward(shared, name), weight)
+        rewards.source = {"stage": _wired(ctx, "reward_model"), "reward_model": relative_to_run(folder, ctx.run_dir.root),
+                          "dimensions": scorer.dimensions}
+    for function, weight in rule_functions(config.rules):
+        rewards.add(function, weight)
+    if not rewards.functions:
+        raise WenmaiError(f"stage {config.stage_name!r}: nothing rewards the answers; name a reward stage in reward_model or set rules")
+    return rewards
+
+
+def dimension_weights(config: Any, card: Any, folder: str) -> dict[str, float]:
+    """Each reward-model dimension's weight, normalised to sum 1: the stage's `weights`, else the trained ones."""
+    dimensions = card.names
+    if config.weights is None:
+        given = {d.name: d.weight for d in card.dimensions}
+    else:
+        unknown = [name for name in config.weights if name not in dimensions]
+        if unknown:
+            raise WenmaiError(
+                f"stages.{config.stage_name}.weights: the reward model in {folder} has no dimension "
+                f"{', '.join(repr(n) for n in unknown)}; its dimensions are {', '.join(dimensions)}"
+            )
+        given = {name: config.weights.get(name, 0.0) for name in dimensions}
+    total = sum(given.values())
+    if total <= 0:
+        raise WenmaiError(f"stages.{config.stage_name}.weights: every dimension weighs 0; give at least one a weight above 0")
+    return {name: weight / total for name, weight in given.items()}
+
+
+class SharedScores:
+    """Scores every dimension of a batch of answers once; each dimension's reward function reads its column."""
+
+    def __init__(self, scorer: Any):
+        self.scorer = scorer
+        self._key: tuple | None = None
+        self._scores: dict[str, list[float]] = {}
+
+    def get(self, prompts: list, completions: list) -> dict[str, list[float]]:
+        texts = [completion_text(c) for c in completions]
+        key = (repr(prompts), tuple(texts))
+        if key != self._key:
+            prompt_messages = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+            self._scores = self.scorer.score(prompt_messages, texts)
+            self._key = key
+        return self._scores
+
+
+class DimensionReward:
+    """One reward-model dimension as a GRPO reward function; its `__name__` is the dimension (TRL's metric name)."""
+
+    def __init__(self, shared: SharedScores, dimension: str):
+        self.shared = shared
+        self.dimension = dimension
+        self.__name__ = dimension
+
+    def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
+        return self.shared.get(prompts, completions)[self.dimension]
+
+
+def load_prompts(ctx: StageContext, tokenizer: Any) -> tuple[list[list[dict]], dict[str, int]]:
+    """Distinct prompt conversations from the stage's dataset, without those longer than `max_prompt_length`."""
+    from finetune.data import load_records
+    from finetune.data.chat import render, to_messages
+    from finetune.data.preference import prompt_key, prompt_messages
+
+    config, recipe = ctx.config, ctx.recipe
+    section = recipe.data[config.dataset]
+    records = load_records(recipe, config.dataset, ctx.stage_dir).records
+    prompts: dict[str, list[dict]] = {}
+    for record in records:
+        if section.format in ("chat", "instruction"):
+            messages = to_messages(record, section.format, section.system_prompt)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            messages = messages[:last]
+        else:
+            messages = prompt_messages(record["prompt"])
+        if messages and messages[-1]["role"] == "user":
+            prompts.setdefault(prompt_key(messages), messages)
+    kept, too_long = [], 0
+    for messages in prompts.values():
+        length = len(tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        if length > config.max_prompt_length:
+            too_long += 1
+        else:
+            kept.append(messages)
+    if not kept:
+        raise DataError(f"dataset {config.dataset!r}: no prompt fits max_prompt_length ({config.max_prompt_length} tokens; "
+                        f"{too_long} longer ones left out)")
+    return kept, {"records": len(records), "prompts": len(kept), "too_long_left_out": too_long}
+
+
+def summarise(history: list[dict], train_metrics: dict, names: list[str], steps: int) -> dict[str, Any]:
+    """Per reward function the mean reward at the first and last logged step, the weighted reward, KL, answer length."""
+    rows = [row for row in history if "reward" in row]
+    summary: dict[str, Any] = {"steps": steps}
+    if rows:
+        first, last = rows[0], rows[-1]
+        summary["reward_first"] = {n: round(first[f"rewards/{n}/mean"], 4) for n in names if f"rewards/{n}/mean" in first}
+        summary["reward_last"] = {n: round(last[f"rewards/{n}/mean"], 4) for n in names if f"rewards/{n}/mean" in last}
+        summary.update(weighted_reward_first=round(first["reward"], 4), weighted_reward_last=round(last["reward"], 4))
+        if "kl" in last:
+            summary["kl_last"] = round(last["kl"], 5)
+        if "completions/mean_length" in last:
+            summary["completion_length_last"] = round(last["completions/mean_length"], 1)
+    summary.update(train_runtime_s=round(train_metrics.get("train_runtime", 0.0), 2))
+    return summary
+
+
+def _wired(ctx: StageContext, field_name: str) -> str | None:
+    from finetune.recipe import wiring
+
+    return wiring(ctx.recipe)[0][ctx.config.stage_name].get(field_name)

@@ -1,0 +1,156 @@
+"""Stage `dpo`: preference optimisation of the policy adapter with TRL's DPOTrainer (sigmoid, IPO, hinge, ... losses).
+
+The policy is the adapter of the stage named by `policy:` (default: the latest earlier stage with one, SFT
+usually); it keeps training and is saved as one complete adapter (`adapter/`, SFT delta included), so
+`merge` and `evaluate` read it like any other. The reference is a frozen copy of that adapter (see
+`finetune/preference.py` for why). `PreferenceOptions` is shared with the `kto` and `orpo` stages; the work
+is in `finetune/preference.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from finetune.stages.base import (
+    StageContext,
+    StageResult,
+    TrainingOptions,
+    dataset_field,
+    dimension_field,
+    input_field,
+)
+
+PREFERENCE_FORMATS = ("pairs", "ratings", "tiers")
+
+
+class PreferenceOptions(TrainingOptions):
+    """Options every preference stage (dpo, kto, orpo) has."""
+
+    produces: ClassVar[tuple[str, ...]] = ("adapter", "tokenizer")
+    sequences_per_example: ClassVar[int] = 2  # chosen and rejected (memory estimate)
+    uses_reference: ClassVar[bool] = True
+
+    policy: str | None = input_field(
+        "adapter", "Stage whose adapter keeps training (default: the latest earlier stage producing one, usually sft); "
+        "`base`: a fresh adapter on the base model.", special=("base",))
+    dataset: str = dataset_field(PREFERENCE_FORMATS, "Preference data: a `pairs`, `ratings` or `tiers` dataset (a name in `data`).")
+    eval_dataset: str | None = dataset_field(PREFERENCE_FORMATS, "Held-out preference data for reward margins and accuracy.",
+                                             required=False)
+    eval_fraction: float | None = Field(
+        None, ge=0, lt=0.5,
+        description="Hold out this share of the prompts (with all their pairs) for held-out margins; default 0.1 unless "
+        "eval_dataset is set; 0 turns evaluation off.",
+    )
+    pairs_on: str = dimension_field(
+        "What a pair judges: `total` (ratings compared on the recipe's weighted total; every pairs/tiers record) or one "
+        "reward dimension (ratings compared on it; pairs/tiers records judging another dimension are left out).",
+        default="total",
+    )
+    seq_len: int = Field(512, gt=0, description="Tokens per prompt + response; longer responses lose their end, pairs "
+                                                "whose prompt alone fills it are left out (counted).")
+    batch_size: int = Field(4, ge=1, description="Pairs per device per micro-batch (each pair is two sequences).")
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate; preference tuning of a LoRA adapter "
+                                                          "wants less than SFT (TRL's 1e-6 default is for full fine-tuning).")
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference: higher stays closer to it "
+                                               "(for ipo it is τ; for orpo the weight λ of the odds-ratio term).")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.eval_dataset and self.eval_fraction:
+            return [("eval_fraction", "set either eval_dataset or eval_fraction, not both")]
+        return []
+
+    def adapters_on_base(self) -> int:
+        """The policy adapter, plus its frozen copy as the reference when the policy starts from an adapter."""
+        return 2 if self.uses_reference and self.policy != "base" else 1
+
+    def precompute(self, train_examples: int, examples_per_step: int) -> bool:
+        """Whether the reference log-probs are precomputed (auto: when training sees every example at least once)."""
+        setting = getattr(self, "precompute_ref_log_probs", False)
+        if setting == "auto":
+            return self.max_steps == -1 or self.max_steps * examples_per_step >= train_examples
+        return bool(setting)
+
+
+class Config(PreferenceOptions):
+    """Preference optimisation (DPO and its loss variants) of the policy adapter against a frozen reference (TRL DPOTrainer)."""
+
+    kind: ClassVar[str] = "dpo"
+
+    loss_type: str | list[str] = Field(
+        "sigmoid",
+        description="TRL DPO loss, or a list mixed with `loss_weights`: sigmoid (DPO), ipo, hinge, robust, exo_pair, "
+        "nca_pair, bco_pair, sppo_hard, aot, apo_zero, apo_down, discopop, sft, ... (checked against the installed TRL).",
+    )
+    loss_weights: list[float] | None = Field(None, description="Weight of each loss in `loss_type` (default: 1 each).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="robust: share of labels assumed flipped; exo_pair: its ε (needs > 0, 1e-3 typical).")
+    precompute_ref_log_probs: bool | Literal["auto"] = Field(
+        "auto",
+        description="Compute the reference log-probs of every pair once before training instead of in every step (fast "
+        "path); auto: on when training passes over every pair at least once, off for a few steps on a large set, "
+        "where that pass would cost more than it saves.",
+    )
+    precompute_batch_size: int | None = Field(None, ge=1, description="Pairs per forward pass when precomputing (default: batch_size).")
+    liger_kernel: bool = Field(
+        False, description="Liger's Triton kernels for the model's layers (RMSNorm, RoPE, SwiGLU); needs CUDA and "
+        "liger-kernel (the `gpu` extra).",
+    )
+
+    def check(self) -> list[tuple[str, str]]:
+        from finetune.trl_choices import loss_types
+
+        problems = super().check()
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        known = loss_types("dpo")
+        for name in names:
+            if name not in known:
+                problems.append(("loss_type", unknown_choice(name, known, "DPO loss")))
+        if not names:
+            problems.append(("loss_type", "give at least one loss, e.g. sigmoid"))
+        if self.loss_weights is not None and len(self.loss_weights) != len(names):
+            problems.append(("loss_weights", f"{len(self.loss_weights)} weights for {len(names)} losses in loss_type; "
+                                             "give one weight per loss"))
+        if "exo_pair" in names and self.label_smoothing == 0:
+            problems.append(("label_smoothing", "exo_pair needs label_smoothing > 0 (its ε; the EXO paper uses 1e-3)"))
+        return problems
+
+    def machine_problems(self) -> list[str]:
+        """What this machine lacks for the options chosen (pre-flight: a warning in validate, an error in run)."""
+        return liger_problems(self.stage_name) if self.liger_kernel else []
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Train the policy adapter on preference pairs and save it (one complete adapter) into the stage folder."""
+    from finetune.preference import train_and_save
+
+    return train_and_save(ctx, "dpo")
+
+
+def unknown_choice(name: str, known: list[str], what: str) -> str:
+    """`unknown ... 'x'; did you mean y? the installed TRL accepts: ...`"""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        trl = f"TRL {version('trl')}"
+    except PackageNotFoundError:
+        trl = "TRL"
+    guess = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean {guess[0]}? " if guess else ""
+    return f"unknown {what} {name!r}; {hint}the installed {trl} accepts: {', '.join(known)}"
+
+
+def liger_problems(stage: str) -> list[str]:
+    """Liger kernels need a CUDA GPU and the liger-kernel package."""
+    problems = []
+    if importlib.util.find_spec("liger_kernel") is None:
+        problems.append(f"stage {stage!r}: liger_kernel needs the liger-kernel package: pip install 'wenmai[gpu]' "
+                        "(or set liger_kernel: false)")
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"stage {stage!r}: liger_kernel needs a CUDA GPU (its kernels are Triton); set liger_kernel: false on CPU")
+    return problems

@@ -1,0 +1,158 @@
+"""The rlhf stage: GRPO moves the policy towards what the rewards prefer; rule rewards; reward-model dimensions."""
+
+from __future__ import annotations
+
+import random
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from tiny_models import build_model, write_jsonl
+
+from finetune.config_io import load_recipe
+from finetune.errors import WenmaiError
+from finetune.pipeline import start
+from reward.rules import BannedTermsRule, FormatRule, LengthRule, RuleRewards, banned_pattern, rule_functions
+
+WORDS = ["poem", "museum", "bronze", "tang", "song", "dynasty", "palace", "silk", "tea", "scroll"]
+
+
+def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
+    """SFT on answers where ZZZ is rare, then GRPO with a format rule rewarding ZZZ: samples use it far more often."""
+    model_dir = build_model(tmp_path / "model", initializer_range=0.5)
+    rng = random.Random(0)
+    rows = []
+    for i in range(64):
+        words = [rng.choice(WORDS) for _ in range(4)]
+        if rng.random() < 0.25:
+            words.insert(rng.randrange(5), "ZZZ")
+        rows.append({"messages": [{"role": "user", "content": f"Tell me about item {i}."},
+                                  {"role": "assistant", "content": " ".join(words)}]})
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    recipe = tmp_path / "grpo.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: grpo
+        model: {{path: {model_dir}}}
+        lora: {{r: 8, alpha: 16, dropout: 0.0}}
+        data:
+          d: {{path: {data}, format: chat}}
+        stages:
+          - sft: {{dataset: d, max_steps: 40, batch_size: 8, learning_rate: 0.03, warmup: 0, seq_len: 64, save_steps: 100}}
+          - rlhf: {{dataset: d, reward_model: none, rules: {{format: {{pattern: ZZZ, weight: 1}}}}, beta: 0, max_steps: 8,
+                    batch_size: 16, num_generations: 8, max_completion_length: 8, learning_rate: 0.01, warmup: 0,
+                    lr_scheduler: constant, save_steps: 100}}
+        output: {{root: {tmp_path / 'runs'}}}
+        """), encoding="utf-8")
+    run_dir = start(load_recipe(recipe), tmp_path / "runs" / "grpo", log=lambda _: None)
+    before = marker_share(model_dir, run_dir.output("sft", "adapter"))
+    after = marker_share(model_dir, run_dir.output("rlhf", "adapter"))
+    assert after > before + 0.2, (before, after)
+    summary = run_dir.status("rlhf").summary
+    assert summary["reward_last"]["rule_format"] > summary["reward_first"]["rule_format"]
+    assert summary["used"]["policy"]["stage"] == "sft" and summary["used"]["reward_model"] is None
+
+
+def marker_share(model_dir: Path, adapter: Path, marker: str = "ZZZ") -> float:
+    """Share of sampled answers (fixed seed, unseen prompts) that contain the marker."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter)).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about item {i}."}], tokenize=False,
+                                             add_generation_prompt=True) for i in range(100, 132)]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(**encoded, do_sample=True, max_new_tokens=8, num_return_sequences=4,
+                             pad_token_id=tokenizer.pad_token_id)
+    texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(marker in t for t in texts) / len(texts)
+
+
+# --- rule rewards ----------------------------------------------------------------------------
+
+def call(function, answers: list[str]) -> list[float]:
+    return function(prompts=[[{"role": "user", "content": "q"}]] * len(answers),
+                    completions=[[{"role": "assistant", "content": a}] for a in answers])
+
+
+def test_banned_terms_match_whole_latin_words_and_any_cjk(tmp_path):
+    terms = tmp_path / "banned.txt"
+    terms.write_text("# institution list\nprimitive\nass  # a short word\n蛮夷\n\n", encoding="utf-8")
+    [(function, weight)] = rule_functions(RuleRewards(banned_terms=BannedTermsRule(path=str(terms))))
+    assert function.__name__ == "rule_banned_terms" and weight == 1.0
+    assert call(function, ["A PRIMITIVE tool.", "This class of bronze.", "古称蛮夷之地", "Ass."]) == [-1.0, 0.0, -1.0, -1.0]
+    assert banned_pattern(["a+b"]).search("x a+b y")  # terms are literal text, not patterns
+
+
+def test_length_and_format_rules(tmp_path):
+    rules = RuleRewards(length=LengthRule(min_chars=4, max_chars=10), format=FormatRule(pattern=r"出处[:：]"))
+    (length, _), (fmt, fmt_weight) = rule_functions(rules)
+    assert [length.__name__, fmt.__name__] == ["rule_length", "rule_format"] and fmt_weight == 0.5
+    assert call(length, ["ab", "abcdef", "a" * 15, "a" * 40]) == [-0.5, 0.0, -0.5, -1.0]
+    assert call(fmt, ["李白。出处：《静夜思》", "李白。"]) == [1.0, 0.0]
+    assert fmt(prompts=["q"], completions=["出处: x"]) == [1.0]  # plain-text completions too
+
+
+def test_empty_banned_terms_file_is_an_error(tmp_path):
+    terms = tmp_path / "banned.txt"
+    terms.write_text("# nothing yet\n", encoding="utf-8")
+    with pytest.raises(WenmaiError, match="banned.txt lists no terms"):
+        rule_functions(RuleRewards(banned_terms=BannedTermsRule(path=str(terms))))
+
+
+# --- reward-model dimensions -----------------------------------------------------------------
+
+class FakeScorer:
+    """Scores like a RewardScorer and counts its calls."""
+
+    dimensions = ["accuracy", "safety"]
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def score(self, prompts, responses):
+        self.calls += 1
+        return {"accuracy": [float(len(r)) for r in responses], "safety": [-1.0 for _ in responses], "total": [0.0 for _ in responses]}
+
+
+def test_dimension_rewards_score_each_batch_once_and_read_their_column():
+    from finetune.rlhf import DimensionReward, SharedScores
+
+    scorer = FakeScorer()
+    shared = SharedScores(scorer)
+    accuracy, safety = DimensionReward(shared, "accuracy"), DimensionReward(shared, "safety")
+    assert (accuracy.__name__, safety.__name__) == ("accuracy", "safety")  # TRL logs rewards/<dimension>/mean
+    assert call(accuracy, ["abc", "a"]) == [3.0, 1.0] and call(safety, ["abc", "a"]) == [-1.0, -1.0]
+    assert scorer.calls == 1
+    call(safety, ["different"])
+    assert scorer.calls == 2
+
+
+def card(weights: dict[str, float]):
+    from finetune.recipe import RewardDimension
+
+    dims = [RewardDimension(name=n, weight=w) for n, w in weights.items()]
+    return SimpleNamespace(names=[d.name for d in dims], dimensions=dims)
+
+
+def test_dimension_weights_default_to_the_trained_ones_normalised():
+    from finetune.rlhf import dimension_weights
+
+    config = SimpleNamespace(weights=None, stage_name="rlhf")
+    assert dimension_weights(config, card({"accuracy": 1, "safety": 3}), "rm") == {"accuracy": 0.25, "safety": 0.75}
+    config.weights = {"safety": 2}
+    assert dimension_weights(config, card({"accuracy": 1, "safety": 3}), "rm") == {"accuracy": 0.0, "safety": 1.0}
+
+
+def test_weights_naming_a_dimension_the_reward_model_lacks_are_refused():
+    from finetune.rlhf import dimension_weights
+
+    config = SimpleNamespace(weights={"cultural_value": 1.0}, stage_name="rlhf")
+    with pytest.raises(WenmaiError) as info:
+        dimension_weights(config, card({"accuracy": 1, "safety": 1}), "runs/x/reward/reward_model")
+    assert str(info.value).startswith("stages.rlhf.weights: the reward model in runs/x/reward/reward_model has no "
+                                      "dimension 'cultural_value'; its dimensions are accuracy, safety")
