@@ -127,11 +127,12 @@ def _strides(mode: str, layers: int, every: int | None) -> list[int]:
 
 def footprint(
     recipe: Recipe, config: Any, shape: Shape, world_size: int = 1, bf16: bool = True,
-    fused_head: bool = False, liger: bool = False, qlora_upcast: bool = True,
+    head: str = "full", liger: bool = False, qlora_upcast: bool = True,
 ) -> Footprint:
     """Per-token memory parts of a trainer stage, from `finetune.distributed.memory.estimate`.
 
-    `fused_head`: the trainer projects the LM head in tiles (TRL's SFTTrainer), so logits never exist whole.
+    `head`: full (whole logits over the vocabulary), fused (TRL's SFTTrainer projects the LM head in tiles, so
+    logits never exist whole), or none (a score head: a few numbers per sequence).
     `liger`: Liger's SwiGLU and RMSNorm keep less per layer. `qlora_upcast`: nf4/int8 norms and embeddings
     are upcast to fp32 (PEFT's `prepare_model_for_kbit_training`); without it they stay in the compute dtype.
     """
@@ -152,9 +153,11 @@ def footprint(
     if recipe.model.quantization != "none" and not qlora_upcast and not shards_weights(recipe.distributed):
         kept = {"float32": 4, "bfloat16": 2, "float16": 2}.get(recipe.model.dtype, 2 if bf16 else 4)
         fixed -= shape.other_params * (4 - kept)  # norms and embeddings stay in the compute dtype, not fp32
-    if fused_head:
+    if head == "fused":
         rows, columns = LOGPROB_TILE
         per_token, cap = min(shape.vocab, columns) * 4 * 2 + shape.hidden * 4, rows
+    elif head == "none":
+        per_token, cap = 0.0, None
     else:
         per_token, cap = plain.parts["logits"] / tokens, None
     return Footprint(fixed, layer, boundary, per_token, cap, shape.layers)

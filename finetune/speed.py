@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 # head in tiles (trl.trainer.utils.add_fused_lm_head) and refuses Liger's, and a reward model has no LM head.
 LIGER_KERNELS = {"rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
 GIB = 1024**3
+HEADS = {"sft": "fused", "reward": "none"}  # how each stage's trainer scores tokens (memory of its head, autotune)
 
 
 class SpeedOptions(BaseModel):
@@ -156,7 +157,7 @@ def plan(config: Any, recipe: Recipe, machine: Machine, shape: Shape | None = No
         from finetune.autotune import choose, footprint
 
         sizes = None if options.batch == "auto" and per_device else [config.batch_size]
-        needs = footprint(recipe, config, shape, world_size, machine.bf16, fused_head=config.kind == "sft", liger=liger,
+        needs = footprint(recipe, config, shape, world_size, machine.bf16, head=HEADS.get(config.kind, "full"), liger=liger,
                           qlora_upcast=options.qlora_upcast)
         choice = choose(needs, _tokens_per_example(config), per_device or config.batch_size * config.gradient_accumulation,
                         budget(options, machine), modes, sizes, options.checkpoint_every)
