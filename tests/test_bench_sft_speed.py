@@ -42,3 +42,10 @@ def test_qlora_benchmark_on_cpu_says_what_it_needs(monkeypatch, capsys, tmp_path
     rows, out = run(monkeypatch, capsys, tmp_path, "--workload", "qlora")
     assert [r["config"] for r in rows] == ["hf-qlora-naive-b1", "wenmai-qlora"]
     assert all(r["skipped"] == "nf4 needs a CUDA GPU and bitsandbytes" for r in rows)
+
+
+def test_each_configuration_can_run_in_its_own_process(monkeypatch, capsys, tmp_path):
+    """The GPU path: a worker process per configuration (a clean peak), its result read back."""
+    rows, _ = run(monkeypatch, capsys, tmp_path, "--configs", "wenmai", "--steps", "1", "--warmup", "1", "--isolate")
+    assert [r["config"] for r in rows] == ["wenmai"]
+    assert rows[0]["tokens_per_s"] > 0 and len(rows[0]["losses"]) == 2, rows

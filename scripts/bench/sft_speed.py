@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--configs", help="comma-separated subset (default: the workload's)")
     parser.add_argument("--workdir", type=Path, help="keep the model and outputs here (default: a temp folder)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: by GPU name)")
+    parser.add_argument("--isolate", action="store_true", help="each configuration in its own process (always on a GPU)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -99,7 +100,7 @@ def run_all(args: argparse.Namespace) -> list[dict]:
         else:
             spec["budget"] = options.get("budget", 0.85)
         skip = skip_reason(spec, cuda)
-        result = {"config": name, "skipped": skip} if skip else (isolated(spec, workdir) if cuda else measure(spec))
+        result = {"config": name, "skipped": skip} if skip else (isolated(spec, workdir) if cuda or args.isolate else measure(spec))
         result.update(compare(result, reference))
         print(json.dumps(result), flush=True)
         results.append(result)
@@ -124,12 +125,15 @@ def isolated(spec: dict, workdir: Path) -> dict:
     """Run one configuration in a fresh process (its own peak memory); errors become a result row."""
     path = workdir / f"{spec['name']}.spec.json"
     path.write_text(json.dumps(spec), encoding="utf-8")
-    done = subprocess.run([sys.executable, __file__, "--worker", str(path)], capture_output=True, text=True)
+    log = path.with_suffix(".log")
+    with log.open("w", encoding="utf-8") as stream:
+        done = subprocess.run([sys.executable, __file__, "--worker", str(path)], stdout=stream, stderr=subprocess.STDOUT)
     out = path.with_suffix(".out.json")
     if done.returncode == 0 and out.is_file():
         return json.loads(out.read_text(encoding="utf-8"))
-    tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-    return {"config": spec["name"], "error": " | ".join(tail) or f"exit code {done.returncode}"}
+    lines = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    print("\n".join(lines[-40:]), file=sys.stderr, flush=True)  # the traceback, into the run's log
+    return {"config": spec["name"], "error": (lines[-1] if lines else "") + f" (exit code {done.returncode}; log {log})"}
 
 
 def measure(spec: dict) -> dict:
