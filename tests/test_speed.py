@@ -65,6 +65,12 @@ def test_a_tight_budget_buys_memory_with_checkpointing_and_smaller_micro_batches
     assert plan.checkpointing != "off" and default.checkpointing == "off"
 
 
+def test_offload_on_cpu_runs_as_full_checkpointing(write_recipe, tiny_model, chat_file, tmp_path):
+    recipe = load(write_recipe, tiny_model, chat_file, tmp_path, overrides=["stages.sft.speed.checkpointing=offload"])
+    plan = speed.plan_for(recipe.stage_configs()[0], recipe, speed.Machine())
+    assert plan.checkpointing == "full" and "host memory already" in plan.reasons["checkpointing"]
+
+
 def test_batch_fixed_keeps_the_split_as_written(write_recipe, chat_file, tmp_path):
     recipe = eight_b(write_recipe, chat_file, tmp_path, sft=", gradient_accumulation: 2, speed: {batch: fixed, memory_budget: 21}")
     plan = speed.plan(recipe.stage_configs()[0], recipe, H100, LLAMA_8B, "llama")
