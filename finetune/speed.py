@@ -55,7 +55,8 @@ class SpeedOptions(BaseModel):
         "off on CPU; on a GPU the fastest choice whose memory estimate fits `memory_budget`.",
     )
     checkpoint_every: int | None = Field(
-        None, ge=2, description="selective: checkpoint every this many layers (default: the fewest that fit the budget)."
+        None, ge=2, description="selective: checkpoint every this many layers (default: on a GPU the largest stride that "
+        "fits the budget, else 2)."
     )
     compile: bool = Field(False, description="torch.compile the model (compiling takes minutes on CPU).")
     batch: Literal["auto", "fixed"] = Field(

@@ -82,7 +82,7 @@ class TrainingOptions(StageConfig):
         "auto", description="Mixed precision; auto is bf16 on a GPU that supports it, else fp32."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="Recompute activations to save memory; auto is on with CUDA, off on CPU."
+        "auto", description="Recompute activations to save memory (true: every layer); auto leaves it to speed.checkpointing."
     )
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
