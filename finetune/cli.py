@@ -44,6 +44,7 @@ def validate(
     from finetune.config_io import load_recipe
     from finetune.distributed.preflight import check
     from finetune.pipeline import check_data, preflight
+    from finetune.speed import plan_lines as speed_plan_lines
 
     loaded = load_recipe(recipe, set_ or [])
     out.print("[bold]Resolved recipe[/] (each value's origin after #)")
@@ -55,6 +56,8 @@ def validate(
         console.print(f"[yellow]warning:[/] {problem}")
     report = check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, with_estimates=True)
     show_report(report, planning=True)
+    for line in speed_plan_lines(loaded.recipe):
+        out.print(f"[bold]speed on this machine[/] {line}", highlight=False)
     out.print("[green]recipe is valid[/]")
 
 

@@ -179,12 +179,17 @@ def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_s
     )
 
 
-def attach_new_adapter(model, section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
-    """Wrap the base model with a fresh trainable LoRA adapter."""
+def attach_new_adapter(model, section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
+                       kbit_upcast: bool = True):
+    """Wrap the base model with a fresh trainable LoRA adapter.
+
+    `kbit_upcast`: on a quantized model, run PEFT's `prepare_model_for_kbit_training` (norms and embeddings to
+    fp32); without it they stay in the compute dtype (`speed.qlora_upcast`: less memory, no fp32 LM head).
+    """
     from peft import get_peft_model
 
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if quantized and not _shards_weights():
+    if quantized and kbit_upcast and not _shards_weights():
         # its fp32 upcast of norms and embeddings would mix dtypes in ZeRO-3 / FSDP shards: skipped there
         from peft import prepare_model_for_kbit_training
 

@@ -63,9 +63,10 @@ def preflight(recipe: Recipe, world_size: int = 1, distributed: bool = True) -> 
     and (with `distributed`) the errors of the compatibility check: recipe x installed versions x this machine."""
     from finetune.distributed.preflight import check
     from finetune.model import check_hardware, resolve_source
+    from finetune.speed import machine_problems_here as speed_machine_problems
     from finetune.tracking import check_backends
 
-    problems = check_hardware(recipe.model) + check_backends(recipe.tracking)
+    problems = check_hardware(recipe.model) + check_backends(recipe.tracking) + speed_machine_problems(recipe)
     problems += [p for c in recipe.stage_configs() for p in (c.machine_problems() if hasattr(c, "machine_problems") else [])]
     try:
         resolve_source(recipe.model, convert=False)

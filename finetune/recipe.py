@@ -22,6 +22,7 @@ from pydantic import (
 
 from finetune.data.policy import DataPolicy, RecordMetadata
 from finetune.errors import Problem
+from finetune.speed import problems as speed_problems
 from finetune.stages import STAGES
 from finetune.stages.base import StageConfig
 
@@ -437,6 +438,7 @@ def cross_checks(recipe: Recipe) -> list[Problem]:
         problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
                                                       "quantize the converted folder instead, or set quantization: none"))
     problems += [Problem(f"distributed.{field}", message) for field, message in recipe.distributed.check()]
+    problems += speed_problems(recipe)
     problems += wiring(recipe)[1]
     return problems
 

@@ -57,8 +57,10 @@ def train(ctx: StageContext) -> TrainedRewardModel:
     from trl import RewardConfig
 
     from finetune import model as model_path
+    from finetune import speed
     from finetune.data.chat import end_of_turn_ids
     from finetune.data.template import template_contract
+    from finetune.distributed.ranks import current
     from finetune.tracking import jsonl_callback
     from finetune.training import build_training_args
     from reward.model import choose_pad_token
@@ -72,13 +74,17 @@ def train(ctx: StageContext) -> TrainedRewardModel:
     choose_pad_token(tokenizer, stop_ids)
     data = prepare(ctx, tokenizer)
 
+    speed_plan = speed.plan_for(config, recipe, world_size=current().world_size)
+    change = speed.changes(speed_plan, config, RewardConfig, recipe)
     set_seed(config.seed)  # the score head and the adapter start random: same seed, same run
     model = model_path.load_model(recipe.model, source, task="sequence-classification", num_labels=len(dimensions),
                                   pad_token_id=tokenizer.pad_token_id)
-    model = model_path.attach_new_adapter(model, recipe.lora, task_type="SEQ_CLS")  # PEFT adds `score` to modules_to_save
+    # PEFT adds `score` to modules_to_save
+    model = model_path.attach_new_adapter(model, recipe.lora, task_type="SEQ_CLS", **change.adapter)
     args = build_training_args(
-        RewardConfig, config, recipe, ctx.stage_dir, ctx.run_dir.name, has_eval=bool(data.eval_rows),
-        max_length=None, center_rewards_coefficient=config.center_rewards_coefficient,
+        RewardConfig, config.model_copy(update=change.options), recipe, ctx.stage_dir, ctx.run_dir.name,
+        has_eval=bool(data.eval_rows), max_length=None, center_rewards_coefficient=config.center_rewards_coefficient,
+        **change.trainer,
     )
     from datasets import Dataset
 
@@ -94,7 +100,8 @@ def train(ctx: StageContext) -> TrainedRewardModel:
         weights=[d.weight for d in dimensions],
     )
     # transformers evaluates after the last step too, so the summary has held-out accuracy before and after
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    with speed.kernel_scope(speed_plan, trainer.model):
+        result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     trainer.model.eval()
     card = RewardModelCard(
         dimensions=dimensions, base_model=recipe.model.model_dump(mode="json"), seq_len=config.seq_len,

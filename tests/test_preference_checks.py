@@ -178,3 +178,9 @@ def test_rlhf_memory_estimate_counts_the_reward_model_as_a_second_base(recipe_wi
     rules_only = estimate(recipe, recipe.stage("rules_only"), 1, 1, shape)
     assert with_reward_model.parts["weights"] == 2 * rules_only.parts["weights"]
     assert any("2 copies of the base model" in note for note in with_reward_model.notes)
+
+
+def test_a_speed_section_on_a_stage_that_does_not_run_it_is_refused(recipe_with):
+    path = recipe_with("- dpo: {dataset: p, policy: base, speed: {liger: true}}\n")
+    [problem] = [p for p in problems_of(path) if ".speed" in p]
+    assert "stages[0].dpo.speed" in problem and "precompute_ref_log_probs" in problem

@@ -38,12 +38,15 @@ def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
         data:
           d: {{path: {data}, format: chat}}
         stages:
-          - sft: {{dataset: d, max_steps: 40, batch_size: 8, learning_rate: 0.03, warmup: 0, seq_len: 64, save_steps: 100}}
+          - sft: {{dataset: d, max_steps: 40, batch_size: 8, learning_rate: 0.03, warmup: 0, seq_len: 64, save_steps: 100,
+                   speed: {{padding_free: false}}}}
           - rlhf: {{dataset: d, reward_model: none, rules: {{format: {{pattern: ZZZ, weight: 1}}}}, beta: 0, max_steps: 8,
                     batch_size: 16, num_generations: 8, max_completion_length: 8, learning_rate: 0.01, warmup: 0,
                     lr_scheduler: constant, save_steps: 100}}
         output: {{root: {tmp_path / 'runs'}}}
         """), encoding="utf-8")
+    # the SFT stage runs the plain padded path: the threshold below was calibrated on the policy it produces
+    # (padding-free SFT on CPU reaches a slightly different starting policy after 40 steps at this learning rate)
     run_dir = start(load_recipe(recipe), tmp_path / "runs" / "grpo", log=lambda _: None)
     before = marker_share(model_dir, run_dir.output("sft", "adapter"))
     after = marker_share(model_dir, run_dir.output("rlhf", "adapter"))

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.speed import SpeedOptions
+
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
     from finetune.run_dir import RunDir
@@ -61,6 +63,8 @@ class StageConfig(BaseModel):
 class TrainingOptions(StageConfig):
     """Training options shared by every trainer stage; one builder turns them into TRL arguments."""
 
+    supports_padding_free: ClassVar[bool] = False  # the stage's trainer can run padding-free batches (speed.padding_free)
+
     max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1 trains for `epochs`.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training set when `max_steps` is -1.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (LoRA usually 1e-4 .. 3e-4).")
@@ -78,13 +82,15 @@ class TrainingOptions(StageConfig):
         "auto", description="Mixed precision; auto is bf16 on a GPU that supports it, else fp32."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="Recompute activations to save memory; auto is on with CUDA, off on CPU."
+        "auto", description="Recompute activations to save memory (true: every layer); auto: sft and reward leave it to "
+        "speed.checkpointing, other stages turn it on with CUDA and off on CPU."
     )
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
     eval_steps: int = Field(50, ge=1, description="Evaluate every this many steps (when the stage has an eval set).")
     save_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every this many steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    speed: SpeedOptions = Field(default_factory=SpeedOptions, description="Speed paths; `auto` picks for this machine.")
 
 
 @dataclass

@@ -21,6 +21,7 @@ class Config(TrainingOptions):
 
     kind: ClassVar[str] = "reward"
     produces: ClassVar[tuple[str, ...]] = ("reward_model",)
+    sequences_per_example: ClassVar[int] = 2  # a pair is two sequences (memory estimates, micro-batch tuning)
 
     dataset: str = dataset_field(REWARD_FORMATS, "Preference data: a `pairs`, `ratings` or `tiers` dataset (a name in `data`).")
     eval_dataset: str | None = dataset_field(REWARD_FORMATS, "Held-out preference data for pairwise accuracy (a name in `data`).",

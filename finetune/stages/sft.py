@@ -19,6 +19,7 @@ class Config(TrainingOptions):
 
     kind: ClassVar[str] = "sft"
     produces: ClassVar[tuple[str, ...]] = ("adapter", "tokenizer")
+    supports_padding_free: ClassVar[bool] = True
 
     dataset: str = dataset_field(SFT_FORMATS, "Training dataset (a name in `data`).")
     eval_dataset: str | None = dataset_field(SFT_FORMATS, "Held-out dataset for eval loss (a name in `data`).", required=False)
@@ -38,8 +39,6 @@ class Config(TrainingOptions):
 def run(ctx: StageContext) -> StageResult:
     """Train the adapter and save it, the tokenizer and the template contract into the stage folder."""
     from datasets import Dataset
-    from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
 
     from finetune import model as model_path
     from finetune.data import tokenize_records
@@ -47,13 +46,13 @@ def run(ctx: StageContext) -> StageResult:
     from finetune.data.template import template_contract, write_contract
     from finetune.distributed.ranks import is_main_process
     from finetune.run_dir import atomic_dir
+    from finetune.speed import kernel_scope
     from finetune.tracking import jsonl_callback
-    from finetune.training import build_training_args, save_adapter
+    from finetune.training import save_adapter
 
     config: Config = ctx.config
     recipe = ctx.recipe
-    source = model_path.resolve_source(recipe.model)
-    tokenizer = model_path.load_tokenizer(recipe.model, source)
+    tokenizer = model_path.load_tokenizer(recipe.model, model_path.resolve_source(recipe.model))
     stop_ids = end_of_turn_ids(tokenizer)
 
     assistant_only = config.loss_on == "assistant"
@@ -65,26 +64,14 @@ def run(ctx: StageContext) -> StageResult:
         split = Dataset.from_list(train_rows).train_test_split(test_size=config.eval_fraction, seed=config.seed)
         train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
 
-    set_seed(config.seed)  # the adapter's initial weights are random: same seed, same run
-    model = model_path.load_model(recipe.model, source)
-    model = model_path.attach_new_adapter(model, recipe.lora)
-    trainable, total = model_path.trainable_parameters(model)
-
-    args = build_training_args(
-        SFTConfig, config, recipe, ctx.stage_dir, ctx.run_dir.name, has_eval=eval_rows is not None,
-        max_length=config.seq_len, packing=config.packing,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-        processing_class=tokenizer,
-        callbacks=[jsonl_callback(ctx.run_dir.metrics_path(config.stage_name), config.stage_name)],
-    )
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    if eval_rows and trainer.state.global_step % config.eval_steps:
-        trainer.evaluate()  # the eval loss after the last step, not only at the last eval_steps boundary
+    callback = jsonl_callback(ctx.run_dir.metrics_path(config.stage_name), config.stage_name)
+    trainer, speed_plan = build_trainer(recipe, config, tokenizer, train_rows, eval_rows, ctx.stage_dir, ctx.run_dir.name,
+                                        [callback])
+    trainable, total = model_path.trainable_parameters(trainer.model)
+    with kernel_scope(speed_plan, trainer.model):
+        result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+        if eval_rows and trainer.state.global_step % config.eval_steps:
+            trainer.evaluate()  # the eval loss after the last step, not only at the last eval_steps boundary
 
     save_adapter(trainer, ctx.stage_dir / "adapter")  # every rank: ZeRO-3 / FSDP gather the shards
     if is_main_process():
@@ -102,9 +89,51 @@ def run(ctx: StageContext) -> StageResult:
             "total_parameters": total,
             "steps": trainer.state.global_step,
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+            "speed": speed_plan.summary(),
             **loss_summary(trainer.state.log_history),
         },
     )
+
+
+def build_trainer(recipe, config: Config, tokenizer, train_rows: list[dict], eval_rows: list[dict] | None, stage_dir,
+                  run_name: str, callbacks: list | None = None, machine=None, **overrides):
+    """The stage's SFTTrainer (model, adapter, arguments) with its speed plan; `scripts/bench/sft_speed.py` builds the same.
+
+    `machine`: a `finetune.speed.Machine` (default: this one); `overrides`: extra training arguments.
+    Returns (trainer, speed plan).
+    """
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune import model as model_path
+    from finetune import speed, varlen
+    from finetune.distributed.ranks import current
+    from finetune.training import build_training_args
+
+    speed_plan = speed.plan_for(config, recipe, machine, world_size=current().world_size)
+    change = speed.changes(speed_plan, config, SFTConfig, recipe)
+    set_seed(config.seed)  # the adapter's initial weights are random: same seed, same run
+    model = model_path.load_model(recipe.model, model_path.resolve_source(recipe.model))
+    if change.attention:
+        varlen.use(model)
+    model = model_path.attach_new_adapter(model, recipe.lora, **change.adapter)
+
+    # padding-free without packing: rows are already cut to seq_len, and TRL refuses a max_length it would not apply
+    max_length = None if speed_plan.padding_free and not config.packing else config.seq_len
+    args = build_training_args(
+        SFTConfig, config.model_copy(update=change.options), recipe, stage_dir, run_name, has_eval=eval_rows is not None,
+        max_length=max_length, packing=config.packing, **{**change.trainer, **overrides},
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+        callbacks=callbacks or [],
+    )
+    return trainer, speed_plan
 
 
 def loss_summary(log_history: list[dict]) -> dict:
