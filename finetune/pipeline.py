@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.metadata
 import subprocess
@@ -225,12 +227,14 @@ def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, 
                     stage_scope(recipe, config, ctx.stage_dir, run_dir.name):
                 result = STAGES[config.kind].run(ctx)
         except BaseException as err:
+            release_memory()
             if main:
                 status.state, status.finished = "failed", utc_now()
                 status.error = f"{type(err).__name__}: {err}"[:2000]
                 run_dir.write_status(status)
                 write_lineage(recipe, run_dir)
             raise
+        release_memory()
         if main:
             status.state, status.finished = "done", utc_now()
             status.outputs, status.summary = result.outputs, result.summary
@@ -238,6 +242,32 @@ def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, 
             write_lineage(recipe, run_dir)
         barrier()  # the next stage reads this one's status.json
         log(f"[{number}/{len(configs)}] {name}: done")
+
+
+def release_memory() -> None:
+    """Give a finished stage's memory back before the next stage loads its models.
+
+    The stages keep no references to their models, but the allocators do keep the freed memory: the
+    accelerator's caching allocator (emptied by accelerate) and glibc's malloc arenas on Linux, which held
+    ~1.2 GB of a finished quickstart SFT stage until `malloc_trim` (measured: 1.85 GB -> 0.63 GB RSS).
+    """
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache(garbage_collection=True)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        return libc if hasattr(libc, "malloc_trim") else None  # musl, macOS: no malloc_trim
+    except OSError:
+        return None
 
 
 def _write_report(run_dir: RunDir, log: Log) -> None:
