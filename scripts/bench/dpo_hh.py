@@ -126,7 +126,8 @@ def compare(run_dir, reward_stage: Path, eval_file: Path, args) -> dict:
         "reward_gain": round(mean, 4), "reward_gain_95": [round(mean - 1.96 * sd / math.sqrt(len(diffs)), 4),
                                                           round(mean + 1.96 * sd / math.sqrt(len(diffs)), 4)],
         "dpo_answer_scores_higher": round(sum(d > 0 for d in diffs) / len(diffs), 3),
-        "held_out_preference": preference,
+        "held_out_preference": {label: {k: v for k, v in found.items() if k != "margins"} for label, found in preference.items()},
+        "held_out_implicit_reward": implicit_reward(preference, args.beta),
         "samples": {"hh_rlhf": [{"prompt": p[-1]["content"], "before": answers["base"][i], "after": answers["dpo"][i]}
                                 for i, p in enumerate(prompts[:3])],
                     "cvalues": [{"id": r["id_"], "prompt": r["prompt"], "before": samples["base"][i], "after": samples["dpo"][i]}
@@ -144,7 +145,19 @@ def held_out_preference(model, tokenizer, pairs: list[dict]) -> dict:
     sums = {key: [m * n for m, n in zip(lm.mean_logprobs(model, tokenizer, rendered, [p[key] for p in pairs], desc=key),
                                         lengths[key], strict=True)] for key in ("chosen", "rejected")}
     margins = [c - r for c, r in zip(sums["chosen"], sums["rejected"], strict=True)]
-    return {"accuracy": round(sum(m > 0 for m in margins) / len(margins), 4), "mean_margin": round(sum(margins) / len(margins), 3)}
+    return {"accuracy": round(sum(m > 0 for m in margins) / len(margins), 4), "mean_margin": round(sum(margins) / len(margins), 3),
+            "margins": margins}
+
+
+def implicit_reward(preference: dict, beta: float) -> dict:
+    """DPO's own held-out measure (TRL's eval rewards/margins and rewards/accuracies): the reference is the base, so a
+    pair's implicit reward margin is beta x (the DPO model's log-prob margin - the base's)."""
+    deltas = [beta * (d - b) for d, b in zip(preference["dpo"]["margins"], preference["base"]["margins"], strict=True)]
+    mean = sum(deltas) / len(deltas)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in deltas) / max(1, len(deltas) - 1))
+    half = 1.96 * sd / math.sqrt(len(deltas))
+    return {"accuracy": round(sum(x > 0 for x in deltas) / len(deltas), 4), "mean_margin": round(mean, 4),
+            "mean_margin_95": [round(mean - half, 4), round(mean + half, 4)]}
 
 
 def table(results: dict) -> str:
@@ -156,6 +169,9 @@ def table(results: dict) -> str:
         f"{results['dpo_answer_scores_higher']:.0%}) |",
         f"| policy prefers chosen (summed log-prob), {results['eval_pairs']} held-out pairs | {pref['base']['accuracy']} "
         f"(margin {pref['base']['mean_margin']}) | {pref['dpo']['accuracy']} (margin {pref['dpo']['mean_margin']}) |",
+        f"| DPO implicit reward on the held-out pairs (beta x log-prob margin gained over the base) | 0 | accuracy "
+        f"{results['held_out_implicit_reward']['accuracy']}, margin {results['held_out_implicit_reward']['mean_margin']} "
+        f"(95% {results['held_out_implicit_reward']['mean_margin_95']}) |",
     ]
     rm = results["reward_model"]
     return "\n".join(lines) + (f"\nreward model held-out pairwise accuracy {rm['held_out_accuracy']}; DPO on "
