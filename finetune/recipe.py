@@ -387,7 +387,7 @@ def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
                     inputs[field_name] = producers[-1]
                 elif not _input_optional(config, field_name):
                     other = "".join(f", or set `{field_name}: {s}`" for s in extra.get("special", ()))
-                    problems.append(Problem(path, f"needs an earlier stage that produces a {output}, and there is none; "
+                    problems.append(Problem(path, f"needs an earlier stage that produces {_article(output)} {output}, and there is none; "
                                                   f"add one before this stage or name one with `{field_name}:`{other}"))
             elif wanted in producers:
                 inputs[field_name] = wanted
@@ -395,7 +395,7 @@ def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
                 later = [c.stage_name for c in recipe.stage_configs()[i:]]
                 why = "comes later (stages read only earlier stages)" if wanted in later else "is not a stage name"
                 choices = ", ".join(producers) or "none"
-                problems.append(Problem(path, f"{wanted!r} {why}; earlier stages producing a {output}: {choices}"))
+                problems.append(Problem(path, f"{wanted!r} {why}; earlier stages producing {_article(output)} {output}: {choices}"))
         resolved[config.stage_name] = inputs
         earlier.append(config)
     return resolved, problems
@@ -462,3 +462,7 @@ def config_checks(config: StageConfig, recipe: Recipe | None = None) -> list[Pro
     if in_recipe is not None and recipe is not None:
         pairs += in_recipe(recipe)
     return [Problem(field, message) for field, message in pairs]
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"

@@ -376,7 +376,7 @@ def test_export_of_a_run_whose_tokenizer_was_edited_fails_on_the_contract(tmp_pa
 def test_merge_command_names_an_unknown_adapter_stage(tmp_path, wide_model, cli):
     run_dir = train(tmp_path, wide_model, max_steps=2)
     code, _, err = cli("merge", run_dir.root, "--adapter", "dpo")
-    assert code == 2 and "'dpo' is not a stage name" in err and "producing a adapter: sft" in err
+    assert code == 2 and "'dpo' is not a stage name" in err and "producing an adapter: sft" in err
     assert run_dir.status("merge") is None
 
 

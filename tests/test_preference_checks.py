@@ -42,7 +42,7 @@ def problems_of(path: Path) -> list[str]:
 
 def test_dpo_without_an_earlier_adapter_names_policy_and_base(recipe_with):
     [problem] = problems_of(recipe_with("- dpo: {dataset: p}\n"))
-    assert problem.startswith("stages[0].dpo.policy: needs an earlier stage that produces a adapter, and there is none")
+    assert problem.startswith("stages[0].dpo.policy: needs an earlier stage that produces an adapter, and there is none")
     assert "set `policy: base`" in problem
 
 
