@@ -30,13 +30,18 @@ def test_converted_gguf_folder_gives_the_gguf_logits():
         torch.testing.assert_close(converted(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
 
 
-def test_quickstart_lowers_held_out_loss(tmp_path):
+def run_recipe(recipe: str, run_dir: Path) -> RunDir:
+    """`wenmai run` in a subprocess, as a user starts it; its output is the failure message."""
     result = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "run", "recipes/quickstart.yaml", "--run-dir", str(tmp_path / "qs")],
+        [sys.executable, "-m", "finetune.cli", "run", recipe, "--run-dir", str(run_dir)],
         capture_output=True, text=True, timeout=1800, cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = RunDir.open(tmp_path / "qs")
+    return RunDir.open(run_dir)
+
+
+def test_quickstart_lowers_held_out_loss(tmp_path):
+    run = run_recipe("recipes/quickstart.yaml", tmp_path / "qs")
     summary = run.status("sft").summary
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary
     gate = run.status("evaluate").summary["gate"]
@@ -57,12 +62,7 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
 
 
 def test_quickstart_rlhf_scores_every_dimension(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "run", "recipes/quickstart-rlhf.yaml", "--run-dir", str(tmp_path / "qs")],
-        capture_output=True, text=True, timeout=1800, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run = RunDir.open(tmp_path / "qs")
+    run = run_recipe("recipes/quickstart-rlhf.yaml", tmp_path / "qs")
     summary = run.status("rlhf").summary
     assert set(summary["reward_last"]) == {"accuracy", "cultural_value", "safety", "fluency", "rule_length", "rule_banned_terms"}
     assert summary["steps"] == 3 and summary["used"]["reward_model"]["stage"] == "reward", summary
