@@ -227,14 +227,14 @@ def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, 
                     stage_scope(recipe, config, ctx.stage_dir, run_dir.name):
                 result = STAGES[config.kind].run(ctx)
         except BaseException as err:
-            release_memory()
             if main:
                 status.state, status.finished = "failed", utc_now()
                 status.error = f"{type(err).__name__}: {err}"[:2000]
                 run_dir.write_status(status)
                 write_lineage(recipe, run_dir)
             raise
-        release_memory()
+        finally:
+            release_memory()  # the stage's models are gone; give their memory back before the next stage
         if main:
             status.state, status.finished = "done", utc_now()
             status.outputs, status.summary = result.outputs, result.summary
