@@ -73,9 +73,9 @@ def write_card(folder: Path, run_dir: Any, recipe: Any, provenance: dict, compar
                contract: dict, config: Any) -> None:
     """wenmai_provenance.json (with file hashes), data cards, README.md; then make the folder readable to all."""
     from finetune import model_card
-    from finetune.run_dir import atomic_write_json
+    from finetune.run_dir import atomic_write_json, sha256_file
 
-    provenance["files_sha256"] = {p.name: model_card.sha256_file(p) for p in sorted(folder.iterdir())
+    provenance["files_sha256"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
                                   if p.suffix in (".safetensors", ".gguf")}
     atomic_write_json(folder / model_card.PROVENANCE_FILE, provenance)
     cards = _copy_data_cards(run_dir.root, [c.stage_name for c in recipe.stage_configs()], folder)

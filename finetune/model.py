@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -291,11 +290,9 @@ def _package_folder(path: str) -> Path:
 
 
 def _converted_folder(gguf: Path, cache_dir: Path) -> Path:
-    digest = hashlib.sha256()
-    with gguf.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return cache_dir / f"{gguf.stem}-{digest.hexdigest()[:12]}"
+    from finetune.run_dir import sha256_file
+
+    return cache_dir / f"{gguf.stem}-{sha256_file(gguf)[:12]}"
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

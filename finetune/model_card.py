@@ -134,14 +134,6 @@ def render_card(*, title: str, provenance_block: dict, recipe: Any, lineage: dic
     return "\n".join(lines)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- helpers -------------------------------------------------------------------------------------
 
 def _figures(summary: dict) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import importlib.metadata
 import subprocess
 from collections.abc import Callable, Collection
@@ -23,6 +22,7 @@ from finetune.run_dir import (
     StageStatus,
     atomic_write_json,
     atomic_write_text,
+    sha256_file,
     truncate_metrics,
     utc_now,
 )
@@ -218,6 +218,7 @@ def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, 
             config=config,
             run_dir=run_dir,
             inputs={field: _outputs(run_dir, stage) for field, stage in inputs.items()},
+            input_stages=inputs,
             resume_from=checkpoint,
             extra={"force": force},
         )
@@ -326,20 +327,12 @@ def _model_lineage(recipe: Recipe) -> dict:
     source = resolve_source(recipe.model, convert=False)
     info.update(source.describe())
     if source.gguf_path is not None:
-        info["gguf_sha256"] = _sha256(source.gguf_path)
+        info["gguf_sha256"] = sha256_file(source.gguf_path)
     return info
 
 
 def _file_lineage(path: Path, fmt: str) -> dict:
-    return {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _package_versions() -> dict[str, str]:

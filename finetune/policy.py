@@ -9,7 +9,6 @@ saves the result like SFT does: `adapter/` (one complete adapter, the starting d
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,10 +38,9 @@ def load_policy(ctx: StageContext) -> Policy:
     from finetune.data.chat import end_of_turn_ids
     from finetune.data.template import template_contract
     from finetune.merging import trained_tokenizer
-    from finetune.recipe import wiring
 
     recipe, config = ctx.recipe, ctx.config
-    stage = wiring(recipe)[0][config.stage_name].get("policy")
+    stage = ctx.input_stages.get("policy")
     source = model_path.resolve_source(recipe.model)
     set_seed(config.seed)  # a new adapter starts random, and dropout draws: same seed, same run
     if stage is None:  # policy: base
@@ -89,14 +87,10 @@ def save_policy(trainer: Any, ctx: StageContext, policy: Policy) -> dict[str, st
 
 def adapter_digest(folder: Path) -> str | None:
     """sha256 of an adapter's weights file, so the lineage says exactly which adapter a stage started from."""
+    from finetune.run_dir import sha256_file
+
     path = Path(folder) / "adapter_model.safetensors"
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(path) if path.is_file() else None
 
 
 def relative_to_run(path: str | Path, root: Path) -> str:

@@ -82,7 +82,7 @@ def build_rewards(ctx: StageContext, device: Any = None) -> Rewards:
         shared = SharedScores(scorer)
         for name, weight in weights.items():
             rewards.add(DimensionReward(shared, name), weight)
-        rewards.source = {"stage": _wired(ctx, "reward_model"), "reward_model": relative_to_run(folder, ctx.run_dir.root),
+        rewards.source = {"stage": ctx.input_stages.get("reward_model"), "reward_model": relative_to_run(folder, ctx.run_dir.root),
                           "dimensions": scorer.dimensions}
     for function, weight in rule_functions(config.rules):
         rewards.add(function, weight)
@@ -188,8 +188,3 @@ def summarise(history: list[dict], train_metrics: dict, names: list[str], steps:
     summary.update(train_runtime_s=round(train_metrics.get("train_runtime", 0.0), 2))
     return summary
 
-
-def _wired(ctx: StageContext, field_name: str) -> str | None:
-    from finetune.recipe import wiring
-
-    return wiring(ctx.recipe)[0][ctx.config.stage_name].get(field_name)

@@ -102,6 +102,7 @@ class StageContext:
     run_dir: RunDir
     inputs: dict[str, dict[str, str]]  # input field -> the producing stage's outputs (absolute paths)
     resume_from: Path | None = None  # last checkpoint of an interrupted attempt
+    input_stages: dict[str, str] = field(default_factory=dict)  # input field -> the producing stage's name
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -92,13 +92,12 @@ def run(ctx: StageContext) -> StageResult:
     from finetune.evaluation import dashboards, runner
     from finetune.evaluation.gates import GateFailed, check_gates, failure_report
     from finetune.evaluation.results import EVALUATION_FILE, Evaluation, key_part, scalars
-    from finetune.recipe import wiring
     from finetune.run_dir import atomic_write_text
     from finetune.tracking import append_metrics
 
     config: Config = ctx.config
     recipe = ctx.recipe
-    wired = wiring(recipe)[0][config.stage_name]
+    wired = ctx.input_stages
     targets = [_target(ctx, wired.get("model"))]
     if config.baseline != "none" and wired.get("baseline") != wired.get("model"):
         targets.append(_target(ctx, wired.get("baseline")))

@@ -70,7 +70,6 @@ def run(ctx: StageContext) -> StageResult:
     from finetune.errors import WenmaiError
     from finetune.merging import choose_device, merge_section, plan_memory, trained_tokenizer
     from finetune.model import resolve_source
-    from finetune.recipe import wiring
     from finetune.run_dir import atomic_dir, atomic_write_json
 
     config: Config = ctx.config
@@ -78,7 +77,7 @@ def run(ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     produced = ctx.inputs["model"]
     model_dir = Path(produced["model"])
-    model_stage = wiring(recipe)[0][config.stage_name]["model"]
+    model_stage = ctx.input_stages["model"]
     trained = trained_tokenizer(run_dir, recipe, produced, f"stage {config.stage_name}")
     tokenizer, contract = trained.tokenizer, trained.contract
 

@@ -48,13 +48,12 @@ def run(ctx: StageContext) -> StageResult:
     from finetune import merging, parity
     from finetune import model as model_path
     from finetune.errors import WenmaiError
-    from finetune.recipe import wiring
     from finetune.run_dir import atomic_dir, atomic_write_json
 
     config: Config = ctx.config
     recipe = ctx.recipe
     started = time.perf_counter()
-    adapter_stage = wiring(recipe)[0][config.stage_name]["adapter"]
+    adapter_stage = ctx.input_stages["adapter"]
     produced = ctx.inputs["adapter"]
     trained = merging.trained_tokenizer(ctx.run_dir, recipe, produced, f"stage {config.stage_name}")
     tokenizer, contract = trained.tokenizer, trained.contract
