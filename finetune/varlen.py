@@ -9,6 +9,7 @@ generation) go to SDPA unchanged; the mask is SDPA's, so those stay exact.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -57,7 +58,7 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
 def run_kernel(kernel: Callable, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: int, max_k: int,
                scale: float | None, causal: bool) -> Any:
     """Call `varlen_attn` whichever way this PyTorch spells causality and grouped-query attention."""
-    params = inspect.signature(kernel).parameters
+    params = _parameters(kernel)
     extra: dict[str, Any] = {}
     if "window_size" in params:  # PyTorch >= 2.12: causal is the window (-1, 0)
         extra["window_size"] = (-1, 0) if causal else (-1, -1)
@@ -68,3 +69,9 @@ def run_kernel(kernel: Callable, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, m
     if "enable_gqa" in params and k.shape[1] != q.shape[1]:
         extra["enable_gqa"] = True  # older versions take fewer key/value heads as they are (flash does GQA natively)
     return kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **extra)
+
+
+@functools.cache
+def _parameters(kernel: Callable) -> frozenset[str]:
+    """The kernel's parameter names, read once: `run_kernel` runs in every attention layer of every step."""
+    return frozenset(inspect.signature(kernel).parameters)
