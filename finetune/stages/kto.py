@@ -1,7 +1,7 @@
 """Stage `kto`: preference optimisation from unpaired good/bad answers with TRL's KTOTrainer.
 
 KTO needs no pairs, only answers labelled desirable or undesirable; Wenmai derives the labels from the
-same `pairs` / `ratings` / `tiers` data as `dpo` (`finetune/preference.py`, `unpaired_examples`): an
+same `pairs` / `ratings` / `tiers` data as `dpo` (`finetune/preference.py`, `unpaired_rows`): an
 answer that only ever wins its comparisons is desirable, one that only ever loses is undesirable, and
 one that does both (a middle tier, a mid-rated answer) is left out and counted.
 """
