@@ -16,8 +16,6 @@ from typing import Any
 from finetune.stages.base import StageContext
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
-OUTPUTS = {"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json", "metrics": "metrics.jsonl",
-           "data_card": "data_card.md", "register": "sensitive_register.jsonl"}
 
 
 @dataclass
@@ -69,20 +67,12 @@ def drop_fresh_reference(trainer: Any, policy: Policy) -> None:
 
 def save_policy(trainer: Any, ctx: StageContext, policy: Policy) -> dict[str, str]:
     """Save the trained adapter (without TRL's reference copy), the tokenizer and the template contract; the outputs."""
-    from finetune.data.template import write_contract
-    from finetune.distributed.ranks import is_main_process
-    from finetune.run_dir import atomic_dir
-    from finetune.training import save_adapter
+    from finetune.training import save_adapter_stage
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
         model.delete_adapter(REFERENCE_ADAPTER)  # PEFT would save it as a second adapter in a subfolder
-    save_adapter(trainer, ctx.stage_dir / "adapter")  # every rank: ZeRO / FSDP gather the shards
-    if is_main_process():
-        with atomic_dir(ctx.stage_dir / "tokenizer") as tmp:
-            policy.tokenizer.save_pretrained(tmp)
-        write_contract(policy.contract, ctx.stage_dir)
-    return dict(OUTPUTS)
+    return save_adapter_stage(trainer, ctx.stage_dir, policy.tokenizer, policy.contract)
 
 
 def adapter_digest(folder: Path) -> str | None:

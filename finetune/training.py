@@ -121,6 +121,25 @@ def save_adapter(trainer, folder: Path) -> None:
     barrier()
 
 
+ADAPTER_STAGE_OUTPUTS = {"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json",
+                         "metrics": "metrics.jsonl", "data_card": "data_card.md", "register": "sensitive_register.jsonl"}
+
+
+def save_adapter_stage(trainer, stage_dir: Path, tokenizer, contract: dict) -> dict[str, str]:
+    """What every adapter-training stage (sft, dpo, kto, orpo, rlhf) leaves: `adapter/`, `tokenizer/` and
+    `template.json`, so `merge`, `evaluate` and `export` read them alike; returns the stage's outputs."""
+    from finetune.data.template import write_contract
+    from finetune.distributed.ranks import is_main_process
+    from finetune.run_dir import atomic_dir
+
+    save_adapter(trainer, stage_dir / "adapter")  # every rank: ZeRO-3 / FSDP gather the shards
+    if is_main_process():
+        with atomic_dir(stage_dir / "tokenizer") as tmp:
+            tokenizer.save_pretrained(tmp)
+        write_contract(contract, stage_dir)
+    return dict(ADAPTER_STAGE_OUTPUTS)
+
+
 def check_adapter_weights(folder: Path) -> int:
     """The number of weights in a saved adapter; an error if the file is missing or any tensor is empty."""
     from safetensors import safe_open

@@ -43,12 +43,10 @@ def run(ctx: StageContext) -> StageResult:
     from finetune import model as model_path
     from finetune.data import tokenize_records
     from finetune.data.chat import end_of_turn_ids
-    from finetune.data.template import template_contract, write_contract
-    from finetune.distributed.ranks import is_main_process
-    from finetune.run_dir import atomic_dir
+    from finetune.data.template import template_contract
     from finetune.speed import kernel_scope
     from finetune.tracking import jsonl_callback
-    from finetune.training import save_adapter
+    from finetune.training import save_adapter_stage
 
     config: Config = ctx.config
     recipe = ctx.recipe
@@ -73,15 +71,10 @@ def run(ctx: StageContext) -> StageResult:
         if eval_rows and trainer.state.global_step % config.eval_steps:
             trainer.evaluate()  # the eval loss after the last step, not only at the last eval_steps boundary
 
-    save_adapter(trainer, ctx.stage_dir / "adapter")  # every rank: ZeRO-3 / FSDP gather the shards
-    if is_main_process():
-        with atomic_dir(ctx.stage_dir / "tokenizer") as tmp:
-            tokenizer.save_pretrained(tmp)
-        write_contract(template_contract(tokenizer, stop_ids), ctx.stage_dir)
+    outputs = save_adapter_stage(trainer, ctx.stage_dir, tokenizer, template_contract(tokenizer, stop_ids))
 
     return StageResult(
-        outputs={"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json", "metrics": "metrics.jsonl",
-                 "data_card": "data_card.md", "register": "sensitive_register.jsonl"},
+        outputs=outputs,
         summary={
             "data": train.stats,
             "eval_sequences": len(eval_rows or []),
