@@ -26,11 +26,16 @@ def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
     for i in range(64):
         words = [rng.choice(WORDS) for _ in range(4)]
         if rng.random() < 0.25:
-            words.insert(rng.randrange(5), "ZZZ")
-        rows.append({"messages": [{"role": "user", "content": f"Tell me about item {i}."},
+            # ZZZ opens the answer: the tiny tokenizer spells it Z, Z, Z, so a policy still sampling near-random bytes
+            # hardly ever writes it mid-answer, while the first token is one choice that SFT learns
+            words.insert(0, "ZZZ")
+        rows.append({"messages": [{"role": "user", "content": f"Tell me about item {2 * i}."},  # even: marker_share asks odd
                                   {"role": "assistant", "content": " ".join(words)}]})
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     recipe = tmp_path / "grpo.yaml"
+    # SFT long enough that ZZZ opens some answers (2-20% across seeds); then 4 prompts x 16 answers a step, so steps have
+    # groups whose rewards differ from the first one on, whatever the starting policy's exact numbers (they differ
+    # between CPU kernels, AVX2 and AVX-512); at learning rate 0.01 one step sometimes wrecked the policy: 0.005
     recipe.write_text(textwrap.dedent(f"""\
         name: grpo
         model: {{path: {model_dir}}}
@@ -38,15 +43,12 @@ def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
         data:
           d: {{path: {data}, format: chat}}
         stages:
-          - sft: {{dataset: d, max_steps: 40, batch_size: 8, learning_rate: 0.03, warmup: 0, seq_len: 64, save_steps: 100,
-                   speed: {{padding_free: false}}}}
-          - rlhf: {{dataset: d, reward_model: none, rules: {{format: {{pattern: ZZZ, weight: 1}}}}, beta: 0, max_steps: 8,
-                    batch_size: 16, num_generations: 8, max_completion_length: 8, learning_rate: 0.01, warmup: 0,
-                    lr_scheduler: constant, save_steps: 100}}
+          - sft: {{dataset: d, max_steps: 120, batch_size: 8, learning_rate: 0.03, warmup: 0, seq_len: 64, save_steps: 1000}}
+          - rlhf: {{dataset: d, reward_model: none, rules: {{format: {{pattern: ZZZ, weight: 1}}}}, beta: 0, max_steps: 12,
+                    batch_size: 64, num_generations: 16, max_completion_length: 8, learning_rate: 0.005, warmup: 0,
+                    lr_scheduler: constant, save_steps: 1000}}
         output: {{root: {tmp_path / 'runs'}}}
         """), encoding="utf-8")
-    # the SFT stage runs the plain padded path: the threshold below was calibrated on the policy it produces
-    # (padding-free SFT on CPU reaches a slightly different starting policy after 40 steps at this learning rate)
     run_dir = start(load_recipe(recipe), tmp_path / "runs" / "grpo", log=lambda _: None)
     before = marker_share(model_dir, run_dir.output("sft", "adapter"))
     after = marker_share(model_dir, run_dir.output("rlhf", "adapter"))
@@ -57,19 +59,22 @@ def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
 
 
 def marker_share(model_dir: Path, adapter: Path, marker: str = "ZZZ") -> float:
-    """Share of sampled answers (fixed seed, unseen prompts) that contain the marker."""
+    """Share of 256 answers containing the marker, sampled as GRPO samples (temperature 1, no top-k) for unseen prompts.
+
+    The prompts are the odd items, the training ones the even: unseen, but like those GRPO trained on.
+    """
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter)).eval()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about item {i}."}], tokenize=False,
-                                             add_generation_prompt=True) for i in range(100, 132)]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about item {2 * i + 1}."}], tokenize=False,
+                                             add_generation_prompt=True) for i in range(64)]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(**encoded, do_sample=True, max_new_tokens=8, num_return_sequences=4,
+        out = model.generate(**encoded, do_sample=True, top_k=0, max_new_tokens=8, num_return_sequences=4,
                              pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(marker in t for t in texts) / len(texts)
