@@ -1,8 +1,9 @@
 """The HTML run report: one self-contained file (inline CSS and SVG, no script, no network).
 
-It shows each stage's state and figures, every numeric series of each stage's metrics.jsonl as a
-curve (loss, learning rate, reward, KL, ... whatever the stage logged), the evaluation tables and
-gate results, the data cards, the lineage, and replies before/after for a few probes.
+It shows each stage's state, figures and warnings (its summary's `warnings`), every numeric series of
+each stage's metrics.jsonl as a curve (loss, learning rate, reward, KL, ... whatever the stage logged),
+the evaluation tables and gate results, the data cards, the lineage, and replies before/after for a
+few probes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.plots import fmt, line_chart
-from finetune.run_dir import RunDir, atomic_write_text, read_metrics
+from finetune.run_dir import RunDir, StageStatus, atomic_write_text, read_metrics
 
 REPORT_FILE = "report.html"
 DATA_CARD_FILE = "data_card.json"
@@ -56,13 +57,14 @@ def _overview(run_dir: RunDir, lineage: dict, stages: list[dict]) -> str:
         error = f'<div class="error">{escape(status.error)}</div>' if status and status.error else ""
         rows.append([f'<a href="#stage-{escape(stage["name"])}">{escape(stage["name"])}</a>', escape(stage.get("kind", "")),
                      _state_badge(stage.get("state", "")) + gate,
-                     escape(", ".join(f"{k}={_short(v)}" for k, v in figures.items())) + error])
+                     escape(", ".join(f"{k}={_short(v)}" for k, v in figures.items())) + error + _warnings(status)])
     return (_kv_table(facts) + "<h2>Stages</h2>" + _table(["stage", "kind", "state", "figures"], rows, raw=True))
 
 
 def _stage_section(run_dir: RunDir, stage: dict) -> str:
     name = stage["name"]
-    parts = [f'<section id="stage-{escape(name)}"><h2>{escape(name)} <small>({escape(stage.get("kind", ""))})</small></h2>']
+    parts = [f'<section id="stage-{escape(name)}"><h2>{escape(name)} <small>({escape(stage.get("kind", ""))})</small></h2>',
+             _warnings(run_dir.status(name))]
     rows = read_metrics(run_dir.root / name / "metrics.jsonl")
     curves, finals = _series(rows)
     if curves:
@@ -242,6 +244,12 @@ def _state_badge(state: str) -> str:
     return f'<span class="badge {css}">{escape(state)}</span>'
 
 
+def _warnings(status: StageStatus | None) -> str:
+    """A stage's warnings (a finished stage whose result deserves a look, e.g. rlhf that learned nothing), highlighted."""
+    warnings = (status.summary.get("warnings") or []) if status else []
+    return "".join(f'<div class="warning">warning: {escape(w)}</div>' for w in warnings)
+
+
 def _gate_badge(gate: dict | None) -> str:
     if not gate:
         return ""
@@ -289,6 +297,7 @@ th{background:#f6f8fa}.charts{display:flex;flex-wrap:wrap;gap:12px}.chart{border
 .chart-title{font-size:13px;font-weight:600}.chart-tick{font-size:10px;fill:#57606a}.chart-legend{font-size:10px}
 .chart-frame{fill:none;stroke:#d0d7de}.chart-grid{stroke:#eaeef2}.chart-empty{font-size:12px;fill:#57606a}
 .ok{color:#1a7f37}.bad{color:#d1242f;font-weight:600}.warn{color:#9a6700}.muted{color:#57606a}
+.warning{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:4px 8px;margin:6px 0;font-size:13px}
 .badge{border:1px solid currentColor;border-radius:10px;padding:0 6px;font-size:12px}.error{color:#d1242f;white-space:pre-wrap;font-size:12px}
 .reply{white-space:pre-wrap;max-width:420px}.rules{font-size:11px;margin-top:4px}footer{margin-top:40px;color:#57606a;font-size:12px}
 """

@@ -9,6 +9,7 @@ transformers' `generate` (no vLLM).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from finetune.errors import DataError, WenmaiError
@@ -46,6 +47,11 @@ def train_and_save(ctx: StageContext) -> StageResult:
     summary = summarise(trainer.state.log_history, result.metrics, rewards.names, trainer.state.global_step)
     summary.update(prompts=prompt_stats, reward_functions=dict(zip(rewards.names, rewards.weights, strict=True)),
                    used={"policy": policy.source, "reward_model": rewards.source})
+    warning = no_spread_warning(trainer.state.log_history)
+    if warning is not None:  # the stage still finishes: a warning in its summary (and report), not an error
+        summary["warnings"] = [warning]
+        if trainer.is_world_process_zero():
+            print(f"{config.stage_name}: warning: {warning}", file=sys.stderr, flush=True)
     return StageResult(outputs=outputs, summary=summary)
 
 
@@ -170,6 +176,22 @@ def load_prompts(ctx: StageContext, tokenizer: Any) -> tuple[list[list[dict]], d
         raise DataError(f"dataset {config.dataset!r}: no prompt fits max_prompt_length ({config.max_prompt_length} tokens; "
                         f"{too_long} longer ones left out)")
     return kept, {"records": len(records), "prompts": len(kept), "too_long_left_out": too_long}
+
+
+def no_spread_warning(history: list[dict]) -> str | None:
+    """A warning when in most logged steps every prompt's answers got the same reward, so GRPO learned nothing from them.
+
+    TRL logs `frac_reward_zero_std`, the share of prompts whose group of answers got identical rewards; at 1 every
+    advantage is 0 and the step leaves the policy as it was (bar the KL term).
+    """
+    fractions = [row["frac_reward_zero_std"] for row in history if "frac_reward_zero_std" in row]
+    flat = sum(1 for fraction in fractions if fraction >= 1)
+    if flat * 2 <= len(fractions):
+        return None
+    return (f"in {flat} of {len(fractions)} logged steps every group of answers to a prompt got the same reward, so the "
+            "policy did not change in those steps; make the answers in a group differ (raise num_generations or "
+            "temperature) or the rewards separate them (check that the rules match some answers and not others, and "
+            "that the reward model scores answers differently)")
 
 
 def summarise(history: list[dict], train_metrics: dict, names: list[str], steps: int) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import random
 import textwrap
 from pathlib import Path
@@ -56,6 +57,7 @@ def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
     summary = run_dir.status("rlhf").summary
     assert summary["reward_last"]["rule_format"] > summary["reward_first"]["rule_format"]
     assert summary["used"]["policy"]["stage"] == "sft" and summary["used"]["reward_model"] is None
+    assert "warnings" not in summary  # the groups' rewards differed: nothing to warn about
 
 
 def marker_share(model_dir: Path, adapter: Path, marker: str = "ZZZ") -> float:
@@ -78,6 +80,39 @@ def marker_share(model_dir: Path, adapter: Path, marker: str = "ZZZ") -> float:
                              pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     return sum(marker in t for t in texts) / len(texts)
+
+
+def test_rlhf_that_learns_nothing_finishes_with_a_warning_in_summary_stderr_and_report(tmp_path, tiny_model, chat_file, capsys):
+    """A format rule no answer can match gives every answer 0: every advantage is 0, so the stage says so."""
+    recipe = tmp_path / "flat.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: flat
+        model: {{path: {tiny_model}}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        data:
+          d: {{path: {chat_file}, format: chat}}
+        stages:
+          - rlhf: {{dataset: d, policy: base, reward_model: none, rules: {{format: {{pattern: "(?!)"}}}}, beta: 0,
+                    max_steps: 2, batch_size: 4, num_generations: 4, max_completion_length: 4, save_steps: 100}}
+        output: {{root: {tmp_path / 'runs'}}}
+        """), encoding="utf-8")  # (?!) is an empty negative lookahead: it matches nothing
+    run_dir = start(load_recipe(recipe), tmp_path / "runs" / "flat", log=lambda _: None)
+    status = run_dir.status("rlhf")
+    assert status.state == "done"
+    [warning] = status.summary["warnings"]
+    assert warning.startswith("in 2 of 2 logged steps every group of answers to a prompt got the same reward, so the "
+                              "policy did not change in those steps; make the answers in a group differ (raise num_generations")
+    assert f"rlhf: warning: {warning}" in capsys.readouterr().err
+    report = (run_dir.root / "report.html").read_text(encoding="utf-8")
+    assert f'<div class="warning">warning: {html.escape(warning)}</div>' in report
+
+
+def test_no_spread_warning_needs_more_than_half_of_the_logged_steps_flat():
+    from finetune.rlhf import no_spread_warning
+
+    flat, spread, end = {"frac_reward_zero_std": 1.0}, {"frac_reward_zero_std": 0.5}, {"train_runtime": 1.0}
+    assert no_spread_warning([flat, spread, end]) is None and no_spread_warning([end]) is None
+    assert no_spread_warning([flat, flat, spread, end]).startswith("in 2 of 3 logged steps every group")
 
 
 # --- rule rewards ----------------------------------------------------------------------------
