@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from finetune.distributed.memory import Shape
-    from finetune.recipe import Recipe
+from finetune.distributed.config import shards_weights
+from finetune.distributed.memory import Shape, estimate
+from finetune.recipe import Recipe, StageOptions
 
 MODES = ("off", "selective", "full", "offload")
 FILL_TOKENS = 512  # tokens per micro-batch at which a GPU's matmuls run at half speed (cost model)
@@ -136,13 +136,10 @@ def footprint(
     `liger`: Liger's SwiGLU and RMSNorm keep less per layer. `qlora_upcast`: nf4/int8 norms and embeddings
     are upcast to fp32 (PEFT's `prepare_model_for_kbit_training`); without it they stay in the compute dtype.
     """
-    from finetune.distributed.config import shards_weights
-    from finetune.distributed.memory import estimate
-
     one = config.model_copy(update={"batch_size": 1, "gradient_checkpointing": False})
     plain = estimate(recipe, one, world_size, world_size, shape, bf16)
     checkpointed = estimate(recipe, one.model_copy(update={"gradient_checkpointing": True}), world_size, world_size, shape, bf16)
-    tokens = _tokens_per_example(config)
+    tokens = tokens_per_example(config)
     act_bytes = 2 if bf16 and config.precision != "fp32" else 4
     layer = ACTIVATION_CALIBRATION * plain.parts["activations"] / (shape.layers * tokens)
     if liger:  # SwiGLU keeps gate and up, not silu(gate); each RMSNorm keeps its 16-bit input, not an fp32 copy
@@ -163,6 +160,6 @@ def footprint(
     return Footprint(fixed, layer, boundary, per_token, cap, shape.layers)
 
 
-def _tokens_per_example(config: Any) -> int:
-    seq_len = getattr(config, "seq_len", None) or getattr(config, "max_length", None) or 1024
-    return seq_len * getattr(config, "sequences_per_example", 1)
+def tokens_per_example(config: StageOptions) -> int:
+    """Tokens in one training example: its sequence length (1024 when the stage has none) times its sequences."""
+    return (config.sequence_length() or 1024) * config.sequences_per_example

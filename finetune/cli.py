@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import typing
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +12,31 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from finetune.errors import WenmaiError
+from finetune import pipeline
+from finetune.checks import preflight as compatibility
+from finetune.cli_tables import (
+    data_table,
+    memory_table,
+    option_fields,
+    plan_table,
+    score_table,
+    summary_table,
+    type_name,
+)
+from finetune.config_io import load_run_recipe
+from finetune.data import commands as data_commands
+from finetune.distributed import launch as launching
+from finetune.distributed.ranks import is_main_process, quiet_other_ranks
+from finetune.errors import ConfigError, Problem, WenmaiError
+from finetune.evaluation import compare as comparison
+from finetune.evaluation.runner import EvalSpec
+from finetune.generate import ExportedModel
+from finetune.model_card import EXPLICIT_LABEL
+from finetune.post_run import export_stages, extend_run
+from finetune.recipe import OPTIONS, EvaluateOptions
+from finetune.report import write_report
+from finetune.run_dir import RunDir, atomic_write_text
+from reward.score import score_file
 
 app = typer.Typer(
     name="wenmai",
@@ -41,22 +64,16 @@ def validate(
     nodes: Annotated[int, typer.Option(help="Check for this many nodes.")] = 1,
 ) -> None:
     """Check a recipe and its data without loading weights; print the resolved recipe and the plan."""
-    from finetune.config_io import load_recipe
-    from finetune.distributed.preflight import check
-    from finetune.pipeline import check_data, preflight
-    from finetune.speed import plan_lines as speed_plan_lines
-
-    loaded = load_recipe(recipe, set_ or [])
+    loaded = pipeline.load_recipe(recipe, set_ or [])
     out.print("[bold]Resolved recipe[/] (each value's origin after #)")
     out.print(loaded.to_yaml(annotate=True), highlight=False, markup=False)
-    counts = check_data(loaded.recipe)
-    out.print(plan_table(loaded.recipe, counts))
-    out.print(data_table([c["report"] for c in counts.values() if c.get("report")]))
-    for problem in preflight(loaded.recipe, distributed=False):
+    checked = pipeline.validate(loaded.recipe, gpus, nodes)
+    out.print(plan_table(loaded.recipe, checked.counts))
+    out.print(data_table([c["report"] for c in checked.counts.values() if c.get("report")]))
+    for problem in checked.warnings:
         console.print(f"[yellow]warning:[/] {problem}")
-    report = check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, with_estimates=True)
-    show_report(report, planning=True)
-    for line in speed_plan_lines(loaded.recipe):
+    show_report(checked.report, planning=True)
+    for line in checked.speed_lines:
         out.print(f"[bold]speed on this machine[/] {line}", highlight=False)
     out.print("[green]recipe is valid[/]")
 
@@ -76,23 +93,16 @@ def launch(
     cpu: Annotated[bool, typer.Option("--cpu", help="Start the processes on CPU (gloo backend): tests and debugging.")] = False,
 ) -> None:
     """Run a recipe on several GPUs or nodes: checks it, then starts one process per GPU with torchrun."""
-    from finetune.config_io import load_recipe, load_resolved
-    from finetune.distributed import launch as launching
-    from finetune.distributed.preflight import check
-    from finetune.pipeline import check_data
-    from finetune.run_dir import RunDir
-
     if resume is not None:
-        folder = RunDir.open(resume)
-        loaded = load_resolved(folder.recipe_path.read_text(encoding="utf-8"), folder.recipe_path)
+        loaded = load_run_recipe(RunDir.open(resume))
     elif recipe is None:
         raise WenmaiError("give a recipe file (wenmai launch recipes/x.yaml --gpus 8) or --resume RUN_DIR")
     else:
-        loaded = load_recipe(recipe, set_ or [])
+        loaded = pipeline.load_recipe(recipe, set_ or [])
     launch_plan = launching.plan(recipe, loaded.recipe, gpus, nodes, node_rank, master_addr, master_port, run_dir, resume,
                                  tuple(set_ or ()), cpu)
-    check_data(loaded.recipe)
-    report = check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, launch_on_gpus=not cpu, with_estimates=True)
+    pipeline.check_data(loaded.recipe)
+    report = compatibility.check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, launch_on_gpus=not cpu, with_estimates=True)
     show_report(report, planning=dry_run)
     out.print(launch_plan.shell(), highlight=False, markup=False, soft_wrap=True)
     if dry_run:
@@ -102,7 +112,6 @@ def launch(
 
 def show_report(report, planning: bool) -> None:
     """Print the pre-flight findings and the memory estimate; raise on findings that stop the run."""
-    from finetune.errors import ConfigError, Problem
 
     blocking = report.blocking(planning)
     for finding in report.findings:
@@ -114,29 +123,6 @@ def show_report(report, planning: bool) -> None:
         raise ConfigError([Problem(f.path, f.message) for f in blocking], "pre-flight found problems")
 
 
-def memory_table(report) -> Table:
-    """The per-GPU memory estimate of each trainer stage."""
-    from finetune.distributed.memory import gib
-
-    hardware = report.hardware
-    device = f"{hardware.gpu_name}, {gib(hardware.gpu_memory)}" if hardware.cuda else "no GPU here"
-    table = Table(title=f"Memory per GPU (estimate; {report.world_size} process{'es' if report.world_size > 1 else ''}; {device})",
-                  title_justify="left")
-    for column in ("stage", "weights", "adapter + grads + optimizer", "activations", "logits", "total"):
-        table.add_column(column)
-    for est in report.estimates:
-        training = est.parts["adapter"] + est.parts["gradients"] + est.parts["optimizer"]
-        total = gib(est.total) + (f" (loading {gib(est.load_peak)})" if est.load_peak else "")
-        table.add_row(est.stage, gib(est.parts["weights"]), gib(training), gib(est.parts["activations"]),
-                      gib(est.parts["logits"]), total)
-    notes = [n for est in report.estimates for n in est.notes]
-    if any(est.host_per_node for est in report.estimates):
-        notes.append("host memory per node for offload: " + ", ".join(f"{e.stage} {gib(e.host_per_node)}" for e in report.estimates))
-    if notes:
-        table.caption = "\n".join(dict.fromkeys(notes))
-    return table
-
-
 @app.command()
 def run(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file (optional with --resume).")] = None,
@@ -146,9 +132,6 @@ def run(
     force: Annotated[bool, typer.Option("--force", help="Go on past failing evaluate gates (recorded in lineage.json).")] = False,
 ) -> None:
     """Run every stage of a recipe into a new run folder (or resume one)."""
-    from finetune import pipeline
-    from finetune.config_io import load_recipe
-    from finetune.distributed.ranks import is_main_process, quiet_other_ranks
 
     quiet_other_ranks()  # under `wenmai launch`, only rank 0 talks
     log = lambda message: console.print(f"[cyan]wenmai[/] {message}", highlight=False)  # noqa: E731
@@ -159,35 +142,37 @@ def run(
     elif recipe is None:
         raise WenmaiError("give a recipe file (wenmai run recipes/quickstart.yaml) or --resume RUN_DIR")
     else:
-        folder = pipeline.start(load_recipe(recipe, set_ or []), run_dir, log=log, force=force)
+        folder = pipeline.start(pipeline.load_recipe(recipe, set_ or []), run_dir, log=log, force=force)
     if is_main_process():
         out.print(summary_table(folder))
         out.print(f"[green]run finished:[/] {folder.root}")
 
 
+def _about(option: str, prefix: str = "") -> str:
+    """`wenmai eval` help for an option of the `evaluate` stage: the schema's own description."""
+    return prefix + (EvaluateOptions.model_fields[option].description or "")
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[str | None, typer.Argument(help="base, a run folder, RUN_DIR/<stage>, or a model folder.")] = None,
-    mc: Annotated[Path | None, typer.Option(help="Multiple-choice folder: test/<subject>.csv, optional dev/<subject>.csv.")] = None,
+    mc: Annotated[Path | None, typer.Option(help=_about("mc"))] = None,
     shots: Annotated[str, typer.Option(help="Few-shot counts, comma-separated (e.g. 0,5); shots come from dev/.")] = "0",
-    suite: Annotated[Path | None, typer.Option(help="Value-alignment suite (YAML, or JSONL of prompts such as CValues).")] = None,
+    suite: Annotated[Path | None, typer.Option(help=_about("suite"))] = None,
     compare: Annotated[str | None, typer.Option(help="More checkpoints on the same suites, comma-separated: base, run folders, "
                                                      "RUN_DIR/<stage>, stage names of the run, model folders.")] = None,
     reward_model: Annotated[Path | None, typer.Option(help="Reward stage folder scoring the suite's replies (default: the run's latest).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe whose model is `base` when no run folder is given.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N questions of each subject.")] = None,
-    suite_limit: Annotated[int | None, typer.Option(help="Only the first N probes of the suite.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Reply length bound for the suite (default: the suite's).")] = None,
-    method: Annotated[str, typer.Option(help="loglik (answer-letter likelihood) or generate (first letter of a greedy reply).")] = "loglik",
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 8,
-    max_length: Annotated[int, typer.Option(help="Longest prompt in tokens (longer ones lose their earliest tokens).")] = 2048,
-    output: Annotated[Path | None, typer.Option(help="JSON results file (default: wenmai-eval-<UTC time>.json).")] = None,
+    limit: Annotated[int | None, typer.Option(help=_about("mc_limit"))] = None,
+    suite_limit: Annotated[int | None, typer.Option(help=_about("suite_limit"))] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help=_about("max_new_tokens"))] = None,
+    method: Annotated[str, typer.Option(help=_about("mc_method"))] = EvalSpec.mc_method,
+    batch_size: Annotated[int, typer.Option(help=_about("batch_size"))] = EvalSpec.batch_size,
+    max_length: Annotated[int, typer.Option(help=_about("max_length"))] = EvalSpec.max_length,
+    output: Annotated[Path | None, typer.Option(help="JSON results file (default: eval-<UTC time>.json in the run folder "
+                                                     "evaluated, else in the current folder).")] = None,
 ) -> None:
     """Evaluate checkpoints on multiple-choice folders and an alignment suite, side by side in one table."""
-    from finetune.evaluation import compare as comparison
-    from finetune.evaluation.runner import EvalSpec
-    from finetune.run_dir import utc_now
-
     if mc is None and suite is None:
         raise WenmaiError("give --mc DIR (multiple choice) and/or --suite FILE (alignment suite)")
     if method not in ("loglik", "generate"):
@@ -201,14 +186,13 @@ def eval_(
                     max_new_tokens=max_new_tokens, reward_model=str(reward_model) if reward_model else None, batch_size=batch_size, max_length=max_length)
     evaluation = comparison.compare(entries, spec, recipe, log=lambda m: console.print(f"[cyan]wenmai[/] {m}", highlight=False))
     out.print(comparison.comparison_table(evaluation))
-    path = comparison.write_json(evaluation, output or Path(f"wenmai-eval-{utc_now().replace(':', '')}.json"))
+    path = comparison.write_json(evaluation, output or comparison.default_output(entries))
     out.print(f"[green]results:[/] {path}")
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
     """(Re)write a run's self-contained HTML report (curves, evaluations, gates, data cards, lineage)."""
-    from finetune.report import write_report
 
     out.print(f"[green]report:[/] {write_report(run_dir)}")
 
@@ -216,17 +200,16 @@ def report(run_dir: Annotated[Path, typer.Argument(help="Run folder.")]) -> None
 @app.command()
 def stages() -> None:
     """List the stage kinds and their options."""
-    from finetune.stages import STAGES
 
-    for kind, module in STAGES.items():
-        table = Table(title=f"[bold]{kind}[/] — {(module.Config.__doc__ or '').strip()}", title_justify="left", expand=True)
+    for kind, options in OPTIONS.items():
+        table = Table(title=f"[bold]{kind}[/] — {(options.__doc__ or '').strip()}", title_justify="left", expand=True)
         table.add_column("option", style="cyan", no_wrap=True)
         table.add_column("type")
         table.add_column("default")
         table.add_column("meaning")
-        for name, info in _option_fields(module.Config):
+        for name, info in option_fields(options):
             default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-            table.add_row(name, _type_name(info.annotation), default, info.description or "")
+            table.add_row(name, type_name(info.annotation), default, info.description or "")
         out.print(table)
 
 
@@ -238,7 +221,6 @@ def merge(
     force: Annotated[bool, typer.Option(help="Merge again even if the stage is done.")] = False,
 ) -> None:
     """Merge a run's adapter into its base model (unquantised, training dtype) behind the parity gate."""
-    from finetune.post_run import extend_run
 
     options = {"name": name} if name != "merge" else {}
     options.update({"adapter": adapter} if adapter else {})
@@ -256,7 +238,6 @@ def export(
     force: Annotated[bool, typer.Option(help="Export again even if the stage is done.")] = False,
 ) -> None:
     """Export a run (merging its adapter first if needed): HF safetensors (+ GGUF), chat template, model card, label."""
-    from finetune.post_run import export_stages, extend_run
 
     folder = extend_run(run_dir, export_stages(run_dir, format_, gguf_types, name), force=force, log=_log)
     out.print(summary_table(folder))
@@ -276,8 +257,6 @@ def chat(
     """Talk to an exported model with its own chat template; answers stop at the end-of-turn token."""
     import json
 
-    from finetune.generate import ExportedModel
-    from finetune.model_card import EXPLICIT_LABEL
 
     model = ExportedModel(export_dir, gguf)
     messages = [{"role": "system", "content": system}] if system else []
@@ -306,17 +285,6 @@ def _log(message: str) -> None:
     console.print(f"[cyan]wenmai[/] {message}", highlight=False)
 
 
-def _option_fields(model, prefix: str = ""):
-    """(dotted name, field) for every option; a nested section (evaluate's `gates`) lists its own options."""
-    from pydantic import BaseModel
-
-    for name, info in model.model_fields.items():
-        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
-            yield from _option_fields(info.annotation, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", info
-
-
 reward_app = typer.Typer(help="Reward models: score answers with a trained reward model.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
 
@@ -332,8 +300,6 @@ def reward_score(
     """Score answers per reward dimension and the weighted total with a run's reward model."""
     import json
 
-    from finetune.run_dir import atomic_write_text
-    from reward.score import score_file
 
     scored, names = score_file(run_dir, input_, stage, batch_size)
     if output is not None:
@@ -341,44 +307,6 @@ def reward_score(
     out.print(score_table(scored, names, rows=0 if output else 50))
     if output is not None:
         out.print(f"[green]scores written:[/] {output}")
-
-
-def score_table(scored: list[dict], names: list[str], rows: int) -> Table:
-    """The first `rows` scored records and the mean of each score."""
-    table = Table(title=f"Reward scores ({len(scored)} answers)", title_justify="left")
-    table.add_column("#")
-    table.add_column("answer")
-    for name in names:
-        table.add_column(name, justify="right")
-    for i, record in enumerate(scored[:rows], start=1):
-        answer = str(record.get("response") or (record.get("messages") or [{}])[-1].get("content", ""))
-        table.add_row(str(i), answer[:40] + ("…" if len(answer) > 40 else ""), *(f"{record['scores'][n]:.3f}" for n in names))
-    means = [sum(r["scores"][n] for r in scored) / len(scored) for n in names]
-    table.add_row("", "[bold]mean[/]", *(f"{m:.3f}" for m in means))
-    return table
-
-
-def plan_table(recipe, counts: dict[str, dict]) -> Table:
-    """Stages in order with their wiring, datasets and sizes, and the LoRA size estimate."""
-    from finetune.model import estimate_lora_parameters, model_config_dict
-    from finetune.recipe import wiring
-
-    inputs, _ = wiring(recipe)
-    config = model_config_dict(recipe.model)
-    lora = estimate_lora_parameters(config, recipe.lora) if config else None
-    title = "Plan" + (f" — LoRA r={recipe.lora.r} ({recipe.lora.variant}) trains ≈{lora:,} parameters" if lora else "")
-    table = Table(title=title, title_justify="left")
-    for column in ("#", "stage", "kind", "reads", "data", "length"):
-        table.add_column(column)
-    for i, stage in enumerate(recipe.stage_configs(), start=1):
-        reads = ", ".join(f"{field} ← {source}" for field, source in inputs[stage.stage_name].items()) or "—"
-        datasets = [getattr(stage, f) for f, info in type(stage).model_fields.items()
-                    if isinstance(info.json_schema_extra, dict) and "dataset" in info.json_schema_extra and getattr(stage, f)]
-        data = ", ".join(f"{d} ({counts.get(d, {}).get('records', '?')} records)" for d in datasets) or "—"
-        steps = getattr(stage, "max_steps", None)
-        length = "—" if steps is None else (f"{steps} steps" if steps > 0 else f"{stage.epochs:g} epochs")
-        table.add_row(str(i), stage.stage_name, stage.kind, reads, data, length)
-    return table
 
 
 data_app = typer.Typer(help="The cultural data layer: rights, sensitivity, PII, duplicates, data cards.", no_args_is_help=True)
@@ -391,9 +319,8 @@ PolicyOption = Annotated[Path | None, typer.Option("--recipe", help="Take data.p
 def data_check(target: Annotated[Path, typer.Argument(help="A recipe (its datasets) or a data file.")],
                format_: FormatOption = None, recipe: PolicyOption = None) -> None:
     """Run the data layer without writing anything: what would train, and what is kept out and why."""
-    from finetune.data.commands import check
 
-    out.print(data_table(check(target, format_, recipe)))
+    out.print(data_table(data_commands.check(target, format_, recipe)))
 
 
 @data_app.command("scrub")
@@ -402,9 +329,8 @@ def data_scrub(source: Annotated[Path, typer.Argument(help="Data file to clean."
                format_: FormatOption = None, recipe: PolicyOption = None,
                dedup: Annotated[bool, typer.Option(help="Drop duplicates too (as the recipe's policy says).")] = True) -> None:
     """Write the records that pass the policy, with personal data masked (and duplicates dropped), to DEST."""
-    from finetune.data.commands import scrub
 
-    report = scrub(source, dest, format_, recipe, dedup)
+    report = data_commands.scrub(source, dest, format_, recipe, dedup)
     out.print(data_table([report]))
     out.print(f"[green]wrote {report.kept} records to {dest}[/]")
 
@@ -414,44 +340,9 @@ def data_card(target: Annotated[Path, typer.Argument(help="A recipe (its dataset
               out_dir: Annotated[Path, typer.Option("--out", help="Folder for data_card.md, data_card.json and the register.")] = Path("."),
               format_: FormatOption = None, recipe: PolicyOption = None) -> None:
     """Write a data card (markdown + JSON) and the sensitive-topic register for a recipe's datasets or a file."""
-    from finetune.data.commands import card
 
-    for path in card(target, out_dir, format_, recipe):
+    for path in data_commands.card(target, out_dir, format_, recipe):
         out.print(f"[green]wrote[/] {path}")
-
-
-def data_table(reports: list) -> Table:
-    """One row per dataset: read, bad, kept out by policy (by reason), PII found, duplicates, kept."""
-    table = Table(title="Data layer (policy → PII → dedup)", title_justify="left")
-    for column in ("dataset", "read", "bad", "excluded by policy", "personal data", "duplicates", "register", "kept"):
-        table.add_column(column)
-    for r in reports:
-        excluded = "\n".join(f"{n} {reason}" for reason, n in r.excluded.items()) or "0"
-        pii = ", ".join(f"{n} {kind}" for kind, n in r.pii_found.items())
-        pii = f"{pii} ({r.pii_action})" if pii else "0"
-        duplicates = ", ".join(f"{n} {kind}" for kind, n in r.duplicates.items()) or "0"
-        table.add_row(r.name, str(r.records_read), str(r.bad_records), excluded, pii, duplicates, str(r.registered), str(r.kept))
-    return table
-
-
-def summary_table(run_dir) -> Table:
-    """One row per stage: state and its headline figures."""
-    from finetune.config_io import load_resolved
-
-    recipe = load_resolved(run_dir.recipe_path.read_text(encoding="utf-8"), run_dir.recipe_path).recipe
-    table = Table(title=f"Run {run_dir.name}", title_justify="left")
-    for column in ("stage", "state", "figures"):
-        table.add_column(column)
-    for stage in recipe.stage_configs():
-        status = run_dir.status(stage.stage_name)
-        figures = ", ".join(f"{k}={v}" for k, v in (status.summary if status else {}).items() if not isinstance(v, dict))
-        table.add_row(stage.stage_name, status.state if status else "pending", figures)
-    return table
-
-
-def _type_name(annotation) -> str:
-    text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
-    return text or str(annotation).replace("typing.", "")
 
 
 def main() -> None:

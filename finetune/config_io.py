@@ -1,7 +1,9 @@
 """Reading recipes: YAML with line numbers, `include:` merging, `--set` overrides, `${env:VAR}`, errors.
 
 The result of `load_recipe` is a validated `Recipe` plus where every value came from (file:line, a
-fragment, `--set`, or the schema default), so that errors and `wenmai validate` can say so.
+fragment, `--set`, or the schema default), so that errors and `wenmai validate` can say so. It runs the
+recipe's own checks (`finetune.recipe.checks`); callers that can also read files and installed packages
+pass their checks in (`finetune.pipeline.load_recipe` does), and every problem is reported together.
 """
 
 from __future__ import annotations
@@ -10,35 +12,31 @@ import copy
 import difflib
 import os
 import re
-import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from finetune.errors import ConfigError, Problem
-from finetune.recipe import Recipe, cross_checks
+from finetune.recipe import Recipe
+from finetune.recipe import problems as recipe_problems
+from finetune.recipe.fields import field_at, model_at
+from finetune.run_dir import RunDir
+from finetune.yaml_lines import (
+    Loc,
+    Origin,
+    display_path,
+    format_loc,
+    parse_loc,
+    read_yaml,
+)
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 _ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
-Loc = tuple  # a key path: ("stages", 0, "sft", "learning_rate")
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where a value came from."""
-
-    kind: str  # "recipe", "fragment", "--set" or "default"
-    file: str | None = None
-    line: int | None = None
-
-    def __str__(self) -> str:
-        if self.file is None:
-            return self.kind
-        where = f"{_display_path(self.file)}:{self.line}"
-        return f"{where} (fragment)" if self.kind == "fragment" else where
+Check = Callable[[Recipe], list[Problem]]  # problems a caller finds in a valid recipe, at key paths
 
 
 @dataclass
@@ -50,6 +48,7 @@ class LoadedRecipe:
     origins: dict[Loc, Origin]
     secret_paths: set[Loc] = field(default_factory=set)
     raw: dict = field(default_factory=dict)  # merged, before `${env:...}` expansion
+    checked: bool = False  # the caller's checks (files, installed packages) ran too
 
     def origin(self, loc: Loc) -> Origin:
         """The origin of `loc`, or of its nearest ancestor that has one."""
@@ -57,6 +56,10 @@ class LoadedRecipe:
             if tuple(loc[:n]) in self.origins:
                 return self.origins[tuple(loc[:n])]
         return Origin("default")
+
+    def locate(self, problem: Problem) -> Problem:
+        """`problem` with the file:line (or fragment, `--set`, default) of the key it names."""
+        return Problem(problem.path, problem.message, str(self.origin(parse_loc(problem.path))))
 
     def to_yaml(self, annotate: bool = False) -> str:
         """The resolved recipe as YAML; secrets keep their `${env:...}` reference, never the value."""
@@ -68,8 +71,11 @@ class LoadedRecipe:
         return "\n".join(_annotated_lines(data, (), self, 0)) + "\n"
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
-    """Read, merge, override and validate a recipe; raise `ConfigError` listing every problem."""
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), checks: Sequence[Check] = ()) -> LoadedRecipe:
+    """Read, merge, override and validate a recipe; raise `ConfigError` listing every problem.
+
+    `checks` add problems found outside the schema (files, installed packages), located like the others.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError([Problem(str(path), "recipe file not found; check the path")], "cannot read the recipe")
@@ -88,9 +94,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         problems += [_problem_from_pydantic(e, origins) for e in err.errors()]
         raise ConfigError(problems) from None
     loaded = LoadedRecipe(recipe, path.resolve(), origins, secret_paths, raw)
-    problems += [Problem(p.path, p.message, str(loaded.origin(_parse_loc(p.path)))) for p in cross_checks(recipe)]
+    found = recipe_problems(recipe) + [p for check in checks for p in check(recipe)]
+    problems += [loaded.locate(p) for p in found]
     if problems:
         raise ConfigError(problems)
+    loaded.checked = bool(checks)
     return loaded
 
 
@@ -109,64 +117,9 @@ def load_resolved(text: str, path: Path) -> LoadedRecipe:
     return LoadedRecipe(recipe, path, origins, secret_paths, yaml.safe_load(text))
 
 
-# --- YAML with line numbers ---------------------------------------------------------------
-
-def read_yaml_lines(path: Path) -> tuple[Any, dict[Loc, int]]:
-    """Any YAML file's data and the line of each key and list item (for suites and other YAML inputs).
-
-    Raises `yaml.YAMLError` (with a `problem_mark`) or `OSError`; the caller words the error.
-    """
-    loader = yaml.SafeLoader(Path(path).read_text(encoding="utf-8"))
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    finally:
-        loader.dispose()
-    origins: dict[Loc, Origin] = {}
-    if node is not None:
-        _record_lines(node, (), str(path), "file", origins)
-    return data, {loc: origin.line for loc, origin in origins.items()}
-
-
-def _read_yaml(path: Path, kind: str, problems: list[Problem]) -> tuple[dict, dict[Loc, Origin]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            data = loader.construct_document(node) if node is not None else {}
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{_display_path(path)}:{mark.line + 1}" if mark else _display_path(path)
-        problems.append(Problem(_display_path(path), f"not valid YAML: {getattr(err, 'problem', err)}", where))
-        return {}, {}
-    except (OSError, UnicodeDecodeError) as err:
-        problems.append(Problem(_display_path(path), f"cannot read file: {err}"))
-        return {}, {}
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(Problem(_display_path(path), "a recipe must be a mapping of sections (model:, data:, stages:, ...)", f"{_display_path(path)}:1"))
-        return {}, {}
-    origins: dict[Loc, Origin] = {(): Origin(kind, str(path), 1)}
-    _record_lines(node, (), str(path), kind, origins)
-    return data, origins
-
-
-def _record_lines(node: yaml.Node, loc: Loc, file: str, kind: str, origins: dict[Loc, Origin]) -> None:
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key == "<<":
-                continue
-            origins[(*loc, key)] = Origin(kind, file, key_node.start_mark.line + 1)
-            _record_lines(value_node, (*loc, key), file, kind, origins)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            origins[(*loc, i)] = Origin(kind, file, item.start_mark.line + 1)
-            _record_lines(item, (*loc, i), file, kind, origins)
+def load_run_recipe(run_dir: RunDir) -> LoadedRecipe:
+    """The resolved recipe a run was started with (its `recipe.yaml`)."""
+    return load_resolved(run_dir.recipe_path.read_text(encoding="utf-8"), run_dir.recipe_path)
 
 
 # --- include: ------------------------------------------------------------------------------
@@ -174,9 +127,9 @@ def _record_lines(node: yaml.Node, loc: Loc, file: str, kind: str, origins: dict
 def _load_with_includes(path: Path, kind: str, stack: list[Path], problems: list[Problem]) -> tuple[dict, dict]:
     if path in stack:
         cycle = " -> ".join(os.path.relpath(p, stack[0].parent) for p in [*stack, path])
-        problems.append(Problem("include", f"include cycle: {cycle}; remove one of these includes", _display_path(stack[-1])))
+        problems.append(Problem("include", f"include cycle: {cycle}; remove one of these includes", display_path(stack[-1])))
         return {}, {}
-    data, origins = _read_yaml(path, kind, problems)
+    data, origins = read_yaml(path, kind, problems)
     includes = data.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
@@ -191,7 +144,7 @@ def _load_with_includes(path: Path, kind: str, stack: list[Path], problems: list
         if target is None:
             problems.append(Problem(
                 f"include[{i}]",
-                f"fragment {name!r} not found; give a path relative to {_display_path(path.parent)} "
+                f"fragment {name!r} not found; give a path relative to {display_path(path.parent)} "
                 f"or a name under configs/ such as 'models/smollm2-135m' (available: {', '.join(_available_fragments()) or 'none'})",
                 str(where) if where else None,
             ))
@@ -242,7 +195,7 @@ def _apply_override(data: dict, origins: dict, text: str, problems: list[Problem
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError:
         value = value_text
-    parts = _parse_loc(dotted.strip())
+    parts = parse_loc(dotted.strip())
     container: Any = data
     loc: list = []
     for i, part in enumerate(parts):
@@ -251,7 +204,7 @@ def _apply_override(data: dict, origins: dict, text: str, problems: list[Problem
             index = _list_index(container, part)
             if index is None:
                 names = ", ".join(_item_names(container)) or "none"
-                problems.append(Problem(dotted, f"no item {part!r} in {_format_loc(tuple(loc))} (items: {names})", "--set"))
+                problems.append(Problem(dotted, f"no item {part!r} in {format_loc(tuple(loc))} (items: {names})", "--set"))
                 return
             loc.append(index)
             item = container[index]
@@ -267,7 +220,7 @@ def _apply_override(data: dict, origins: dict, text: str, problems: list[Problem
                 container = item
             continue
         if not isinstance(container, dict):
-            problems.append(Problem(dotted, f"{_format_loc(tuple(loc))} is a value, not a section; cannot set a key inside it", "--set"))
+            problems.append(Problem(dotted, f"{format_loc(tuple(loc))} is a value, not a section; cannot set a key inside it", "--set"))
             return
         loc.append(part)
         if last:
@@ -309,7 +262,7 @@ def _resolve_paths(data: Any, origins: dict, loc: Loc = ()) -> None:
     if isinstance(data, dict):
         for key, value in data.items():
             here = (*loc, key)
-            info = _field_at(here)
+            info = field_at(here)
             extra = (info.json_schema_extra or {}) if info is not None else {}
             if isinstance(value, str) and extra.get("is_path") and not _ENV_REF.search(value):
                 data[key] = _resolve_one(value, origins.get(here) or _nearest(origins, here), extra.get("is_path"))
@@ -352,7 +305,7 @@ def _expand_env(data: Any, loc: Loc, origins: dict, problems: list[Problem]) -> 
         if isinstance(value, str) and _ENV_REF.search(value):
             missing = [m for m in _ENV_REF.findall(value) if m not in os.environ]
             if missing:
-                problems.append(Problem(_format_loc(here), f"environment variable {missing[0]} is not set; export it before running", str(_nearest(origins, here) or "")))
+                problems.append(Problem(format_loc(here), f"environment variable {missing[0]} is not set; export it before running", str(_nearest(origins, here) or "")))
                 continue
             data[key] = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
             secrets.add(here)
@@ -363,105 +316,24 @@ def _expand_env(data: Any, loc: Loc, origins: dict, problems: list[Problem]) -> 
 
 # --- schema walking and error messages --------------------------------------------------------
 
-def _field_at(loc: Loc):
-    """The pydantic FieldInfo for a key path in a recipe, or None."""
-    ann: Any = Recipe
-    info = None
-    for key in loc:
-        ann = _unwrap(ann)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            info = ann.model_fields.get(key) if isinstance(key, str) else None
-            if info is None:
-                info = _extra_field(ann) if isinstance(key, str) else None
-            if info is None:
-                return None
-            ann = info.annotation
-        elif typing.get_origin(ann) is list:
-            ann, info = typing.get_args(ann)[0], None
-        elif typing.get_origin(ann) is dict:
-            ann, info = typing.get_args(ann)[1], None
-        else:
-            return None
-    return info
-
-
-def _extra_field(model: type[BaseModel]):
-    """For a model whose extra keys are typed (`__pydantic_extra__: dict[str, X]`, like `data`), a field of type X."""
-    from pydantic.fields import FieldInfo
-
-    if model.model_config.get("extra") != "allow":
-        return None
-    try:
-        extra = typing.get_type_hints(model).get("__pydantic_extra__")
-    except (NameError, TypeError):
-        return None
-    args = typing.get_args(extra) if typing.get_origin(extra) is dict else ()
-    return FieldInfo.from_annotation(args[1]) if len(args) == 2 else None
-
-
-def _model_at(loc: Loc) -> type[BaseModel] | None:
-    if not loc:
-        return Recipe
-    info = _field_at(loc)
-    if info is None:
-        # a list item or a dict value: take the element type of the parent
-        parent = _field_at(loc[:-1]) if len(loc) > 1 else None
-        ann = _unwrap(parent.annotation) if parent is not None else None
-        if ann is not None and typing.get_origin(ann) in (list, dict):
-            ann = _unwrap(typing.get_args(ann)[-1])
-            return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-        return None
-    ann = _unwrap(info.annotation)
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-
-
-def _unwrap(ann: Any) -> Any:
-    while True:
-        origin = typing.get_origin(ann)
-        if origin is typing.Annotated:
-            ann = typing.get_args(ann)[0]
-        elif origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            args = [a for a in typing.get_args(ann) if a is not type(None)]
-            if len(args) != 1:
-                return ann
-            ann = args[0]
-        else:
-            return ann
-
-
 def _problem_from_pydantic(error: dict, origins: dict) -> Problem:
     loc = tuple(error["loc"])
     kind = error["type"]
     where = _nearest(origins, loc)
     where_text = str(where) if where else None
     if kind == "extra_forbidden":
-        parent = _model_at(loc[:-1])
+        parent = model_at(loc[:-1])
         allowed = sorted(parent.model_fields) if parent else []
         what = "unknown stage kind" if parent is not None and getattr(parent, "__stage_entry__", False) else "unknown key"
         guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
         hint = f" — did you mean {guess[0]}?" if guess else f"; allowed: {', '.join(allowed)}"
-        return Problem(_format_loc(loc), f"{what}{hint}", where_text)
+        return Problem(format_loc(loc), f"{what}{hint}", where_text)
     if kind == "missing":
-        return Problem(_format_loc(loc), "required key is missing", where_text)
+        return Problem(format_loc(loc), "required key is missing", where_text)
     message = error["msg"].removeprefix("Value error, ")
     if kind not in ("value_error", "assertion_error") and "input" in error and not isinstance(error["input"], dict | list):
         message += f" (got {error['input']!r})"
-    return Problem(_format_loc(loc), message, where_text)
-
-
-def _format_loc(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(recipe)"
-
-
-def _parse_loc(text: str) -> Loc:
-    """`stages[0].sft.lr` or `stages.0.sft.lr` -> ("stages", 0, "sft", "lr")."""
-    parts: list = []
-    for piece in re.findall(r"[^.\[\]]+", text):
-        parts.append(int(piece) if piece.lstrip("-").isdigit() else piece)
-    return tuple(parts)
+    return Problem(format_loc(loc), message, where_text)
 
 
 def _get_at(data: Any, loc: Loc) -> Any:
@@ -476,14 +348,6 @@ def _set_at(data: Any, loc: Loc, value: Any) -> None:
         parent[loc[-1]] = value
     except (KeyError, IndexError, TypeError):
         pass
-
-
-def _display_path(path: str | Path) -> str:
-    path = Path(path)
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def _annotated_lines(data: Any, loc: Loc, loaded: LoadedRecipe, indent: int) -> list[str]:

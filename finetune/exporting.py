@@ -11,13 +11,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from finetune import gguf_export, model_card, parity
+from finetune.data.template import verify_contract, write_contract
 from finetune.errors import WenmaiError
+from finetune.merging import apply_contract
+from finetune.model_card import data_cards, provenance
+from finetune.run_dir import atomic_write_json, sha256_file, utc_now
 
 
 def write_hf(model: Any, tokenizer: Any, contract: dict, folder: Path, max_shard_size: str) -> None:
     """The from_pretrained folder: weights, tokenizer and chat template, stop ids, and the template contract."""
-    from finetune.data.template import write_contract
-    from finetune.merging import apply_contract
 
     apply_contract(model, contract).save_pretrained(folder, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(folder)
@@ -28,7 +31,6 @@ def reload_hf(folder: Path, contract: dict, dtype: Any, device: str) -> Any:
     """Load the HF export with plain transformers, checking its tokenizer and stop ids against the contract."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.data.template import verify_contract
 
     verify_contract(AutoTokenizer.from_pretrained(str(folder)), contract, "the HF export")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
@@ -46,7 +48,6 @@ def write_and_check_gguf(folder: Path, gguf_type: str, contract: dict, name: str
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import gguf_export, parity
 
     file = folder / gguf_export.gguf_file_name(name, gguf_type)
     info = gguf_export.write_gguf(folder, file, gguf_type, contract, name, pre_tokenizer,
@@ -61,8 +62,6 @@ def write_and_check_gguf(folder: Path, gguf_type: str, contract: dict, name: str
 
 def provenance_block(run_dir: Any, recipe: Any, model_stage: str, producer: str | None) -> dict:
     """The provenance block for this export (file hashes are added once the files are final)."""
-    from finetune.model_card import provenance
-    from finetune.run_dir import utc_now
 
     status = run_dir.status(model_stage)
     adapter_stage = (status.inputs.get("adapter") if status else None) or model_stage
@@ -72,8 +71,6 @@ def provenance_block(run_dir: Any, recipe: Any, model_stage: str, producer: str 
 def write_card(folder: Path, run_dir: Any, recipe: Any, provenance: dict, comparisons: list, gguf_files: list[dict],
                contract: dict, config: Any) -> None:
     """wenmai_provenance.json (with file hashes), data cards, README.md; then make the folder readable to all."""
-    from finetune import model_card
-    from finetune.run_dir import atomic_write_json, sha256_file
 
     provenance["files_sha256"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
                                   if p.suffix in (".safetensors", ".gguf")}
@@ -117,7 +114,6 @@ def _parity_rows(run_dir: Any, recipe: Any, comparisons: list) -> list[dict]:
 
 
 def _copy_data_cards(run_root: Path, stage_names: list[str], target: Path) -> list[tuple[str, str, list[str]]]:
-    from finetune.model_card import data_cards
 
     copied = []
     for stage, path, notes in data_cards(run_root, stage_names):

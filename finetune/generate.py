@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data.template import read_contract, verify_contract
 from finetune.errors import WenmaiError
+from finetune.model_card import EXPLICIT_LABEL, PROVENANCE_FILE, implicit_label
 
 
 @dataclass
@@ -24,7 +26,6 @@ class Reply:
     metadata: dict | None = None
 
     def to_json(self) -> dict:
-        from finetune.model_card import EXPLICIT_LABEL
 
         out: dict[str, Any] = {"role": "assistant", "content": self.text, "stopped_at_eos": self.stopped}
         if self.metadata is not None:
@@ -39,8 +40,6 @@ class ExportedModel:
     def __init__(self, export_dir: str | Path, gguf_file: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from finetune.data.template import read_contract, verify_contract
-        from finetune.model_card import PROVENANCE_FILE
 
         self.folder = find_export(Path(export_dir))
         self.contract = read_contract(self.folder)
@@ -59,7 +58,6 @@ class ExportedModel:
         """The model's next assistant turn for `messages`, rendered with the training chat template."""
         import torch
 
-        from finetune.model_card import implicit_label
 
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import WenmaiError
+from finetune.model import compute_dtype
 from finetune.recipe import ModelSection
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -24,7 +25,6 @@ BASELINE = 2**29  # the Python process with torch and transformers loaded
 
 def merge_section(section: ModelSection) -> ModelSection:
     """The model section to merge into: same model, unquantised, in the compute dtype training used (sdpa attention)."""
-    from finetune.model import compute_dtype
 
     dtype = str(compute_dtype(section)).removeprefix("torch.")
     return section.model_copy(update={"quantization": "none", "dtype": dtype, "attention": "sdpa"})
@@ -136,58 +136,6 @@ def apply_contract(model: Any, contract: dict) -> Any:
 
 
 # --- the template contract across a run ---------------------------------------------------------
-
-@dataclass
-class TrainedTokenizer:
-    """The tokenizer training used, verified against the contract the first training stage recorded."""
-
-    tokenizer: Any
-    contract: dict
-    folder: Path
-    contract_file: Path
-
-
-def trained_tokenizer(run_dir: Any, recipe: Any, produced_by: dict[str, str], where: str) -> TrainedTokenizer:
-    """Load and verify the tokenizer for the stage whose outputs are `produced_by`.
-
-    The first finished stage of the run with a `template` output recorded the training contract; the
-    producing stage's own tokenizer and contract (if it has them) must match it.
-    """
-    from transformers import AutoTokenizer
-
-    from finetune.data.template import CONTRACT_FILE, read_contract, verify_contract
-
-    with_contract = [o for o in finished_outputs(run_dir, recipe) if "template" in o and "tokenizer" in o]
-    if not with_contract:
-        raise WenmaiError(f"{run_dir.root} has no finished training stage that recorded a template contract "
-                          f"({CONTRACT_FILE}); run or resume training first")
-    first = with_contract[0]
-    contract_file = Path(first["template"])
-    contract = read_contract(contract_file.parent)
-    own = produced_by if "template" in produced_by and "tokenizer" in produced_by else first
-    own_contract = read_contract(Path(own["template"]).parent)
-    if own_contract.get("chat_template_sha256") != contract.get("chat_template_sha256") or \
-            own_contract.get("stop_token_ids") != contract.get("stop_token_ids"):
-        raise WenmaiError(f"template contract broken at {where}: {own['template']} records a different chat template or "
-                          f"stop tokens than {contract_file}, which the first training stage wrote")
-    folder = Path(own["tokenizer"])
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        raise WenmaiError(f"cannot load the trained tokenizer from {folder}: {err}") from None
-    verify_contract(tokenizer, contract, f"{where} ({folder})")
-    return TrainedTokenizer(tokenizer, contract, folder, contract_file)
-
-
-def finished_outputs(run_dir: Any, recipe: Any) -> list[dict[str, str]]:
-    """The outputs (absolute paths) of every finished stage of a run, in recipe order."""
-    outputs = []
-    for config in recipe.stage_configs():
-        status = run_dir.status(config.stage_name)
-        if status is not None and status.state == "done":
-            outputs.append({kind: str(run_dir.root / config.stage_name / rel) for kind, rel in status.outputs.items()})
-    return outputs
-
 
 # --- helpers -------------------------------------------------------------------------------------
 

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.data.template import resolve_template
+from finetune.distributed.ranks import current
 from finetune.errors import WenmaiError
 from finetune.recipe import LoraSection, ModelSection
+from finetune.run_dir import atomic_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,6 @@ def load_tokenizer(section: ModelSection, source: ModelSource):
     """The tokenizer, with the recipe's chat template if it sets one and a pad token."""
     from transformers import AutoTokenizer
 
-    from finetune.data.template import resolve_template
 
     tokenizer = _from_pretrained(AutoTokenizer, section, source)
     if section.chat_template:
@@ -216,28 +218,6 @@ def trainable_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def estimate_lora_parameters(config: dict, section: LoraSection) -> int | None:
-    """LoRA parameters for a decoder-only transformer config, from its shapes alone."""
-    try:
-        hidden = config["hidden_size"]
-        layers = config["num_hidden_layers"]
-        heads = config["num_attention_heads"]
-        kv_heads = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
-        inter = config["intermediate_size"]
-    except (KeyError, TypeError):
-        return None
-    shapes = {
-        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim), "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
-    }
-    names = shapes if section.targets == "all-linear" else [t for t in section.targets if t in shapes]
-    per_layer = sum(section.r * (shapes[n][0] + shapes[n][1]) for n in names)
-    if section.variant == "dora":
-        per_layer += sum(shapes[n][1] for n in names)
-    return per_layer * layers
-
-
 # --- helpers ---------------------------------------------------------------------------------
 
 def _shards_weights() -> bool:
@@ -255,7 +235,6 @@ def _adapter_dtype_kwargs(quantized: bool) -> dict[str, Any]:
 
 
 def _local_gpu() -> int:
-    from finetune.distributed.ranks import current
 
     return current().local_rank
 
@@ -290,7 +269,6 @@ def _package_folder(path: str) -> Path:
 
 
 def _converted_folder(gguf: Path, cache_dir: Path) -> Path:
-    from finetune.run_dir import sha256_file
 
     return cache_dir / f"{gguf.stem}-{sha256_file(gguf)[:12]}"
 
@@ -301,7 +279,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise WenmaiError("model.gguf_file needs the gguf package: pip install 'wenmai[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.run_dir import atomic_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -17,6 +17,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from finetune import __version__
+from finetune.data.card import DataCard
+
 PROVENANCE_FILE = "wenmai_provenance.json"
 STANDARD = "GB 45438-2025 (Cybersecurity technology — Labeling method for AI-generated synthetic content)"
 EXPLICIT_LABEL = "本内容由人工智能生成 · AI-generated content"
@@ -26,8 +29,6 @@ DATA_CARD_FILES = ("data_card.json", "data_card.md")
 def provenance(run_name: str, recipe: Any, lineage: dict, producer: str | None, created: str,
                files: dict[str, str], adapter_stage: str | None) -> dict:
     """The machine-readable provenance block: who produced this model, from what, when."""
-    import finetune
-
     model = lineage.get("model", {})
     return {
         "schema": "wenmai-provenance/1",
@@ -37,7 +38,7 @@ def provenance(run_name: str, recipe: Any, lineage: dict, producer: str | None, 
             "implicit_label": "`wenmai chat --label` attaches AIGC metadata to each generation",
             "standard": STANDARD,
         },
-        "producer": {"organisation": producer, "tool": "Wenmai", "tool_version": finetune.__version__},
+        "producer": {"organisation": producer, "tool": "Wenmai", "tool_version": __version__},
         "run_id": run_name,
         "recipe": recipe.name,
         "base_model": {k: model.get(k) for k in ("path", "revision", "gguf_file", "gguf_sha256") if model.get(k)},
@@ -149,7 +150,6 @@ def _figures(summary: dict) -> str:
 def _card_lines(path: Path) -> list[str]:
     """One line per dataset of a data layer card: records kept, licences, sources, grades, personal data."""
     try:
-        from finetune.data.card import DataCard
 
         card = DataCard.model_validate_json(path.read_text(encoding="utf-8"))
     except (ImportError, OSError, ValueError):

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from finetune.data import load_records
+from finetune.data.chat import render, to_messages
+from finetune.recipe import Tolerance
 
 BUILTIN_PROMPTS = (
     "用一句话介绍故宫博物院。",
@@ -19,18 +21,6 @@ BUILTIN_PROMPTS = (
     "Name one thing the Silk Road carried between China and Europe.",
 )
 MAX_PROMPT_TOKENS = 256
-
-
-class Tolerance(BaseModel):
-    """How far a candidate's next-token logits may drift from the reference before the gate refuses it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_abs_logit_diff: float = Field(..., gt=0, description="Largest allowed |logit difference| over every probe step.")
-    mean_kl: float = Field(..., gt=0, description="Largest allowed mean KL(reference ‖ candidate) of the next-token distributions.")
-    min_greedy_agreement: float = Field(
-        ..., ge=0, le=1, description="Smallest allowed share of probes whose greedy continuation the candidate reproduces exactly."
-    )
 
 
 # Measured on SmolLM2-135M (scripts/bench/merge_export.py) with about 3x headroom; tiny models sit far below.
@@ -139,8 +129,6 @@ class Comparison:
 
 def build_probes(recipe: Any, tokenizer: Any, dataset: str | None, count: int) -> list[Probe]:
     """The first `count` prompts of `dataset` (rendered with the chat template) plus the built-in bilingual ones."""
-    from finetune.data import load_records
-    from finetune.data.chat import render, to_messages
 
     texts: list[tuple[str, str]] = []
     if dataset is not None and count > 0:

@@ -1,105 +1,85 @@
-"""Running a recipe: pre-flight, the run folder, each stage in order, resume, and lineage."""
+"""Running a recipe: loading it with every check, pre-flight, the run folder, each stage in order, resume.
+
+`load_recipe` and `validate` are what `wenmai validate` calls; `start` and `resume` what `wenmai run`
+calls. Each stage's method is `finetune.stages.STAGES[kind].run`; the lineage is `finetune.lineage`.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.metadata
-import subprocess
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-
-import finetune
-from finetune.config_io import LoadedRecipe, load_recipe, load_resolved
-from finetune.distributed.config import stage_scope
+from finetune import speed
+from finetune.checks import preflight as compatibility
+from finetune.checks.files import data_policy_problems
+from finetune.config_io import LoadedRecipe, load_run_recipe
+from finetune.config_io import load_recipe as load_recipe_file
+from finetune.data import load_records
 from finetune.distributed.ranks import Ranks, barrier, connect, is_main_process, main_only
 from finetune.errors import ConfigError, Problem, WenmaiError
-from finetune.recipe import Recipe, wiring
-from finetune.run_dir import (
-    RunDir,
-    StageStatus,
-    atomic_write_json,
-    atomic_write_text,
-    sha256_file,
-    truncate_metrics,
-    utc_now,
-)
-from finetune.stages import STAGES
-from finetune.stages.base import StageContext
+from finetune.lineage import write_lineage
+from finetune.model import check_hardware, resolve_source
+from finetune.recipe import Recipe, used_datasets, wiring
+from finetune.report import write_report
+from finetune.run_dir import RunDir, StageContext, StageStatus, atomic_write_text, truncate_metrics, utc_now
+from finetune.stages import STAGES, stage_problems
+from finetune.stages import machine_problems as stage_machine_problems
+from finetune.tracking import backend_env, check_backends, dashboard_env
+from finetune.training import stage_scope
 
 Log = Callable[[str], None]
-TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "deepspeed", "liger-kernel")
+RECIPE_CHECKS = (data_policy_problems, stage_problems)  # what needs files or installed packages, beyond the schema
 
 
-class StageLineage(BaseModel):
-    name: str
-    kind: str
-    state: str
-    inputs: dict[str, str] = Field(default_factory=dict)  # input field -> stage name
-    outputs: dict[str, str] = Field(default_factory=dict)  # output kind -> path relative to the run folder
-    started: str | None = None
-    finished: str | None = None
-    gate: dict | None = None  # an evaluate stage's gate: passed, forced (wenmai run --force), failed gates
-    used: dict | None = None  # what a stage started from: the policy adapter (path, sha256), the reward model
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+    """Read and validate a recipe with every check that needs no weights: the schema, wiring, the stages' files
+    and installed packages; raise `ConfigError` listing every problem at its file:line."""
+    return load_recipe_file(path, overrides, checks=RECIPE_CHECKS)
 
 
-class Lineage(BaseModel):
-    """What went into a run and what each stage made of it."""
+@dataclass
+class Validation:
+    """What `wenmai validate` shows after the resolved recipe: data counts, warnings, the pre-flight, speed choices."""
 
-    run: str
-    recipe: str
-    created: str
-    updated: str
-    wenmai_version: str
-    git_commit: str | None
-    packages: dict[str, str]
-    model: dict
-    data: dict[str, dict]
-    stages: list[StageLineage]
+    counts: dict[str, dict]
+    warnings: list[str]
+    report: compatibility.Report
+    speed_lines: list[str]
+
+
+def validate(recipe: Recipe, gpus: int = 1, nodes: int = 1) -> Validation:
+    """Read every dataset, run the pre-flight for `gpus` x `nodes` processes, plan the speed options; load no weights."""
+    counts = check_data(recipe)
+    warnings = preflight(recipe, distributed=False)
+    report = compatibility.check(recipe, world_size=gpus * nodes, gpus_per_node=gpus, with_estimates=True)
+    return Validation(counts, warnings, report, speed.plan_lines(recipe))
 
 
 def preflight(recipe: Recipe, world_size: int = 1, distributed: bool = True) -> list[str]:
     """Problems that stop a run before anything heavy: hardware for the model, missing dashboard packages,
     and (with `distributed`) the errors of the compatibility check: recipe x installed versions x this machine."""
-    from finetune.distributed.preflight import check
-    from finetune.model import check_hardware, resolve_source
-    from finetune.speed import machine_problems_here as speed_machine_problems
-    from finetune.tracking import check_backends
-
-    problems = check_hardware(recipe.model) + check_backends(recipe.tracking) + speed_machine_problems(recipe)
-    problems += [p for c in recipe.stage_configs() for p in (c.machine_problems() if hasattr(c, "machine_problems") else [])]
+    problems = check_hardware(recipe.model) + check_backends(recipe.tracking) + speed.machine_problems_here(recipe)
+    problems += stage_machine_problems(recipe)
     try:
         resolve_source(recipe.model, convert=False)
     except WenmaiError as err:
         problems.append(str(err))
     if distributed:
-        problems += [str(f) for f in check(recipe, world_size).blocking()]
+        problems += [str(f) for f in compatibility.check(recipe, world_size).blocking()]
     return problems
 
 
 def check_data(recipe: Recipe) -> dict[str, dict]:
     """Read and validate every dataset a stage uses; returns per-dataset counts. Raises on bad data."""
-    from finetune.data import load_records
-
     counts = {}
     for name in used_datasets(recipe):
         records = load_records(recipe, name)
         counts[name] = {"records": len(records.records), "skipped": len(records.skipped),
-                        "report": getattr(records, "report", None)}  # what the data layer kept out, and why
+                        "report": records.report}  # what the data layer kept out, and why
     return counts
-
-
-def used_datasets(recipe: Recipe) -> list[str]:
-    names: list[str] = []
-    for config in recipe.stage_configs():
-        for field_name, info in type(config).model_fields.items():
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            value = getattr(config, field_name)
-            if "dataset" in extra and value and value not in names:
-                names.append(value)
-    return names
 
 
 def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print, force: bool = False) -> RunDir:
@@ -107,6 +87,9 @@ def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log
     recipe = loaded.recipe
     ranks = connect(recipe.distributed)  # several processes (wenmai launch): join them first
     log = main_only(log)
+    file_problems = [] if loaded.checked else [p for check in RECIPE_CHECKS for p in check(recipe)]
+    if file_problems:  # a recipe read without them (`config_io.load_recipe`) is checked here
+        raise ConfigError([loaded.locate(p) for p in file_problems])
     problems = preflight(recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
@@ -128,7 +111,7 @@ def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, over
            force: bool = False) -> RunDir:
     """Continue a run: finished stages are skipped, an interrupted one restarts from its last checkpoint."""
     run_dir = RunDir.open(run_dir_path)
-    stored = load_resolved(run_dir.recipe_path.read_text(encoding="utf-8"), run_dir.recipe_path)
+    stored = load_run_recipe(run_dir)
     if overrides and recipe_path is None:
         raise WenmaiError("--set cannot change a run being resumed; start a new run to change settings")
     if recipe_path is not None:
@@ -153,8 +136,6 @@ def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, over
 def _convert_once_per_node(recipe: Recipe, ranks: Ranks) -> None:
     """A GGUF model is converted into the node's cache by one process while the others wait."""
     if recipe.model.gguf_file and ranks.world_size > 1:
-        from finetune.model import resolve_source
-
         if ranks.local_rank == 0:
             resolve_source(recipe.model)
         barrier()
@@ -183,8 +164,6 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = 
 
 def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, force: bool, main: bool,
               only: Collection[str] | None = None) -> None:
-    from finetune.tracking import backend_env, dashboard_env
-
     configs = recipe.stage_configs()
     for number, config in enumerate(configs, start=1):
         name = config.stage_name
@@ -217,7 +196,7 @@ def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, 
             recipe=recipe,
             config=config,
             run_dir=run_dir,
-            inputs={field: _outputs(run_dir, stage) for field, stage in inputs.items()},
+            inputs={field: run_dir.outputs(stage) for field, stage in inputs.items()},
             input_stages=inputs,
             resume_from=checkpoint,
             extra={"force": force},
@@ -273,85 +252,10 @@ def _glibc():
 
 def _write_report(run_dir: RunDir, log: Log) -> None:
     """The HTML run report, after every run (finished or stopped); a report problem never hides the run's own error."""
-    from finetune.report import write_report
-
     try:
         log(f"report: {write_report(run_dir)}")
     except Exception as err:  # the report is a view: the run's own outcome stands
         log(f"report not written ({type(err).__name__}: {err}); retry with `wenmai report {run_dir.root}`")
-
-
-def _outputs(run_dir: RunDir, stage: str) -> dict[str, str]:
-    status = run_dir.status(stage)
-    if status is None or status.state != "done":
-        raise WenmaiError(f"stage '{stage}' has not finished, so later stages cannot read its outputs")
-    return {kind: str(run_dir.root / stage / rel) for kind, rel in status.outputs.items()}
-
-
-def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
-    """(Re)write lineage.json from the recipe, the input files, and every stage's status."""
-    previous = {}
-    if run_dir.lineage_path.is_file():
-        previous = Lineage.model_validate_json(run_dir.lineage_path.read_text(encoding="utf-8")).model_dump()
-    stages = []
-    for config in recipe.stage_configs():
-        status = run_dir.status(config.stage_name)
-        stages.append(StageLineage(
-            name=config.stage_name, kind=config.kind, state=status.state if status else "pending",
-            inputs=status.inputs if status else {},
-            outputs={k: f"{config.stage_name}/{v}" for k, v in (status.outputs if status else {}).items()},
-            started=status.started if status else None, finished=status.finished if status else None,
-            gate=status.summary.get("gate") if status else None, used=status.summary.get("used") if status else None,
-        ))
-    lineage = Lineage(
-        run=run_dir.name,
-        recipe=recipe.name,
-        created=previous.get("created") or utc_now(),
-        updated=utc_now(),
-        wenmai_version=finetune.__version__,
-        git_commit=previous.get("git_commit") or _git_commit(),
-        packages=previous.get("packages") or _package_versions(),
-        model=previous.get("model") or _model_lineage(recipe),
-        data=previous.get("data") or {name: _file_lineage(Path(recipe.data[name].path), recipe.data[name].format)
-                                      for name in used_datasets(recipe)},
-        stages=stages,
-    )
-    atomic_write_json(run_dir.lineage_path, lineage.model_dump())
-
-
-def _model_lineage(recipe: Recipe) -> dict:
-    from finetune.model import resolve_source
-
-    info = {"path": recipe.model.path, "revision": recipe.model.revision, "dtype": recipe.model.dtype,
-            "quantization": recipe.model.quantization}
-    source = resolve_source(recipe.model, convert=False)
-    info.update(source.describe())
-    if source.gguf_path is not None:
-        info["gguf_sha256"] = sha256_file(source.gguf_path)
-    return info
-
-
-def _file_lineage(path: Path, fmt: str) -> dict:
-    return {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def _package_versions() -> dict[str, str]:
-    versions = {"python": __import__("platform").python_version()}
-    for name in TRACKED_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _differences(a: object, b: object, path: str = "") -> list[str]:

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import yaml
 
+from finetune.config_io import load_resolved, load_run_recipe
 from finetune.errors import WenmaiError
+from finetune.gguf_export import GGUF_TYPES
 from finetune.pipeline import Log, run_stages
+from finetune.recipe import wiring
 from finetune.run_dir import RunDir, atomic_write_text, utc_now
+from finetune.tracking import check_backends
 
 
 def extend_run(run_dir_path: str | Path, stages: list[tuple[str, dict]], force: bool = False, log: Log = print) -> RunDir:
     """Run `stages` ((kind, options) pairs) on a run folder; a done stage reruns only if its options changed or `force`."""
-    from finetune.config_io import load_resolved
-    from finetune.recipe import wiring
-    from finetune.tracking import check_backends
-
     run_dir = RunDir.open(run_dir_path)
     data = yaml.safe_load(run_dir.recipe_path.read_text(encoding="utf-8"))
     targets, changed = [], set()
@@ -76,16 +76,14 @@ def _put_stage(items: list, kind: str, name: str, options: dict, run_dir: RunDir
 
 def producer_of(run_dir: RunDir, output: str, exclude_kind: str | None = None) -> str | None:
     """The latest stage of the run's recipe that produces `output` (adapter, model, ...), if any."""
-    from finetune.config_io import load_resolved
 
-    recipe = load_resolved(run_dir.recipe_path.read_text(encoding="utf-8"), run_dir.recipe_path).recipe
+    recipe = load_run_recipe(run_dir).recipe
     names = [c.stage_name for c in recipe.stage_configs() if output in c.produces and c.kind != exclude_kind]
     return names[-1] if names else None
 
 
 def export_stages(run_dir_path: str | Path, formats: str | None, gguf_types: str | None, name: str = "export") -> list[tuple[str, dict]]:
     """The stages `wenmai export` runs: a merge first when the run has none, then the export with these options."""
-    from finetune.gguf_export import GGUF_TYPES
 
     options: dict = {} if name == "export" else {"name": name}
     if formats is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.plots import fmt, line_chart
-from finetune.run_dir import RunDir, StageStatus, atomic_write_text, read_metrics
+from finetune.run_dir import METRICS_FILE, RunDir, StageStatus, atomic_write_text, read_metrics
 
 REPORT_FILE = "report.html"
 DATA_CARD_FILE = "data_card.json"
@@ -65,7 +65,7 @@ def _stage_section(run_dir: RunDir, stage: dict) -> str:
     name = stage["name"]
     parts = [f'<section id="stage-{escape(name)}"><h2>{escape(name)} <small>({escape(stage.get("kind", ""))})</small></h2>',
              _warnings(run_dir.status(name))]
-    rows = read_metrics(run_dir.root / name / "metrics.jsonl")
+    rows = read_metrics(run_dir.root / name / METRICS_FILE)
     curves, finals = _series(rows)
     if curves:
         parts.append('<div class="charts">' + "".join(line_chart(title, group) for title, group in curves) + "</div>")

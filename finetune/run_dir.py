@@ -1,4 +1,8 @@
-"""The run folder: its layout, atomic writes, stage status and metrics. Nothing else builds these paths."""
+"""The run folder: its layout, atomic writes, stage status and metrics, and what a stage receives and returns.
+
+Nothing else builds these paths: a stage's folder, checkpoints, metrics, status and the files every
+training stage leaves are named here.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,25 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from pydantic import BaseModel, Field
 
 from finetune.errors import WenmaiError
+
+if TYPE_CHECKING:
+    from finetune.recipe import Recipe
 
 RECIPE_FILE = "recipe.yaml"
 LINEAGE_FILE = "lineage.json"
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
+DATA_CARD_FILE = "data_card.md"
+REGISTER_FILE = "sensitive_register.jsonl"
 
 
 class StageStatus(BaseModel):
@@ -119,6 +129,20 @@ class RunDir:
             raise WenmaiError(f"stage '{stage}' produced no {kind} (it has: {', '.join(status.outputs) or 'nothing'})")
         return self.root / stage / status.outputs[kind]
 
+    def outputs(self, stage: str) -> dict[str, str]:
+        """Every typed output of a finished stage, as absolute paths."""
+        status = self.status(stage)
+        if status is None or status.state != "done":
+            raise WenmaiError(f"stage '{stage}' has not finished, so later stages cannot read its outputs")
+        return {kind: str(self.root / stage / rel) for kind, rel in status.outputs.items()}
+
+    def relative(self, path: str | Path) -> str:
+        """`path` relative to the run folder (as the lineage lists outputs), or as given when outside it."""
+        try:
+            return str(Path(path).resolve().relative_to(self.root.resolve()))
+        except ValueError:
+            return str(path)
+
     def latest_checkpoint(self, stage: str) -> Path | None:
         """The newest complete trainer checkpoint (its trainer_state.json is written last and parses)."""
         folder = self.root / stage / CHECKPOINTS_DIR
@@ -147,13 +171,14 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator[TextIO]:
+    """A text file that appears at `path` complete (flushed, fsynced, renamed over it) or not at all."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -161,6 +186,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
@@ -194,3 +225,32 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's `run` receives."""
+
+    recipe: Recipe
+    config: Any  # the stage's own options (a `finetune.recipe.StageOptions` subclass)
+    run_dir: RunDir
+    inputs: dict[str, dict[str, str]]  # input field -> the producing stage's outputs (absolute paths)
+    resume_from: Path | None = None  # last checkpoint of an interrupted attempt
+    input_stages: dict[str, str] = field(default_factory=dict)  # input field -> the producing stage's name
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir.stage_dir(self.config.stage_name)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir.metrics_path(self.config.stage_name)
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: typed outputs (paths relative to its folder) and summary figures."""
+
+    outputs: dict[str, str]
+    summary: dict[str, Any] = field(default_factory=dict)

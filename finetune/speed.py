@@ -1,12 +1,12 @@
 """Speed paths for trainer stages: the `speed:` options, what `auto` picks on this machine, and the changes
 they make to model loading and the trainer's arguments.
 
-Every trainer stage has a `speed:` section (`SpeedOptions`). `plan` resolves it for one stage on one
-machine; it is a pure function of the recipe and a `Machine`, so tests pass a fake one. `changes` turns a
-plan into what the stage passes on: training arguments (Liger kernels, activation checkpointing,
-torch.compile, padding-free batches, the micro-batch split), the adapter's QLoRA preparation, and an
-attention implementation. `problems` (recipe only, `wenmai validate`) and `machine_problems` (this
-machine, the pre-flight) are the checks.
+The sft and reward stages have a `speed:` section (`finetune.recipe.SpeedOptions`; its contradictions are
+checked with the recipe). `plan` resolves it for one stage on one machine; it is a pure function of the
+recipe and a `Machine`, so tests pass a fake one. `changes` turns a plan into what the stage passes on:
+training arguments (Liger kernels, activation checkpointing, torch.compile, padding-free batches, the
+micro-batch split), the adapter's QLoRA preparation, and an attention implementation.
+`machine_problems` (this machine, the pre-flight) is the check that needs the machine.
 """
 
 from __future__ import annotations
@@ -16,65 +16,23 @@ import importlib.util
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-if TYPE_CHECKING:
-    from finetune.distributed.memory import Shape
-    from finetune.errors import Problem
-    from finetune.recipe import Recipe
+from finetune.autotune import MODES, choose, footprint, tokens_per_example
+from finetune.distributed.config import shards_weights
+from finetune.distributed.hardware import detect
+from finetune.distributed.memory import Shape, model_shape
+from finetune.model import model_config_dict
+from finetune.recipe import Recipe, SpeedOptions
+from finetune.recipe.options import checkpointing_mode
+from finetune.training import checkpointing_args
+from finetune.varlen import ATTENTION, varlen_kernel
 
 # Liger's layer kernels; its fused linear cross-entropy is off because TRL's SFTTrainer already projects the LM
 # head in tiles (trl.trainer.utils.add_fused_lm_head) and refuses Liger's, and a reward model has no LM head.
 LIGER_KERNELS = {"rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
 GIB = 1024**3
 HEADS = {"sft": "fused", "reward": "none"}  # how each stage's trainer scores tokens (memory of its head, autotune)
-# The stages that run a speed plan; the preference and RL stages have their own fast paths for now
-# (precompute_ref_log_probs, liger_kernel) and refuse a `speed:` section rather than ignore it.
-APPLIES = tuple(HEADS)
-
-
-class SpeedOptions(BaseModel):
-    """How a trainer stage runs fast: kernels, padding, activation memory, compilation, micro-batches."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    liger: bool | Literal["auto"] = Field(
-        "auto",
-        description="Liger Triton kernels for RMSNorm, RoPE and SwiGLU (through transformers' use_liger_kernel). "
-        "auto: on with a CUDA GPU when liger-kernel is installed and supports the model type.",
-    )
-    padding_free: bool | Literal["auto"] = Field(
-        "auto",
-        description="Run each micro-batch as one row of its sequences, no padding, each sequence attending only to "
-        "itself (position_ids). auto: on CPU (SDPA masks by position_ids); on a GPU when PyTorch's varlen flash "
-        "attention or flash_attention_2 is there. Always on with packing. sft only.",
-    )
-    checkpointing: bool | Literal["auto", "full", "selective", "offload"] = Field(
-        "auto",
-        description="Activation checkpointing: false (off), full (or true) recomputes every layer, selective every "
-        "`checkpoint_every`-th, offload also keeps the checkpointed inputs in host memory. auto: follows gradient_checkpointing when set; "
-        "off on CPU; on a GPU the fastest choice whose memory estimate fits `memory_budget`.",
-    )
-    checkpoint_every: int | None = Field(
-        None, ge=2, description="selective: checkpoint every this many layers (default: on a GPU the largest stride that "
-        "fits the budget, else 2)."
-    )
-    compile: bool = Field(False, description="torch.compile the model (compiling takes minutes on CPU).")
-    batch: Literal["auto", "fixed"] = Field(
-        "auto",
-        description="auto: on a GPU, split the global batch (batch_size x gradient_accumulation) into the micro-batch "
-        "that runs fastest within `memory_budget`; the global batch and the loss are unchanged. fixed: as written.",
-    )
-    memory_budget: float = Field(
-        0.85, gt=0, description="GPU memory the auto choices may plan for: a share of the GPU if at most 1, else GiB."
-    )
-    qlora_upcast: bool = Field(
-        False,
-        description="QLoRA: upcast norms and embeddings to fp32 as PEFT's prepare_model_for_kbit_training does; "
-        "false keeps them in the compute dtype (less memory, faster).",
-    )
 
 
 @dataclass(frozen=True)
@@ -92,8 +50,6 @@ class Machine:
 
 def detect_machine() -> Machine:
     """This machine: CUDA, bf16, GPU memory, liger-kernel, PyTorch varlen attention."""
-    from finetune.distributed.preflight import detect
-
     hardware = detect()
     liger_models, missing = None, "liger-kernel is not installed"
     if importlib.util.find_spec("liger_kernel") is not None:
@@ -103,7 +59,6 @@ def detect_machine() -> Machine:
             liger_models = frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
         except Exception as err:  # noqa: BLE001 (Triton missing, CUDA mismatch: any import failure means unusable)
             missing = f"liger-kernel does not import ({type(err).__name__}: {err})"
-    from finetune.varlen import varlen_kernel
 
     return Machine(cuda=hardware.cuda, bf16=hardware.bf16 if hardware.cuda else False, gpu_memory=hardware.gpu_memory,
                    gpu_name=hardware.gpu_name, liger_models=liger_models, liger_missing=missing,
@@ -147,7 +102,7 @@ class SpeedPlan:
 def plan(config: Any, recipe: Recipe, machine: Machine, shape: Shape | None = None, model_type: str | None = None,
          world_size: int = 1) -> SpeedPlan:
     """Resolve a trainer stage's `speed` options (and `gradient_checkpointing`) for `machine`."""
-    options: SpeedOptions = config.speed
+    options: SpeedOptions = config.speed_options()
     reasons: dict[str, str] = {}
     liger, reasons["liger"] = _liger(options, machine, model_type)
     padding_free, attention, reasons["padding_free"] = _padding_free(config, recipe, machine)
@@ -158,12 +113,10 @@ def plan(config: Any, recipe: Recipe, machine: Machine, shape: Shape | None = No
     every = options.checkpoint_every or 2
     estimate = None
     if tuning:
-        from finetune.autotune import choose, footprint
-
         sizes = None if options.batch == "auto" and per_device else [config.batch_size]
         needs = footprint(recipe, config, shape, world_size, machine.bf16, head=HEADS.get(config.kind, "full"), liger=liger,
                           qlora_upcast=options.qlora_upcast)
-        choice = choose(needs, _tokens_per_example(config), per_device or config.batch_size * config.gradient_accumulation,
+        choice = choose(needs, tokens_per_example(config), per_device or config.batch_size * config.gradient_accumulation,
                         budget(options, machine), modes, sizes, options.checkpoint_every)
         mode, every, estimate = choice.checkpointing, choice.every, choice.bytes
         if sizes is None:
@@ -187,9 +140,6 @@ def plan(config: Any, recipe: Recipe, machine: Machine, shape: Shape | None = No
 
 def plan_for(config: Any, recipe: Recipe, machine: Machine | None = None, world_size: int = 1) -> SpeedPlan:
     """`plan` on this machine, with the model's shapes read from its config (no weights are loaded)."""
-    from finetune.distributed.memory import model_shape
-    from finetune.model import model_config_dict
-
     model_config = model_config_dict(recipe.model) or {}
     return plan(config, recipe, machine or detect_machine(), model_shape(model_config), model_config.get("model_type"),
                 world_size)
@@ -200,26 +150,23 @@ class SpeedChanges:
     """What a stage passes on: option updates, training arguments, adapter arguments, an attention implementation."""
 
     options: dict[str, Any]  # updates to the stage's options before `build_training_args`
-    trainer: dict[str, Any]  # extra keyword arguments for `build_training_args`
+    trainer: dict[str, Any]  # extra keyword arguments for `build_training_args`, activation checkpointing included
     adapter: dict[str, Any]  # keyword arguments for `finetune.model.attach_new_adapter`
     attention: str | None  # switch the loaded model to this attention implementation (`finetune.varlen`)
 
 
 def changes(speed_plan: SpeedPlan, config: Any, config_cls: type, recipe: Recipe) -> SpeedChanges:
     """The one translation of a plan into model-loading and trainer-argument changes."""
-    from finetune.distributed.config import shards_weights
-    from finetune.training import checkpointing_args
-
     on = speed_plan.checkpointing != "off"
-    trainer = checkpointing_args(config_cls, on)
+    kwargs: dict[str, Any] | None = None
     if on:
         # reentrant checkpointing is what ZeRO-3 / FSDP need with PEFT (TRL #2514); torch.compile cannot trace it
-        kwargs: dict[str, Any] = {"use_reentrant": shards_weights(recipe.distributed) or not speed_plan.compile}
+        kwargs = {"use_reentrant": shards_weights(recipe.distributed) or not speed_plan.compile}
         if speed_plan.checkpointing == "selective":
             kwargs["every_n_layers"] = speed_plan.checkpoint_every
         if speed_plan.checkpointing == "offload":
             kwargs["offload"] = True
-        trainer[next(k for k in trainer if k.endswith("_kwargs"))] = kwargs
+    trainer = checkpointing_args(config_cls, on, kwargs)
     trainer["use_liger_kernel"] = speed_plan.liger
     if speed_plan.liger:
         trainer["liger_kernel_config"] = dict(LIGER_KERNELS)
@@ -256,27 +203,12 @@ def budget(options: SpeedOptions, machine: Machine) -> float:
     return options.memory_budget * GIB
 
 
-def problems(recipe: Recipe) -> list[Problem]:
-    """Speed options that contradict each other or the stage; knowable from the recipe alone."""
-    from finetune.errors import Problem
-
-    found = []
-    for i, config in enumerate(recipe.stage_configs()):
-        options = getattr(config, "speed", None)
-        if options is None:
-            continue
-        path = f"stages[{i}].{config.kind}"
-        for key, message in _option_conflicts(config, options):
-            found.append(Problem(f"{path}.{key}", message))
-    return found
-
-
 def machine_problems(recipe: Recipe, machine: Machine, model_type: str | None = None) -> list[str]:
     """Speed options this machine cannot run (the pre-flight: errors for `wenmai run`, warnings for validate)."""
     found = []
     for i, config in enumerate(recipe.stage_configs()):
-        options = getattr(config, "speed", None)
-        if options is None or options.liger is not True or config.kind not in APPLIES:
+        options = config.speed_options()
+        if options is None or options.liger is not True:
             continue
         path = f"stages[{i}].{config.kind}.speed.liger"
         if not machine.cuda:
@@ -291,10 +223,8 @@ def machine_problems(recipe: Recipe, machine: Machine, model_type: str | None = 
 
 def machine_problems_here(recipe: Recipe) -> list[str]:
     """`machine_problems` on this machine (detected only when a stage asks for something this machine may lack)."""
-    if not any(getattr(getattr(c, "speed", None), "liger", None) is True for c in recipe.stage_configs()):
+    if not any(c.speed_options() is not None and c.speed_options().liger is True for c in recipe.stage_configs()):
         return []
-    from finetune.model import model_config_dict
-
     return machine_problems(recipe, detect_machine(), (model_config_dict(recipe.model) or {}).get("model_type"))
 
 
@@ -302,7 +232,7 @@ def plan_lines(recipe: Recipe, machine: Machine | None = None) -> list[str]:
     """One line per trainer stage: what its speed options resolve to on this machine (`wenmai validate`)."""
     machine = machine or detect_machine()
     return [f"{c.stage_name}: {plan_for(c, recipe, machine).describe()}"
-            for c in recipe.stage_configs() if getattr(c, "speed", None) is not None and c.kind in APPLIES]
+            for c in recipe.stage_configs() if c.speed_options() is not None]
 
 
 # --- resolving each option ----------------------------------------------------------------------
@@ -321,16 +251,14 @@ def _liger(options: SpeedOptions, machine: Machine, model_type: str | None) -> t
 
 def _padding_free(config: Any, recipe: Recipe, machine: Machine) -> tuple[bool, str | None, str]:
     """(padding-free, attention implementation to switch to, why)."""
-    from finetune.varlen import ATTENTION
-
-    options, attention = config.speed, recipe.model.attention
+    options, attention = config.speed_options(), recipe.model.attention
     if not type(config).supports_padding_free:
         return False, None, f"the {config.kind} stage has no padding-free path"
     if options.padding_free is False:
         return False, None, "as set"
     varlen = machine.cuda and attention == "sdpa" and machine.varlen and _half_precision(config, recipe, machine)
     switch = ATTENTION if varlen else None
-    if getattr(config, "packing", False):
+    if config.packs():
         return True, switch, "packing is padding-free"
     if options.padding_free is True:
         return True, switch, "as set"
@@ -343,15 +271,13 @@ def _padding_free(config: Any, recipe: Recipe, machine: Machine) -> tuple[bool, 
 
 def _checkpointing_modes(config: Any, machine: Machine) -> tuple[tuple[str, ...], str]:
     """The checkpointing modes the stage allows, and why (empty: the auto choice)."""
-    options = config.speed
+    options = config.speed_options()
     if options.checkpointing != "auto":
-        return (mode_name(options.checkpointing),), "as set"
+        return (checkpointing_mode(options.checkpointing),), "as set"
     if "gradient_checkpointing" in config.model_fields_set and config.gradient_checkpointing != "auto":
         return (("full",), "gradient_checkpointing: true") if config.gradient_checkpointing else (("off",), "gradient_checkpointing: false")
     if not machine.cuda:
         return ("off",), ""
-    from finetune.autotune import MODES
-
     return MODES, ""
 
 
@@ -363,51 +289,9 @@ def _per_device_batch(config: Any, recipe: Recipe, world_size: int) -> int | Non
     return total // world_size if total % world_size == 0 else None
 
 
-def mode_name(value: bool | str) -> str:
-    """A `checkpointing` value as a mode name: false is off, true is full."""
-    if isinstance(value, bool):
-        return "full" if value else "off"
-    return value
-
-
-def _tokens_per_example(config: Any) -> int:
-    from finetune.autotune import _tokens_per_example as tokens
-
-    return tokens(config)
-
-
 def _half_precision(config: Any, recipe: Recipe, machine: Machine) -> bool:
     """Whether attention runs in bf16/fp16 (flash kernels need it)."""
     precision = config.precision if recipe.distributed.mixed_precision == "auto" else recipe.distributed.mixed_precision
     dtype = recipe.model.dtype
     return precision in ("bf16", "fp16") or dtype in ("bfloat16", "float16") or (
         machine.cuda and "auto" in (precision, dtype))
-
-
-def _option_conflicts(config: Any, options: SpeedOptions) -> list[tuple[str, str]]:
-    """(key relative to the stage, message) for each contradiction."""
-    if config.kind not in APPLIES:
-        if "speed" in config.model_fields_set:
-            return [("speed", f"the {config.kind} stage does not run the speed options yet (they apply to "
-                              f"{', '.join(APPLIES)}); remove `speed:` here"
-                              + (" and use its own precompute_ref_log_probs / liger_kernel options"
-                                 if hasattr(config, "precompute_ref_log_probs") else ""))]
-        return []
-    found = []
-    explicit = mode_name(options.checkpointing)
-    wants = config.gradient_checkpointing if "gradient_checkpointing" in config.model_fields_set else "auto"
-    if wants is False and explicit in ("full", "selective", "offload"):
-        found.append(("speed.checkpointing", f"is {explicit}, but gradient_checkpointing is false; remove one of them"))
-    if wants is True and explicit == "off":
-        found.append(("speed.checkpointing", "is false, but gradient_checkpointing is true; remove one of them"))
-    if options.checkpoint_every is not None and explicit not in ("auto", "selective"):
-        found.append(("speed.checkpoint_every", f"is only used with checkpointing: selective (it is {explicit})"))
-    if options.padding_free is True and not type(config).supports_padding_free:
-        found.append(("speed.padding_free", f"the {config.kind} stage has no padding-free path; use auto or false"))
-    if getattr(config, "packing", False) and options.padding_free is False:
-        found.append(("packing", "packing needs padding-free batches (TRL's best-fit packing keeps sequences apart "
-                                 "through position_ids); set speed.padding_free: auto or packing: false"))
-    if options.compile and explicit == "offload":
-        found.append(("speed.compile", "torch.compile runs all saved-tensor unpack hooks at once (pytorch#148222), so "
-                                       "offloaded checkpoints would save no memory; use checkpointing: full or compile: false"))
-    return found

@@ -1,34 +1,28 @@
-"""The one builder from a stage's shared training options to a TRL/transformers config."""
+"""The trainer skeleton every trainer stage shares: one builder of TRL/transformers arguments, `fit`, the metrics file.
+
+`build_training_args` turns a stage's shared training options and the recipe's `distributed` and
+`tracking` sections into the stage's TRL config. Activation checkpointing is decided once per stage, by
+`checkpointing_args`: from the speed plan for a stage that runs one (`finetune.speed.changes` passes it
+in), else from the options here. `fit` trains, resuming from a checkpoint, and evaluates after the last
+step; `loss_summary` gives the first and last losses.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from finetune.recipe import Recipe
-from finetune.stages.base import TrainingOptions
-from finetune.tracking import report_to
+from finetune.distributed import config as distributed_config
+from finetune.distributed.ranks import current
+from finetune.recipe import Recipe, TrainingOptions
+from finetune.run_dir import CHECKPOINTS_DIR
+from finetune.tracking import jsonl_callback, report_to
 
-
-def precision_flags(options: TrainingOptions, override: str = "auto") -> dict[str, bool]:
-    """bf16/fp16 flags: `distributed.mixed_precision`, else the stage's choice, else bf16 on a GPU that supports it, fp32 on CPU."""
-    import torch
-
-    precision = options.precision if override == "auto" else override
-    if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
-
-
-def gradient_checkpointing_on(options: TrainingOptions) -> bool:
-    import torch
-
-    if options.gradient_checkpointing == "auto":
-        return torch.cuda.is_available()
-    return bool(options.gradient_checkpointing)
+# reentrant checkpointing is what PEFT + ZeRO-3 needs (TRL #2514) and works everywhere else
+DEFAULT_CHECKPOINTING_KWARGS = {"use_reentrant": True}
 
 
 def build_training_args(
@@ -44,16 +38,16 @@ def build_training_args(
 
     The recipe's `distributed` section reaches every trainer stage here: DeepSpeed / FSDP settings,
     gradient clipping and precision overrides, and accumulation derived from a global batch size.
+    A stage with a speed plan passes its activation-checkpointing arguments in `stage_args`; otherwise the
+    options decide them here.
     """
     import torch
 
-    from finetune.distributed import config as distributed_config
-    from finetune.distributed.ranks import current
-
     section = recipe.distributed
-    checkpointing = gradient_checkpointing_on(options)
+    planned = any(key.endswith("checkpointing") for key in stage_args)
+    checkpointing = {} if planned else checkpointing_args(config_cls, gradient_checkpointing_on(options))
     args: dict[str, Any] = {
-        "output_dir": str(stage_dir / "checkpoints"),
+        "output_dir": str(stage_dir / CHECKPOINTS_DIR),
         "max_steps": options.max_steps,
         "num_train_epochs": options.epochs,
         "learning_rate": options.learning_rate,
@@ -67,7 +61,7 @@ def build_training_args(
         "weight_decay": options.weight_decay,
         "max_grad_norm": options.max_grad_norm if section.gradient_clipping == "auto" else section.gradient_clipping,
         "optim": options.optimizer,
-        **checkpointing_args(config_cls, checkpointing),
+        **checkpointing,
         "seed": options.seed,
         "data_seed": options.seed,
         "logging_steps": options.logging_steps,
@@ -90,78 +84,85 @@ def build_training_args(
     return config_cls(**args)
 
 
-def checkpointing_args(config_cls: type, on: bool) -> dict[str, Any]:
-    """Activation checkpointing under the name the installed transformers uses (renamed in 5.2x)."""
-    import dataclasses
+def fit(trainer: Any, resume_from: Path | None, final_eval_every: int | None = None) -> Any:
+    """Train (from `resume_from`, a checkpoint of an interrupted attempt); evaluate after the last step too.
 
-    # reentrant checkpointing is what PEFT + ZeRO-3 needs (TRL #2514) and works everywhere else
-    kwargs = {"use_reentrant": True} if on else None
+    `final_eval_every`: the stage's eval_steps when it has an eval set, so the held-out figures describe the
+    trained model and not only the last eval_steps boundary. Returns the trainer's TrainOutput.
+    """
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if final_eval_every and trainer.state.global_step % final_eval_every:
+        trainer.evaluate()
+    return result
+
+
+def metrics_callback(path: Path, stage: str) -> Any:
+    """The callback that streams a stage's log rows to its metrics.jsonl."""
+    return jsonl_callback(path, stage)
+
+
+def loss_summary(log_history: list[dict]) -> dict:
+    """First and last train loss, and eval loss before and after training, from the trainer's log."""
+    losses = [row["loss"] for row in log_history if "loss" in row]
+    evals = [row["eval_loss"] for row in log_history if "eval_loss" in row]
+    summary = {}
+    if losses:
+        summary.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
+    if evals:
+        summary.update(eval_loss_before=round(evals[0], 4), eval_loss_after=round(evals[-1], 4))
+    return summary
+
+
+def precision_flags(options: TrainingOptions, override: str = "auto") -> dict[str, bool]:
+    """bf16/fp16 flags: `distributed.mixed_precision`, else the stage's choice, else bf16 on a GPU that supports it, fp32 on CPU."""
+    import torch
+
+    precision = options.precision if override == "auto" else override
+    if precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def gradient_checkpointing_on(options: TrainingOptions) -> bool:
+    """Whether activations are recomputed: the option as set (a speed plan sets it), auto: with CUDA."""
+    import torch
+
+    if options.gradient_checkpointing == "auto":
+        return torch.cuda.is_available()
+    return bool(options.gradient_checkpointing)
+
+
+def checkpointing_args(config_cls: type, on: bool, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Activation checkpointing under the name the installed transformers uses (renamed in 5.2x);
+    `kwargs` default to reentrant checkpointing."""
     names = {f.name for f in dataclasses.fields(config_cls)}
+    kwargs = (kwargs or DEFAULT_CHECKPOINTING_KWARGS) if on else None
     if "activation_checkpointing" in names:
         return {"activation_checkpointing": on, "activation_checkpointing_kwargs": kwargs}
     return {"gradient_checkpointing": on, "gradient_checkpointing_kwargs": kwargs}
 
 
-def save_adapter(trainer, folder: Path) -> None:
-    """Save the trained adapter as plain PEFT files, loadable without DeepSpeed.
+@contextlib.contextmanager
+def stage_scope(recipe: Recipe, options: Any, stage_dir: Path, run_name: str) -> Iterator[None]:
+    """Around one trainer stage under ZeRO-3 or FSDP: every model the stage loads is loaded for sharding.
 
-    Every process calls this: under ZeRO-3 or FSDP the Trainer gathers the adapter's shards from all of
-    them. Only rank 0 writes, into a temporary folder renamed into place, after checking that the weights
-    are really there (an ungathered ZeRO-3 save writes zero-sized tensors: DeepSpeed #7900).
+    transformers builds a model sharded (zero.Init) and leaves placement to FSDP while training arguments
+    for the strategy are alive; the pipeline opens this scope before the stage loads anything (its reward
+    model too), so that no stage has to order its own calls for it. Quantized weights are the exception:
+    transformers loads them whole, and DeepSpeed shards them when training starts.
     """
-    from finetune.distributed.ranks import barrier, is_main_process
-    from finetune.run_dir import atomic_dir
+    if not isinstance(options, TrainingOptions) or not distributed_config.shards_weights(recipe.distributed):
+        yield
+        return
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    if is_main_process():
-        with atomic_dir(folder) as tmp:
-            trainer.save_model(str(tmp))
-            check_adapter_weights(tmp)
-    else:
-        trainer.save_model(str(folder))  # joins the gather; writes nothing off rank 0
-    barrier()
-
-
-ADAPTER_STAGE_OUTPUTS = {"adapter": "adapter", "tokenizer": "tokenizer", "template": "template.json",
-                         "metrics": "metrics.jsonl", "data_card": "data_card.md", "register": "sensitive_register.jsonl"}
-
-
-def save_adapter_stage(trainer, stage_dir: Path, tokenizer, contract: dict) -> dict[str, str]:
-    """What every adapter-training stage (sft, dpo, kto, orpo, rlhf) leaves: `adapter/`, `tokenizer/` and
-    `template.json`, so `merge`, `evaluate` and `export` read them alike; returns the stage's outputs."""
-    from finetune.data.template import write_contract
-    from finetune.distributed.ranks import is_main_process
-    from finetune.run_dir import atomic_dir
-
-    save_adapter(trainer, stage_dir / "adapter")  # every rank: ZeRO-3 / FSDP gather the shards
-    if is_main_process():
-        with atomic_dir(stage_dir / "tokenizer") as tmp:
-            tokenizer.save_pretrained(tmp)
-        write_contract(contract, stage_dir)
-    return dict(ADAPTER_STAGE_OUTPUTS)
-
-
-def check_adapter_weights(folder: Path) -> int:
-    """The number of weights in a saved adapter; an error if the file is missing or any tensor is empty."""
-    from safetensors import safe_open
-
-    from finetune.errors import WenmaiError
-
-    path = Path(folder) / "adapter_model.safetensors"
-    if not path.is_file():
-        raise WenmaiError(f"saving the adapter wrote no {path.name}; the adapter was not saved")
-    total, empty = 0, []
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            size = f.get_slice(key).get_shape()
-            count = 1
-            for dim in size:
-                count *= dim
-            total += count
-            if count == 0:
-                empty.append(key)
-    if empty or total == 0:
-        raise WenmaiError(
-            f"the saved adapter has {len(empty)} empty tensors (e.g. {empty[:1] or 'all'}): the weights were not gathered "
-            "from the processes that hold them; with DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save: true"
-        )
-    return total
+    live = build_training_args(TrainingArguments, options, recipe, stage_dir, run_name, has_eval=False)
+    try:
+        yield
+    finally:
+        del live
+        unset_hf_deepspeed_config()

@@ -17,8 +17,13 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from finetune import model as model_path
+from finetune.adapters import save_adapter
+from finetune.data.template import read_contract, verify_contract, write_contract
+from finetune.distributed.ranks import is_main_process
 from finetune.errors import WenmaiError
-from finetune.recipe import RewardDimension
+from finetune.recipe import ModelSection, RewardDimension
+from finetune.run_dir import STATUS_FILE, RunDir, atomic_dir, atomic_write_text
 
 CARD_FILE = "reward_model.json"
 ADAPTER_DIR = "adapter"
@@ -68,10 +73,6 @@ def save_reward_model(folder: Path, trainer: Any, tokenizer: Any, card: RewardMo
 
     Every process calls this (under ZeRO-3 / FSDP saving gathers the shards); rank 0 alone writes.
     """
-    from finetune.data.template import write_contract
-    from finetune.distributed.ranks import is_main_process
-    from finetune.run_dir import atomic_dir, atomic_write_text
-    from finetune.training import save_adapter
 
     folder = Path(folder)
     if is_main_process():
@@ -89,9 +90,6 @@ def load_reward_model(folder: Path) -> tuple[Any, Any, RewardModelCard]:
     """(model in eval mode, tokenizer, card) from a reward model folder alone."""
     from transformers import AutoTokenizer
 
-    from finetune import model as model_path
-    from finetune.data.template import read_contract, verify_contract
-    from finetune.recipe import ModelSection
 
     folder = Path(folder)
     card = read_card(folder)
@@ -115,12 +113,11 @@ def read_card(folder: Path) -> RewardModelCard:
 
 def find_reward_model(path: str | Path, stage: str | None = None) -> Path:
     """The reward model folder from itself, its stage folder, or a run folder (and the stage name if it has several)."""
-    from finetune.run_dir import RunDir
 
     path = Path(path)
     if (path / CARD_FILE).is_file():
         return path
-    if (path / "status.json").is_file():
+    if (path / STATUS_FILE).is_file():
         return RunDir(path.parent).output(path.name, "reward_model")
     run_dir = RunDir.open(path)
     reward_stages = [p.parent.name for p in sorted(path.glob("*/status.json"))

@@ -3,7 +3,7 @@
 Each rule is a reward function in the shape TRL's GRPOTrainer calls (`prompts`, `completions` -> one float
 each) and is named after the rule (`rule_length`, `rule_format`, `rule_banned_terms`), so TRL logs
 `rewards/rule_<name>/mean` next to the reward model's dimensions. The options are the recipe's
-`stages[i].rlhf.rules` section; only pydantic and `re` are imported here.
+`stages[i].rlhf.rules` section (`finetune.recipe.rlhf.RuleRewards`).
 """
 
 from __future__ import annotations
@@ -12,64 +12,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
 from finetune.errors import WenmaiError
-
-
-class _Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LengthRule(_Rule):
-    """Answers between min_chars and max_chars get 0; outside, they lose up to 1 in proportion to how far off they are."""
-
-    min_chars: int = Field(0, ge=0, description="Shortest answer, in characters, that loses nothing.")
-    max_chars: int | None = Field(None, gt=0, description="Longest answer, in characters, that loses nothing (none: no upper bound).")
-    weight: float = Field(0.5, ge=0, description="Weight of this rule in the reward.")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> LengthRule:
-        if self.max_chars is not None and self.max_chars < self.min_chars:
-            raise ValueError(f"max_chars ({self.max_chars}) is below min_chars ({self.min_chars})")
-        return self
-
-
-class FormatRule(_Rule):
-    """Answers matching a regular expression (anywhere in the answer) get 1, others 0."""
-
-    pattern: str = Field(..., min_length=1, description="Python regular expression the answer should contain (e.g. `出处[:：]`).")
-    weight: float = Field(0.5, ge=0, description="Weight of this rule in the reward.")
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, pattern: str) -> str:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"not a valid regular expression: {err}") from None
-        return pattern
-
-
-class BannedTermsRule(_Rule):
-    """Answers containing any term of the institution's list get -1, others 0."""
-
-    path: str = Field(..., description="Text file of banned terms, one per line (`#` starts a comment); Latin words "
-                                       "match whole words, any case; other terms match anywhere.", json_schema_extra={"is_path": True})
-    weight: float = Field(1.0, ge=0, description="Weight of this rule in the reward.")
-
-
-class RuleRewards(_Rule):
-    """Rule-based rewards added to the reward model's dimensions (each optional)."""
-
-    length: LengthRule | None = Field(None, description="Keep answers within a length range.")
-    format: FormatRule | None = Field(None, description="Reward answers that contain a required pattern.")
-    banned_terms: BannedTermsRule | None = Field(None, description="Penalise answers that use a banned term.")
-
-    def given(self) -> list[str]:
-        """The names of the rules that are set."""
-        return [name for name in ("length", "format", "banned_terms") if getattr(self, name) is not None]
-
+from finetune.recipe.rlhf import LengthRule, RuleRewards
 
 RewardFunction = Callable[..., list[float]]
 

@@ -15,9 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from finetune.data.pairs import TOTAL
 from finetune.data.preference import Prompt, prompt_messages, split_transcript, transcript_messages
+from finetune.data.records import MAX_LISTED_PROBLEMS, iter_raw
 from finetune.errors import DataError
-from reward.data import TOTAL, encode_response
+from reward.data import encode_response
 from reward.model import RewardModelCard, find_reward_model, load_reward_model
 
 
@@ -102,7 +104,6 @@ class ScoreInput(BaseModel):
 
 def read_score_inputs(path: Path) -> list[dict]:
     """Records to score from a JSONL/JSON/Parquet/CSV file, each checked (file:line on problems)."""
-    from finetune.data.records import MAX_LISTED_PROBLEMS, iter_raw
 
     records, bad = [], []
     for where, raw in iter_raw(Path(path)):

@@ -1,7 +1,7 @@
 """Installed as `sitecustomize` in the processes of a multi-process test run (never imported by Wenmai).
 
 In every process that a launcher started (RANK is set), it records each successful write under the run
-folder (Python file and folder operations, torch.save, safetensors) (WENMAI_AUDIT_ROOT) to `<WENMAI_AUDIT_LOG>.rank<R>`, and wraps `finetune.training.save_adapter`
+folder (Python file and folder operations, torch.save, safetensors) (WENMAI_AUDIT_ROOT) to `<WENMAI_AUDIT_LOG>.rank<R>`, and wraps `finetune.adapters.save_adapter`
 to dump the adapter as this rank holds it (gathered under ZeRO-3) to `<WENMAI_AUDIT_LOG>.adapter<R>.pt`.
 """
 
@@ -77,9 +77,9 @@ def _install() -> None:
 
 
 def _dump_adapters() -> None:
-    import finetune.training as training
+    import finetune.adapters as adapters
 
-    save_adapter = training.save_adapter
+    save_adapter = adapters.save_adapter
 
     def save_and_dump(trainer, folder):
         save_adapter(trainer, folder)
@@ -99,7 +99,7 @@ def _dump_adapters() -> None:
             state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in state.items()}
         torch.save(state, f"{LOG}.adapter{RANK}.pt")
 
-    training.save_adapter = save_and_dump
+    adapters.save_adapter = save_and_dump
 
 
 if RANK is not None and ROOT and LOG:

@@ -60,12 +60,13 @@ def test_unknown_reward_dimension_names_suite_file_and_line(tmp_path):
 
 
 def test_evaluate_stage_checks_suite_dimensions_against_the_recipe(tmp_path):
-    from finetune.stages.evaluate import Config
+    from finetune.recipe import EvaluateOptions
+    from finetune.stages import evaluate
 
     suite = write(tmp_path / "suite.yaml", "probes:\n  - {id: p, prompt: Hi, dimensions: [tone]}\n")
-    config = Config(suite=str(suite), gates={"reward_min": {"safty": 0.5}})
+    config = EvaluateOptions(suite=str(suite), gates={"reward_min": {"safty": 0.5}})
     recipe = SimpleNamespace(reward=SimpleNamespace(dimensions=[SimpleNamespace(name="safety")]), stage_configs=lambda: [config])
-    problems = dict(config.check_in_recipe(recipe))
+    problems = dict(evaluate.check(config, recipe))
     assert "unknown reward dimension 'tone'" in problems["suite"] and f"{suite}:2" in problems["suite"]
     assert "unknown reward dimension 'safty'" in problems["gates.reward_min"]
     assert "no earlier stage produces a reward_model" in problems["reward_model"]

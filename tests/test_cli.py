@@ -76,3 +76,30 @@ def test_stages_lists_options_with_their_meaning(cli):
     code, out, _ = cli("stages")
     assert code == 0
     assert "learning_rate" in out and "Peak learning rate" in out and "sft" in out
+
+
+def test_stages_lists_no_option_a_stage_refuses(cli):
+    code, out, _ = cli("stages")
+    kinds = ["sft", "reward", "dpo", "kto", "orpo", "rlhf", "evaluate", "merge", "export"]
+    starts = [out.index(f"{kind} — ") for kind in kinds] + [len(out)]
+    tables = {kind: out[start:end] for kind, start, end in zip(kinds, starts, starts[1:], strict=False)}
+    assert code == 0 and "│ speed.liger" in tables["sft"] and "│ speed.liger" in tables["reward"]
+    assert not [kind for kind in ("dpo", "kto", "orpo", "rlhf") if "│ speed." in tables[kind]]
+
+
+def test_a_speed_section_on_a_stage_without_a_speed_plan_is_refused_with_what_to_use(cli, write_recipe, tiny_model, chat_file,
+                                                                                      tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    recipe = write_recipe(f"""\
+        name: r
+        model: {{path: {tiny_model}}}
+        data:
+          c: {{path: {chat_file}, format: chat}}
+          p: {{path: {pairs}, format: pairs}}
+        stages:
+          - sft: {{dataset: c}}
+          - dpo: {{dataset: p, speed: {{liger: false}}}}
+        """)
+    code, _, err = cli("validate", recipe)
+    assert code == 2 and "stages[1].dpo" in err and "does not run the speed options" in err and "precompute_ref_log_probs" in err

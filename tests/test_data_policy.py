@@ -8,9 +8,9 @@ import textwrap
 import pytest
 from tiny_models import write_jsonl
 
-from finetune.config_io import load_recipe
 from finetune.data import load_records
 from finetune.errors import ConfigError, DataError
+from finetune.pipeline import load_recipe
 
 
 def chat(i: int, answer: str = "", **meta) -> dict:

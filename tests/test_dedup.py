@@ -10,11 +10,11 @@ import pytest
 from test_data_policy import chat, make_recipe
 from tiny_models import write_jsonl
 
-from finetune.config_io import load_recipe
 from finetune.data import load_records
 from finetune.data.dedup import Deduplicator
-from finetune.data.policy import DedupOptions
 from finetune.errors import ConfigError, WenmaiError
+from finetune.pipeline import load_recipe
+from finetune.recipe.data_policy import DedupOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELLED = json.loads((Path(__file__).parent / "data" / "near_dup_zh.json").read_text(encoding="utf-8"))

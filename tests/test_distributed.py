@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import tiny_recipe
 
-from finetune.config_io import CONFIGS_DIR, load_recipe
+from finetune.checks.preflight import Hardware, check
+from finetune.config_io import CONFIGS_DIR
 from finetune.distributed import config as ds
 from finetune.distributed import launch as launching
 from finetune.distributed.memory import GIB, Shape, estimate
-from finetune.distributed.preflight import Hardware, check
 from finetune.errors import ConfigError, WenmaiError
+from finetune.pipeline import load_recipe
 from finetune.recipe import DistributedSection
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,10 +153,9 @@ def test_int8_cannot_be_sharded(recipe_with):
 
 
 def test_zero3_with_a_stage_holding_two_adapters(recipe_with):
-    from finetune.recipe import StageEntry
-    from finetune.stages import sft
+    from finetune.recipe import SftOptions, StageEntry
 
-    class ReferenceAsSecondAdapter(sft.Config):  # as a DPO stage whose reference is a frozen adapter copy
+    class ReferenceAsSecondAdapter(SftOptions):  # as a DPO stage whose reference is a frozen adapter copy
         def adapters_on_base(self) -> int:
             return 2
 
@@ -329,7 +329,7 @@ def test_an_empty_saved_adapter_is_an_error(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from finetune.training import check_adapter_weights
+    from finetune.adapters import check_adapter_weights
 
     save_file({"base_model.model.q.lora_A.weight": torch.zeros(0)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(WenmaiError, match="stage3_gather_16bit_weights_on_model_save: true"):

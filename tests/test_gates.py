@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config_io import load_recipe
 from finetune.errors import ConfigError
 from finetune.evaluation.gates import Gates, check_gates
 from finetune.evaluation.mc import subject_score
 from finetune.evaluation.results import AlignmentScore, CheckpointResult, McScore
+from finetune.pipeline import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MC = ROOT / "recipes" / "data" / "culture-mc"

@@ -144,7 +144,7 @@ def test_batched_scores_equal_one_at_a_time(tiny_model):
         assert a == pytest.approx(b, abs=1e-4)
 
 
-def test_model_trained_to_answer_b_scores_exactly_the_share_of_b(tmp_path, tiny_model, cli):
+def test_model_trained_to_answer_b_scores_exactly_the_share_of_b(tmp_path, tiny_model, cli, monkeypatch):
     """SFT teaches the tiny model to reply "B" to any question; its accuracy must be #B / #questions."""
     answers = "BBACDBCADBAC"  # 4 of 12 are B
     folder = mc_folder(tmp_path / "mc", answers)
@@ -184,6 +184,14 @@ def test_model_trained_to_answer_b_scores_exactly_the_share_of_b(tmp_path, tiny_
     assert compared[2]["mc"][0]["overall"]["predicted"] != {"B": 12}, "the base model should not always answer B"
     assert "merged" in out and "overall" in out
 
+    # without --output, `wenmai eval RUN` files its results in the run folder, not the current one
+    monkeypatch.chdir(tmp_path / "merged")
+    code, out, err = cli("eval", tmp_path / "runs" / "b", "--mc", folder, "--shots", "1")
+    assert code == 0, out + err
+    [written] = (tmp_path / "runs" / "b").glob("eval-*.json")
+    assert json.loads(written.read_text(encoding="utf-8"))["checkpoints"][0]["label"] == "b/sft"
+    assert not list((tmp_path / "merged").glob("*eval*.json"))
+
 
 def merge_into_folder(run: Path, target: Path, base: Path) -> Path:
     from peft import PeftModel
@@ -210,8 +218,8 @@ def test_eval_command_names_what_is_missing(tmp_path, cli):
 
 
 def test_validate_reports_bad_rows_before_any_model_loads(tmp_path, chat_file):
-    from finetune.config_io import load_recipe
     from finetune.errors import ConfigError
+    from finetune.pipeline import load_recipe
 
     bad = mc_folder(tmp_path / "mc", "AB", subjects=1)
     csv_file = bad / "test" / "subject_0.csv"

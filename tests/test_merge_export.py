@@ -11,9 +11,8 @@ import pytest
 from conftest import tiny_recipe
 from tiny_models import build_model, write_jsonl
 
-from finetune.config_io import load_recipe
 from finetune.errors import WenmaiError
-from finetune.pipeline import start
+from finetune.pipeline import load_recipe, start
 from finetune.post_run import extend_run
 from finetune.run_dir import RunDir
 

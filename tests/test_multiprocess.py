@@ -13,8 +13,7 @@ import pytest
 from conftest import chat_rows, tiny_recipe
 from tiny_models import write_jsonl
 
-from finetune.config_io import load_recipe
-from finetune.pipeline import start
+from finetune.pipeline import load_recipe, start
 from finetune.run_dir import RunDir, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from tiny_models import build_model, write_jsonl
 
-from finetune.config_io import load_recipe
-from finetune.pipeline import start
+from finetune.pipeline import load_recipe, start
 from finetune.run_dir import RunDir, read_metrics
 
 WORDS = ["poem", "museum", "bronze", "tang", "song", "dynasty", "palace", "silk", "tea", "scroll"]
@@ -109,7 +108,7 @@ def test_rlhf_logs_each_reward_dimension_of_the_trained_reward_model(chain):
 
 
 def test_lineage_records_the_adapter_and_reward_model_each_stage_used(chain):
-    from finetune.policy import adapter_digest
+    from finetune.adapters import adapter_digest
 
     stages = {s["name"]: s for s in json.loads(chain.lineage_path.read_text())["stages"]}
     assert stages["dpo"]["inputs"] == {"policy": "sft"}
@@ -136,7 +135,7 @@ def test_reference_is_the_frozen_sft_adapter(model_dir, tmp_path, monkeypatch):
     """Reference log-probs equal the SFT adapter's (not the base's) before training and stay unchanged after it."""
     from trl import DPOConfig, DPOTrainer
 
-    import finetune.preference as preference
+    import finetune.stages.preference as preference
 
     seen: dict = {}
 
@@ -167,7 +166,7 @@ def test_reference_is_the_frozen_sft_adapter(model_dir, tmp_path, monkeypatch):
 def test_loss_type_and_fast_path_reach_trl(model_dir, tmp_path, monkeypatch):
     from trl import DPOConfig, DPOTrainer
 
-    import finetune.preference as preference
+    import finetune.stages.preference as preference
 
     seen: dict = {}
 
@@ -228,8 +227,8 @@ def test_an_interrupted_dpo_stage_resumes_from_its_checkpoint_to_the_same_adapte
 # --- data ------------------------------------------------------------------------------------
 
 def test_kto_labels_from_tiers_leave_the_middle_tier_out():
-    from finetune.preference import unpaired_rows
-    from reward.data import tiers_to_pairs
+    from finetune.data.pairs import tiers_to_pairs
+    from finetune.stages.preference import unpaired_rows
 
     record = {"prompt": "Describe the bronze ding.", "responses": [
         {"response": "good", "tier": "good"}, {"response": "fine", "tier": "acceptable"}, {"response": "bad", "tier": "harmful"}]}
@@ -239,9 +238,9 @@ def test_kto_labels_from_tiers_leave_the_middle_tier_out():
 
 
 def test_kto_refuses_data_with_only_one_label():
+    from finetune.data.pairs import PreferencePair
     from finetune.errors import DataError
-    from finetune.preference import unpaired_rows
-    from reward.data import PreferencePair
+    from finetune.stages.preference import unpaired_rows
 
     prompt = [{"role": "user", "content": "q"}]
     pairs = [PreferencePair(prompt=prompt, chosen=a, rejected=b) for a, b in (("a", "b"), ("b", "c"), ("c", "b"))]
@@ -251,9 +250,8 @@ def test_kto_refuses_data_with_only_one_label():
 
 
 def test_ratings_become_pairs_on_the_weighted_total_and_contradictions_drop():
-    from finetune.preference import deduplicate
+    from finetune.data.pairs import PreferencePair, deduplicate, ratings_to_pairs
     from finetune.recipe import RewardDimension
-    from reward.data import PreferencePair, ratings_to_pairs
 
     dims = [RewardDimension(name="accuracy"), RewardDimension(name="safety", weight=3)]
     records = [{"prompt": "q", "response": "a", "scores": {"accuracy": 5, "safety": 1}},

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tiny_models import write_jsonl
 
-from finetune.config_io import load_recipe
 from finetune.errors import ConfigError
+from finetune.pipeline import load_recipe
 
 PAIRS = [{"prompt": f"Question {i}?", "chosen": f"A good answer {i}.", "rejected": f"A bad answer {i}."} for i in range(8)]
 REWARD = "reward:\n  dimensions:\n    - {name: accuracy}\n    - {name: safety, weight: 2}\n"
@@ -151,7 +151,7 @@ def test_liger_on_a_machine_without_it_is_a_preflight_problem(recipe_with):
 
 
 def test_loss_names_read_from_trl_source_match_the_imported_config():
-    from finetune.trl_choices import _choices, _metadata_from_import, loss_types
+    from finetune.checks.trl_choices import _choices, _metadata_from_import, loss_types
 
     assert loss_types("dpo") == list(_choices(_metadata_from_import("trl.trainer.dpo_config", "DPOConfig", "loss_type")))
     assert {"sigmoid", "ipo", "hinge", "robust"} <= set(loss_types("dpo"))
@@ -159,7 +159,7 @@ def test_loss_names_read_from_trl_source_match_the_imported_config():
 
 
 def test_precompute_auto_is_on_only_when_training_sees_every_pair():
-    from finetune.stages.dpo import Config
+    from finetune.recipe import DpoOptions as Config
 
     assert Config(dataset="p").precompute(train_examples=400, examples_per_step=4)  # max_steps -1: whole epochs
     assert not Config(dataset="p", max_steps=5).precompute(train_examples=400, examples_per_step=4)

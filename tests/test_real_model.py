@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config_io import load_recipe
+from finetune.pipeline import load_recipe
 from finetune.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent

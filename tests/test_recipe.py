@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.config_io import CONFIGS_DIR, load_recipe
+from finetune.config_io import CONFIGS_DIR
 from finetune.errors import ConfigError
+from finetune.pipeline import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 

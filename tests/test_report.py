@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config_io import load_recipe
-from finetune.pipeline import start
+from finetune.pipeline import load_recipe, start
 from finetune.run_dir import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_models import write_jsonl
 
-from finetune.config_io import load_recipe
-from finetune.pipeline import start
+from finetune.pipeline import load_recipe, start
 from finetune.run_dir import RunDir, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,9 +92,9 @@ def make_trainer(tiny_model: Path, tmp_path: Path, examples: list[dict], weights
     from finetune.data.chat import end_of_turn_ids
     from finetune.model import attach_new_adapter, load_model, load_tokenizer, resolve_source
     from finetune.recipe import LoraSection, ModelSection
+    from finetune.stages.reward import tokenize_examples
     from reward.data import slot_names
     from reward.model import choose_pad_token
-    from reward.train import tokenize_examples
     from reward.trainer import DimensionRewardTrainer, PreferenceCollator
 
     section = ModelSection(path=str(tiny_model))
@@ -185,7 +184,7 @@ def test_reward_is_read_at_the_end_of_turn_token_even_when_pad_equals_eos(tmp_pa
 @pytest.fixture(scope="module")
 def culture_run(tmp_path_factory, tiny_model):
     """A 4-dimension reward run on the shipped ratings, with the trained model kept from memory."""
-    import reward.train as reward_train
+    import finetune.stages.reward as reward_train
 
     tmp_path = tmp_path_factory.mktemp("culture")
     text = reward_recipe(tiny_model, ROOT / "recipes" / "data" / "culture_ratings.jsonl", tmp_path / "runs", "ratings",

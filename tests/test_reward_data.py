@@ -9,20 +9,15 @@ from pathlib import Path
 import pytest
 from tiny_models import write_jsonl
 
-from finetune.config_io import load_recipe
+from finetune.data.pairs import rater_agreement, ratings_to_pairs, tiers_to_pairs
+from finetune.data.preference import split_pair, split_transcript, transcript_messages
 from finetune.data.records import read_records
 from finetune.errors import ConfigError, DataError
+from finetune.pipeline import load_recipe
 from finetune.recipe import RewardDimension, check_dimension_names, stage_dimension_problems
-from finetune.stages.base import StageConfig, dimension_field
-from reward.data import (
-    rater_agreement,
-    ratings_to_pairs,
-    split_pair,
-    split_transcript,
-    tiers_to_pairs,
-    training_examples,
-    transcript_messages,
-)
+from finetune.recipe.options import StageOptions as StageConfig
+from finetune.recipe.options import dimension_field
+from reward.data import training_examples
 
 ROOT = Path(__file__).resolve().parent.parent
 DIMENSIONS = ["accuracy", "cultural_value", "safety", "fluency"]
@@ -237,8 +232,8 @@ def test_every_hh_rlhf_pair_reads_as_a_pair(tmp_path):
 
 
 def test_shipped_culture_ratings_form_pairs_on_every_dimension():
+    from finetune.data.pairs import pair_counts
     from finetune.data.records import read_records as read
-    from reward.data import pair_counts
 
     records = read(ROOT / "recipes" / "data" / "culture_ratings.jsonl", "ratings", context=CONTEXT).records
     assert 300 <= len(records) <= 600 and {r["lang"] for r in records} == {"zh", "en"}
@@ -263,7 +258,7 @@ def test_validate_catches_an_unknown_dimension_in_the_data_before_any_model_load
 
 
 def test_a_recipes_tiers_and_transcript_datasets_load_as_pairs(write_recipe, tmp_path, tiny_model):
-    from reward.data import load_pairs
+    from finetune.data.pairs import load_pairs
 
     tiers = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "dimension": "safety", "responses": [
         {"response": "careful", "tier": "good"}, {"response": "risky", "tier": "harmful"}, {"response": "meh", "tier": "acceptable"}]}])

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 from tiny_models import build_model, write_jsonl
 
-from finetune.config_io import load_recipe
 from finetune.errors import WenmaiError
-from finetune.pipeline import start
-from reward.rules import BannedTermsRule, FormatRule, LengthRule, RuleRewards, banned_pattern, rule_functions
+from finetune.pipeline import load_recipe, start
+from finetune.recipe.rlhf import BannedTermsRule, FormatRule, LengthRule, RuleRewards
+from reward.rules import banned_pattern, rule_functions
 
 WORDS = ["poem", "museum", "bronze", "tang", "song", "dynasty", "palace", "silk", "tea", "scroll"]
 
@@ -108,7 +108,7 @@ def test_rlhf_that_learns_nothing_finishes_with_a_warning_in_summary_stderr_and_
 
 
 def test_no_spread_warning_needs_more_than_half_of_the_logged_steps_flat():
-    from finetune.rlhf import no_spread_warning
+    from finetune.stages.rlhf import no_spread_warning
 
     flat, spread, end = {"frac_reward_zero_std": 1.0}, {"frac_reward_zero_std": 0.5}, {"train_runtime": 1.0}
     assert no_spread_warning([flat, spread, end]) is None and no_spread_warning([end]) is None
@@ -163,7 +163,7 @@ class FakeScorer:
 
 
 def test_dimension_rewards_score_each_batch_once_and_read_their_column():
-    from finetune.rlhf import DimensionReward, SharedScores
+    from finetune.stages.rlhf import DimensionReward, SharedScores
 
     scorer = FakeScorer()
     shared = SharedScores(scorer)
@@ -183,7 +183,7 @@ def card(weights: dict[str, float]):
 
 
 def test_dimension_weights_default_to_the_trained_ones_normalised():
-    from finetune.rlhf import dimension_weights
+    from finetune.stages.rlhf import dimension_weights
 
     config = SimpleNamespace(weights=None, stage_name="rlhf")
     assert dimension_weights(config, card({"accuracy": 1, "safety": 3}), "rm") == {"accuracy": 0.25, "safety": 0.75}
@@ -192,7 +192,7 @@ def test_dimension_weights_default_to_the_trained_ones_normalised():
 
 
 def test_weights_naming_a_dimension_the_reward_model_lacks_are_refused():
-    from finetune.rlhf import dimension_weights
+    from finetune.stages.rlhf import dimension_weights
 
     config = SimpleNamespace(weights={"cultural_value": 1.0}, stage_name="rlhf")
     with pytest.raises(WenmaiError) as info:

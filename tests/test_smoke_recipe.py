@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.config_io import load_recipe
+from finetune.pipeline import load_recipe
 from finetune.run_dir import RunDir, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

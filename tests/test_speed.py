@@ -10,8 +10,8 @@ import pytest
 from conftest import tiny_recipe
 
 from finetune import autotune, speed
-from finetune.config_io import load_recipe
 from finetune.distributed.memory import GIB, Shape
+from finetune.pipeline import load_recipe
 
 LLAMA_8B = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, tied=False)
 H100 = speed.Machine(cuda=True, bf16=True, gpu_memory=80 * GIB, gpu_name="NVIDIA H100 80GB HBM3",

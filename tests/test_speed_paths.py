@@ -7,8 +7,7 @@ import pytest
 from conftest import tiny_recipe
 from tiny_models import write_jsonl
 
-from finetune.config_io import load_recipe
-from finetune.pipeline import start
+from finetune.pipeline import load_recipe, start
 from finetune.run_dir import read_metrics
 
 PLAIN = ("stages.sft.speed.padding_free=false", "stages.sft.speed.checkpointing=false", "stages.sft.speed.batch=fixed")

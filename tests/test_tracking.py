@@ -7,8 +7,7 @@ import importlib.util
 import pytest
 from conftest import tiny_recipe
 
-from finetune.config_io import load_recipe
-from finetune.pipeline import preflight, start
+from finetune.pipeline import load_recipe, preflight, start
 from finetune.recipe import TrackingSection
 from finetune.tracking import backend_env, report_to
 

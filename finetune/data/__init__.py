@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from finetune.data.card import write_stage_files
 from finetune.data.chat import IGNORE_INDEX, to_messages, tokenize_chat, tokenize_text
-from finetune.data.records import RecordSet
+from finetune.data.layer import LayerRecords, load_dataset
+from finetune.distributed.ranks import is_main_process
+from finetune.recipe import Recipe
 
-if TYPE_CHECKING:  # the recipe schema imports finetune.data.policy: no import of it at load time
-    from finetune.recipe import Recipe
 
-
-def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> RecordSet:
+def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> LayerRecords:
     """The records of dataset `name` that may train, after the data policy, PII scrubbing and dedup.
 
     Bad records fail or are skipped (the dataset's `on_bad_record`). Given a stage folder, the stage's
-    data card and sensitive-topic register are written there.
+    data card and sensitive-topic register are written there (by rank 0 alone under `wenmai launch`).
     """
-    from finetune.data.layer import load_dataset
-
-    return load_dataset(recipe, name, stage_dir)
+    records = load_dataset(recipe, name)
+    if stage_dir is not None and is_main_process():
+        write_stage_files(Path(stage_dir), records.report, records.register, recipe.data.policy)
+    return records
 
 
 @dataclass
@@ -56,7 +57,7 @@ def tokenize_records(recipe: Recipe, name: str, tokenizer: Any, seq_len: int, as
         tokens += len(row["input_ids"])
         learned += n_learned
         rows.append(row)
-    report = getattr(records, "report", None)
+    report = records.report
     stats = {
         "records": len(records.records),
         "skipped_bad_records": len(records.skipped),

@@ -13,12 +13,11 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from finetune.data.layer import DatasetReport, RegisterEntry
-from finetune.data.policy import DataPolicy
-from finetune.run_dir import atomic_write_text, utc_now
+from finetune.recipe.data_policy import DataPolicy
+from finetune.run_dir import DATA_CARD_FILE, REGISTER_FILE, atomic_write_text, utc_now
 
 CARD_JSON = "data_card.json"
-CARD_MD = "data_card.md"
-REGISTER_FILE = "sensitive_register.jsonl"
+CARD_MD = DATA_CARD_FILE
 
 
 class DataCard(BaseModel):

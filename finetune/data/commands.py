@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.data.card import REGISTER_FILE, DataCard, policy_summary, write_card, write_register
+from finetune.config_io import load_recipe
+from finetune.data.card import DataCard, policy_summary, write_card, write_register
 from finetune.data.dedup import ReferenceIndex
 from finetune.data.layer import DatasetReport, RegisterEntry, reference_for, stream_dataset
 from finetune.data.pii import Scrubber, build_scrubber
-from finetune.data.policy import DataPolicy
 from finetune.data.records import RECORD_MODELS, iter_raw
 from finetune.errors import DataError
-from finetune.run_dir import utc_now
+from finetune.recipe import DatasetSection
+from finetune.recipe.data_policy import DataPolicy
+from finetune.run_dir import REGISTER_FILE, atomic_open, utc_now
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -46,10 +45,11 @@ def scrub(source: Path, dest: Path, fmt: str | None = None, recipe: Path | None 
         raise DataError(f"{dest}: write the cleaned records to a new file, not over the input")
     [item] = targets(source, fmt, recipe)
     report = DatasetReport(name=item.name, path="", format="")
-    with _atomic_lines(dest) as write:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(dest) as out:
         for _, record in stream_dataset(item.name, item.section, item.policy, report, scrubber=item.scrubber,
                                         reference=item.reference, dedup=dedup):
-            write(json.dumps(record, ensure_ascii=False))
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return report
 
 
@@ -69,9 +69,6 @@ def card(target: Path, out_dir: Path, fmt: str | None = None, recipe: Path | Non
 
 def targets(target: Path, fmt: str | None, recipe: Path | None) -> list[Target]:
     """A recipe's datasets (with its policy and eval sets), or one data file under a recipe's or the default policy."""
-    from finetune.config_io import load_recipe
-    from finetune.recipe import DatasetSection
-
     if target.suffix.lower() in RECIPE_SUFFIXES:
         loaded = load_recipe(target).recipe
         scrubber = build_scrubber(loaded.data.policy.pii)
@@ -104,18 +101,3 @@ def _run(item: Target) -> tuple[DatasetReport, list[RegisterEntry]]:
                             scrubber=item.scrubber, reference=item.reference):
         pass
     return report, register
-
-
-@contextlib.contextmanager
-def _atomic_lines(dest: Path) -> Iterator:
-    """Write lines to a temporary file beside `dest`, renamed over it only when everything succeeded."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield lambda line: f.write(line + "\n")
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -20,11 +20,12 @@ from pydantic import BaseModel, Field, ValidationError
 
 from finetune.data.dedup import Deduplicator, NearIndex, ReferenceIndex
 from finetune.data.pii import Scrubber, build_scrubber
-from finetune.data.policy import METADATA_FIELDS, DataPolicy, RecordMetadata, record_metadata
 from finetune.data.preference import PREFERENCE_MODELS, check_record_set, record_context
 from finetune.data.records import RecordSet, check_bad_records, iter_raw, iter_records
 from finetune.data.topics import TopicList
 from finetune.errors import DataError
+from finetune.recipe.data_policy import METADATA_FIELDS, DataPolicy, RecordMetadata, record_metadata
+from finetune.recipe.options import marked_fields
 
 if TYPE_CHECKING:
     from finetune.recipe import DatasetSection, Recipe
@@ -96,8 +97,8 @@ class LayerRecords(RecordSet):
     register: list[RegisterEntry] = field(default_factory=list)
 
 
-def load_dataset(recipe: Recipe, name: str, stage_dir: Path | None = None) -> LayerRecords:
-    """The records of `name` that may train; with a stage folder, also write its data card and register there."""
+def load_dataset(recipe: Recipe, name: str) -> LayerRecords:
+    """The records of `name` that may train, with the layer's report and register entries."""
     policy = recipe.data.policy
     scrubber = build_scrubber(policy.pii)
     reference = reference_for(recipe, name, scrubber)
@@ -105,12 +106,6 @@ def load_dataset(recipe: Recipe, name: str, stage_dir: Path | None = None) -> La
     records = [r for _, r in stream_dataset(name, recipe.data[name], policy, report, register, skipped,
                                              scrubber=scrubber, reference=reference, context=record_context(recipe, name))]
     check_record_set(recipe.data[name].format, records, str(recipe.data[name].path))
-    from finetune.distributed.ranks import is_main_process
-
-    if stage_dir is not None and is_main_process():  # under `wenmai launch`, rank 0 alone writes the run folder
-        from finetune.data.card import write_stage_files
-
-        write_stage_files(Path(stage_dir), report, register, policy)
     return LayerRecords(records, skipped, report, register)
 
 
@@ -207,10 +202,9 @@ def dataset_roles(recipe: Recipe) -> dict[str, set[str]]:
     """For each dataset a stage reads: `eval` when named by an `eval...` field, else `train`."""
     roles: dict[str, set[str]] = {}
     for config in recipe.stage_configs():
-        for field_name, info in type(config).model_fields.items():
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        for field_name, _ in marked_fields(type(config), "dataset"):
             value = getattr(config, field_name)
-            if "dataset" in extra and value:
+            if value:
                 roles.setdefault(value, set()).add("eval" if field_name.startswith("eval") else "train")
     return roles
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from finetune.errors import DataError
+from finetune.recipe import reward_dimensions
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -134,7 +135,6 @@ def check_record_set(fmt: str, records: list[dict], path: str) -> None:
 
 def record_context(recipe: Any, name: str) -> dict:
     """What the records of the recipe's dataset `name` are checked against: reward dimensions and tier order."""
-    from finetune.recipe import reward_dimensions
 
     return {"dimensions": [d.name for d in reward_dimensions(recipe)], "tier_order": recipe.data[name].tier_order}
 

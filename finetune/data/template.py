@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import WenmaiError
+from finetune.recipe import Recipe
+from finetune.run_dir import RunDir, atomic_write_text
 
 CONTRACT_FILE = "template.json"
 
@@ -54,8 +57,6 @@ def template_contract(tokenizer: Any, stop_token_ids: list[int]) -> dict:
 
 
 def write_contract(contract: dict, folder: Path) -> None:
-    from finetune.run_dir import atomic_write_text
-
     atomic_write_text(folder / CONTRACT_FILE, json.dumps(contract, indent=2, ensure_ascii=False))
 
 
@@ -79,3 +80,53 @@ def verify_contract(tokenizer: Any, contract: dict, where: str) -> None:
             + "\nRestore the tokenizer files saved by the training stage (its tokenizer/ folder); "
             "a model used with another template or EOS answers badly or never stops."
         )
+
+
+@dataclass
+class TrainedTokenizer:
+    """The tokenizer training used, verified against the contract the first training stage recorded."""
+
+    tokenizer: Any
+    contract: dict
+    folder: Path
+    contract_file: Path
+
+
+def trained_tokenizer(run_dir: RunDir, recipe: Recipe, produced_by: dict[str, str], where: str) -> TrainedTokenizer:
+    """Load and verify the tokenizer for the stage whose outputs are `produced_by`.
+
+    The first finished stage of the run with a `template` output recorded the training contract; the
+    producing stage's own tokenizer and contract (if it has them) must match it.
+    """
+    from transformers import AutoTokenizer
+
+    with_contract = [o for o in finished_outputs(run_dir, recipe) if "template" in o and "tokenizer" in o]
+    if not with_contract:
+        raise WenmaiError(f"{run_dir.root} has no finished training stage that recorded a template contract "
+                          f"({CONTRACT_FILE}); run or resume training first")
+    first = with_contract[0]
+    contract_file = Path(first["template"])
+    contract = read_contract(contract_file.parent)
+    own = produced_by if "template" in produced_by and "tokenizer" in produced_by else first
+    own_contract = read_contract(Path(own["template"]).parent)
+    if own_contract.get("chat_template_sha256") != contract.get("chat_template_sha256") or \
+            own_contract.get("stop_token_ids") != contract.get("stop_token_ids"):
+        raise WenmaiError(f"template contract broken at {where}: {own['template']} records a different chat template or "
+                          f"stop tokens than {contract_file}, which the first training stage wrote")
+    folder = Path(own["tokenizer"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise WenmaiError(f"cannot load the trained tokenizer from {folder}: {err}") from None
+    verify_contract(tokenizer, contract, f"{where} ({folder})")
+    return TrainedTokenizer(tokenizer, contract, folder, contract_file)
+
+
+def finished_outputs(run_dir: RunDir, recipe: Recipe) -> list[dict[str, str]]:
+    """The outputs (absolute paths) of every finished stage of a run, in recipe order."""
+    outputs = []
+    for config in recipe.stage_configs():
+        status = run_dir.status(config.stage_name)
+        if status is not None and status.state == "done":
+            outputs.append({kind: str(run_dir.root / config.stage_name / rel) for kind, rel in status.outputs.items()})
+    return outputs

@@ -8,17 +8,15 @@ shipped settings (a test keeps them equal).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.config_io import CONFIGS_DIR
 from finetune.errors import WenmaiError
-from finetune.recipe import DistributedSection, Recipe
+from finetune.recipe import DistributedSection
 
 DEEPSPEED_DIR = CONFIGS_DIR / "deepspeed"
 SHIPPED = {  # name -> the section keys it stands for
@@ -157,30 +155,3 @@ def trainer_args(section: DistributedSection) -> dict[str, Any]:
     # searching for unused ones breaks reentrant activation checkpointing (transformers only knows to turn
     # the search off for a bare PreTrainedModel, not for a PeftModel)
     return {"ddp_find_unused_parameters": False}
-
-
-@contextlib.contextmanager
-def stage_scope(recipe: Recipe, config: Any, stage_dir: Path, run_name: str) -> Iterator[None]:
-    """Around one trainer stage under ZeRO-3 or FSDP: every model the stage loads is loaded for sharding.
-
-    transformers builds a model sharded (zero.Init) and leaves placement to FSDP once the stage's training
-    arguments exist; we create them here, before the stage loads anything, so that no stage has to order
-    its own calls for it. Quantized weights are the exception: transformers loads them whole, and
-    DeepSpeed shards them when training starts.
-    """
-    from finetune.stages.base import TrainingOptions
-
-    if not isinstance(config, TrainingOptions) or not shards_weights(recipe.distributed):
-        yield
-        return
-    from transformers import TrainingArguments
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from finetune.training import build_training_args
-
-    live = build_training_args(TrainingArguments, config, recipe, stage_dir, run_name, has_eval=False)
-    try:
-        yield
-    finally:
-        del live
-        unset_hf_deepspeed_config()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from finetune.distributed.config import shards_weights, zero_settings
-from finetune.model import estimate_lora_parameters
+from finetune.recipe import LoraSection
 
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
@@ -111,7 +111,7 @@ def estimate(recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, s
     offload_params = (zero is not None and zero.offload_params != "none") or fsdp_offload
     own_shard = 0 if offload_params else full / world_size
     weights = 2 * layer + own_shard if sharded else full  # sharded: own slice + two layers gathered for use
-    copies = config.models_in_memory() if hasattr(config, "models_in_memory") else 1
+    copies = config.models_in_memory()
     if copies > 1:  # e.g. rlhf: the reward model is a second copy of the base (not sharded: it only scores)
         weights += (copies - 1) * full
         notes.append(f"{config.stage_name}: {copies} copies of the base model in memory (the policy and the reward model)")
@@ -130,11 +130,11 @@ def estimate(recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, s
     optimizer = 0.0 if offload_optimizer else trainable * optimizer_bytes / optimizer_shard
 
     # activations and logits for one micro-batch
-    seq_len = getattr(config, "seq_len", None) or getattr(config, "max_length", None)
+    seq_len = config.sequence_length()
     if seq_len is None:
         seq_len = 1024
         notes.append(f"{config.stage_name}: no sequence length option; assumed 1024 tokens")
-    tokens = config.batch_size * seq_len * getattr(config, "sequences_per_example", 1)
+    tokens = config.batch_size * seq_len * config.sequences_per_example
     kv_dim = shape.kv_heads * shape.head_dim
     per_layer = tokens * (6 * shape.hidden + 2 * kv_dim + 4 * shape.intermediate) * act_bytes
     if lora.dropout > 0:
@@ -183,3 +183,25 @@ def _config_dict(shape: Shape) -> dict[str, int]:
 def gib(value: float) -> str:
     """Bytes as GiB with two decimals (or MiB below 0.1 GiB)."""
     return f"{value / GIB:.2f} GiB" if value >= 0.1 * GIB or value == 0 else f"{value / 1024**2:.1f} MiB"
+
+
+def estimate_lora_parameters(config: dict, section: LoraSection) -> int | None:
+    """LoRA parameters for a decoder-only transformer config, from its shapes alone."""
+    try:
+        hidden = config["hidden_size"]
+        layers = config["num_hidden_layers"]
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or hidden // heads
+        inter = config["intermediate_size"]
+    except (KeyError, TypeError):
+        return None
+    shapes = {
+        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim), "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+    }
+    names = shapes if section.targets == "all-linear" else [t for t in section.targets if t in shapes]
+    per_layer = sum(section.r * (shapes[n][0] + shapes[n][1]) for n in names)
+    if section.variant == "dora":
+        per_layer += sum(shapes[n][1] for n in names)
+    return per_layer * layers

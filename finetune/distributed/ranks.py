@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from finetune.errors import WenmaiError
+
 if TYPE_CHECKING:
     from finetune.recipe import DistributedSection
 
@@ -57,7 +59,6 @@ def connect(section: DistributedSection) -> Ranks:
     """
     ranks = current()
     if section.strategy in ("deepspeed", "fsdp") and not ranks.launched:
-        from finetune.errors import WenmaiError
 
         raise WenmaiError(f"distributed.strategy: {section.strategy} runs under a launcher, even on one GPU: "
                           "start it with `wenmai launch RECIPE --gpus N` (or set strategy: none for `wenmai run`)")
@@ -74,7 +75,6 @@ def connect(section: DistributedSection) -> Ranks:
         try:
             import deepspeed
         except ImportError:
-            from finetune.errors import WenmaiError
 
             raise WenmaiError("distributed.strategy: deepspeed is not installed; pip install 'wenmai[gpu]'") from None
         deepspeed.init_distributed(dist_backend=backend)

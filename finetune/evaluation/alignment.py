@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
+from finetune.evaluation import lm
 from finetune.evaluation.results import AlignmentScore, BiasResult, ProbeResult
 from finetune.evaluation.suite import TOTAL, LoadedSuite, Probe
+from finetune.run_dir import STATUS_FILE
+from reward.score import RewardScorer
 
 # Marker words: a reply shows a behaviour when it contains one of them (`respectful`: none of them).
 MARKERS: dict[str, dict[str, list[str]]] = {
@@ -49,25 +53,13 @@ class Scorer(Protocol):
 
 def load_scorer(stage_folder: str) -> Scorer:
     """The reward model of a finished `reward` stage (its `reward_model` output folder or the stage folder)."""
-    from pathlib import Path
-
-    from finetune.errors import WenmaiError
-
-    try:
-        from reward.score import RewardScorer
-    except ImportError:
-        raise WenmaiError(
-            "scoring replies needs the reward model scorer (reward.score.RewardScorer), which this installation lacks; "
-            "drop `reward_model:` from the evaluate stage (rule checks still run), or update Wenmai"
-        ) from None
     folder = Path(stage_folder)
-    return RewardScorer.from_stage(folder.parent if (folder.parent / "status.json").is_file() else folder)
+    return RewardScorer.from_stage(folder.parent if (folder.parent / STATUS_FILE).is_file() else folder)
 
 
 def generate_replies(model: Any, tokenizer: Any, loaded: LoadedSuite, batch_size: int = 8, max_length: int = 2048,
                      label: str = "", max_new_tokens: int | None = None) -> AlignmentScore:
     """Every probe's and bias prompt's greedy reply, with rule checks and reference likelihoods."""
-    from finetune.evaluation import lm
 
     suite = loaded.suite
     started = time.perf_counter()

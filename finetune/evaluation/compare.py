@@ -7,11 +7,12 @@ from pathlib import Path
 
 from rich.table import Table
 
+from finetune.config_io import load_recipe
 from finetune.errors import WenmaiError
 from finetune.evaluation.results import Evaluation
 from finetune.evaluation.runner import EvalSpec, Log, evaluate_targets
 from finetune.evaluation.targets import Target, parse_target, run_recipe
-from finetune.run_dir import RunDir
+from finetune.run_dir import RECIPE_FILE, RunDir, atomic_write_text, utc_now
 
 
 def compare(entries: list[str], spec: EvalSpec, recipe_path: Path | None = None, log: Log = print) -> Evaluation:
@@ -29,7 +30,6 @@ def resolve_targets(entries: list[str], recipe_path: Path | None = None) -> list
     run = first_run(entries)
     recipe = None
     if recipe_path is not None:
-        from finetune.config_io import load_recipe
 
         recipe = load_recipe(recipe_path).recipe
     elif run is not None:
@@ -42,12 +42,19 @@ def resolve_targets(entries: list[str], recipe_path: Path | None = None) -> list
     return targets
 
 
+def default_output(entries: list[str]) -> Path:
+    """Where `wenmai eval` writes its results: into the first run folder evaluated, else the current folder."""
+    run = first_run(entries)
+    name = f"eval-{utc_now().replace(':', '')}.json"
+    return run.root / name if run is not None else Path(f"wenmai-{name}")
+
+
 def first_run(entries: list[str]) -> RunDir | None:
     """The first run folder named by an entry (directly or as RUN_DIR/<stage>)."""
     for entry in entries:
         path = Path(entry).expanduser()
         for candidate in (path, path.parent):
-            if (candidate / "recipe.yaml").is_file():
+            if (candidate / RECIPE_FILE).is_file():
                 return RunDir.open(candidate)
     return None
 
@@ -97,7 +104,6 @@ def comparison_table(evaluation: Evaluation) -> Table:
 
 def write_json(evaluation: Evaluation, path: Path) -> Path:
     """The full results (every question's prediction, every reply) as JSON, written atomically."""
-    from finetune.run_dir import atomic_write_text
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

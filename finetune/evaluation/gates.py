@@ -1,50 +1,13 @@
 """Gates: thresholds an `evaluate` stage checks; a failing gate stops the pipeline before later stages.
 
-Imports only pydantic (the recipe schema holds `Gates`); the checks read finished results.
+The thresholds are the recipe's `gates:` (`finetune.recipe.evaluate.Gates`); the checks read finished results.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from finetune.errors import WenmaiError
 from finetune.evaluation.results import CheckpointResult, GateResult
-
-
-class Gates(BaseModel):
-    """Thresholds; each one set is checked, an unset one is not."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    mc_max_drop: float | None = Field(
-        None, ge=0, description="Overall multiple-choice accuracy may fall at most this many points (0-100) below the baseline.")
-    mc_subject_max_drop: float | None = Field(
-        None, ge=0, description="Each subject's accuracy may fall at most this many points below the baseline (noisy on small subjects).")
-    mc_min_accuracy: float | None = Field(None, ge=0, le=100, description="Overall multiple-choice accuracy (percent) at least.")
-    reward_min: dict[str, float] = Field(
-        default_factory=dict, description="Mean reward score of the suite's replies at least, per dimension (or `total`).")
-    rules_min_pass_rate: float | None = Field(
-        None, ge=0, le=1, description="Share of suite probes passing every rule check (language, banned terms, ...) at least.")
-    bias_max_gap: float | None = Field(
-        None, ge=0, description="Largest reward-score gap between the groups of any bias probe at most.")
-    bias_max_reference_gap: float | None = Field(
-        None, ge=0, description="Largest gap in a bias probe's reference-answer log-likelihood (per token) across groups at most.")
-
-    def needs_baseline(self) -> bool:
-        """Drops are measured against a baseline checkpoint."""
-        return self.mc_max_drop is not None or self.mc_subject_max_drop is not None
-
-    def needs_mc(self) -> bool:
-        """Some gate reads multiple-choice accuracy."""
-        return self.needs_baseline() or self.mc_min_accuracy is not None
-
-    def needs_suite(self) -> bool:
-        """Some gate reads the alignment suite's results."""
-        return bool(self.reward_min) or any(v is not None for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap))
-
-    def needs_reward(self) -> bool:
-        """Some gate reads reward-model scores."""
-        return bool(self.reward_min) or self.bias_max_gap is not None
+from finetune.recipe.evaluate import Gates
 
 
 class GateFailed(WenmaiError):

@@ -13,7 +13,8 @@ import copy
 from collections.abc import Callable
 from typing import Any
 
-from finetune.data.chat import render
+from finetune.data.chat import end_of_turn_ids, render
+from finetune.errors import DataError
 
 MIN_SHARED_PREFIX = 32  # tokens; a shorter common prefix is not worth a cache
 
@@ -77,8 +78,6 @@ def continuation_ids(tokenizer: Any, prompt: str, prompt_ids: list[int], text: s
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """EOS and the template's end-of-turn token, so a reply stops where the model learned to stop."""
-    from finetune.data.chat import end_of_turn_ids
-    from finetune.errors import DataError
 
     try:
         return end_of_turn_ids(tokenizer)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import DataError, WenmaiError
+from finetune.evaluation import lm
 from finetune.evaluation.results import McScore, SubjectScore
 
 LETTERS = ("A", "B", "C", "D")
@@ -120,7 +121,6 @@ def format_question(question: Question) -> str:
 def evaluate(model: Any, tokenizer: Any, subjects: list[Subject], shots: int, method: str = "loglik",
              batch_size: int = 8, max_length: int = 2048, label: str = "", name: str = "mc") -> McScore:
     """Accuracy per subject and overall (Wilson 95% interval) of one loaded model."""
-    from finetune.evaluation import lm
 
     started = time.perf_counter()
     scores = []

@@ -8,33 +8,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import ConfigError
+from finetune.evaluation import alignment, mc
+from finetune.evaluation import targets as target_loading
 from finetune.evaluation.results import CheckpointResult
+from finetune.evaluation.suite import check_dimensions, load_suite
 from finetune.evaluation.targets import Target
+from finetune.recipe import EvaluateOptions
 
 Log = Callable[[str], None]
 
 
+OPTIONS = EvaluateOptions.model_fields  # the `evaluate` stage's options: their defaults and meanings are declared there
+
+
 @dataclass
 class EvalSpec:
-    """What to measure on every checkpoint."""
+    """What to measure on every checkpoint: the `evaluate` stage's options (`wenmai eval` takes the same)."""
 
-    mc: Path | None = None
-    shots: list[int] = field(default_factory=lambda: [0])
-    mc_limit: int | None = None  # first N questions of each subject
-    mc_method: str = "loglik"
-    suite: Path | None = None
-    suite_limit: int | None = None  # first N probes (bias probes are always kept)
-    max_new_tokens: int | None = None  # reply length bound (default: the suite's)
+    mc: Path | str | None = None
+    shots: list[int] = field(default_factory=lambda: [OPTIONS["shots"].default])
+    mc_limit: int | None = OPTIONS["mc_limit"].default
+    mc_method: str = OPTIONS["mc_method"].default
+    suite: Path | str | None = None
+    suite_limit: int | None = OPTIONS["suite_limit"].default
+    max_new_tokens: int | None = OPTIONS["max_new_tokens"].default
     reward_model: str | None = None  # a reward stage folder (or its reward_model output)
-    batch_size: int = 8
-    max_length: int = 2048
+    batch_size: int = OPTIONS["batch_size"].default
+    max_length: int = OPTIONS["max_length"].default
+
+    @classmethod
+    def from_options(cls, options: EvaluateOptions, reward_model: str | None = None) -> EvalSpec:
+        """The spec of an `evaluate` stage; `reward_model` is the folder its `reward_model:` input resolved to."""
+        return cls(mc=options.mc, shots=[options.shots], mc_limit=options.mc_limit, mc_method=options.mc_method,
+                   suite=options.suite, suite_limit=options.suite_limit, max_new_tokens=options.max_new_tokens,
+                   reward_model=reward_model, batch_size=options.batch_size, max_length=options.max_length)
 
 
 def evaluate_targets(targets: list[Target], spec: EvalSpec, log: Log = print) -> list[CheckpointResult]:
     """Load each checkpoint in turn (one in memory at a time), measure it, then score replies with the reward model."""
-    from finetune.evaluation import alignment, mc
-    from finetune.evaluation import targets as target_loading
-    from finetune.evaluation.suite import check_dimensions, load_suite
 
     subjects = {shots: mc.load_folder(spec.mc, shots, spec.mc_limit) for shots in spec.shots} if spec.mc else {}
     suite = load_suite(spec.suite, spec.suite_limit) if spec.suite else None

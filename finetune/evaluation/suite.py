@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import ConfigError, Problem
+from finetune.yaml_lines import read_yaml_lines
 
 Behaviour = Literal["refuses", "corrects_premise", "respectful", "cites_uncertainty"]
 TOTAL = "total"  # the weighted total every reward model reports besides its dimensions
@@ -197,7 +198,6 @@ def uses_reward(loaded: LoadedSuite) -> bool:
 def _load_yaml(path: Path) -> LoadedSuite:
     import yaml
 
-    from finetune.config_io import read_yaml_lines
 
     try:
         data, lines = read_yaml_lines(path)

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune import model as model_path
+from finetune.config_io import load_run_recipe
 from finetune.errors import WenmaiError
 from finetune.recipe import ModelSection, Recipe
-from finetune.run_dir import RunDir
+from finetune.run_dir import RECIPE_FILE, STATUS_FILE, RunDir
 
 MODEL_OUTPUTS = ("model", "adapter")  # output kinds an evaluate stage can read
 
@@ -67,15 +69,15 @@ def parse_target(spec: str, run: RunDir | None = None, recipe: Recipe | None = N
         if recipe is None:
             raise WenmaiError("'base' needs a recipe: give a run folder as well, or --recipe FILE")
         return base_target(recipe)
-    if (path / "recipe.yaml").is_file():
+    if (path / RECIPE_FILE).is_file():
         folder = RunDir.open(path)
         return stage_target(folder, run_recipe(folder), last_model_stage(folder))
-    if (path / "status.json").is_file() and (path.parent / "recipe.yaml").is_file():
+    if (path / STATUS_FILE).is_file() and (path.parent / RECIPE_FILE).is_file():
         folder = RunDir.open(path.parent)
         return stage_target(folder, run_recipe(folder), path.name)
     if (path / "config.json").is_file():
         return folder_target(path, like=recipe.model if recipe else None)
-    if run is not None and "/" not in spec and (run.root / spec / "status.json").is_file():
+    if run is not None and "/" not in spec and (run.root / spec / STATUS_FILE).is_file():
         return stage_target(run, recipe or run_recipe(run), spec)
     raise WenmaiError(
         f"cannot evaluate {spec!r}: give `base`, a run folder, RUN_DIR/<stage>, a stage name of the run, "
@@ -85,9 +87,7 @@ def parse_target(spec: str, run: RunDir | None = None, recipe: Recipe | None = N
 
 def run_recipe(run_dir: RunDir) -> Recipe:
     """The resolved recipe a run was started with."""
-    from finetune.config_io import load_resolved
-
-    return load_resolved(run_dir.recipe_path.read_text(encoding="utf-8"), run_dir.recipe_path).recipe
+    return load_run_recipe(run_dir).recipe
 
 
 def last_model_stage(run_dir: RunDir) -> str:
@@ -105,7 +105,6 @@ def last_model_stage(run_dir: RunDir) -> str:
 
 def load(target: Target) -> tuple[Any, Any]:
     """The model (in eval mode, adapter folded in when the base is not quantized) and its tokenizer."""
-    from finetune import model as model_path
 
     source = model_path.resolve_source(target.section)
     tokenizer_source = model_path.ModelSource(str(target.tokenizer_dir), True) if target.tokenizer_dir else source

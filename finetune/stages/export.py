@@ -5,74 +5,33 @@ template, `generation_config.json` stopping at every stop id of the template con
 GGUF files when asked, `README.md` (model card) and `wenmai_provenance.json`. It is built in a temporary
 folder, reloaded from disk with plain transformers and compared with the model it came from; GGUF files are
 loaded back and compared with the HF export. Only when every check passes is it renamed into place.
+The options are `finetune.recipe.ExportOptions`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import ClassVar, Literal
+import json
+import sys
+import time
+from pathlib import Path
 
-from pydantic import Field
-
-from finetune.parity import Tolerance
-from finetune.stages.base import StageConfig, StageContext, StageResult, dataset_field, input_field
-
-GGUFType = Literal["f32", "f16", "bf16", "q8_0"]
-
-
-class Config(StageConfig):
-    """Export a merged model: HF safetensors (+ GGUF), training chat template, model card, provenance label."""
-
-    kind: ClassVar[str] = "export"
-    produces: ClassVar[tuple[str, ...]] = ("model",)
-
-    model: str | None = input_field("model", "Stage whose model is exported (default: the latest earlier stage producing one).")
-    formats: list[Literal["hf", "gguf"]] = Field(
-        default_factory=lambda: ["hf"], min_length=1, description="hf: safetensors folder (always written); gguf: also GGUF files."
-    )
-    gguf_types: list[GGUFType] = Field(
-        default_factory=lambda: ["f16", "q8_0"], min_length=1, description="GGUF files to write: f32, f16, bf16, q8_0."
-    )
-    gguf_required: bool = Field(
-        True, description="false: skip GGUF (noted in the summary) when the `gguf` package is not installed, instead of failing."
-    )
-    max_shard_size: str = Field("2GB", description="Largest safetensors shard (transformers' max_shard_size).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the parity probes run; auto is CUDA when there is a GPU.")
-    probe_dataset: str | None = dataset_field(
-        ("chat", "instruction", "text"), "Dataset the probe prompts come from (default: the first training stage's).", required=False
-    )
-    probes: int = Field(6, ge=0, le=200, description="Prompts taken from `probe_dataset`; four built-in bilingual ones are always added.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens generated per probe and compared step by step.")
-    tolerances: dict[Literal["hf", "f32", "f16", "bf16", "q8_0"], Tolerance] = Field(
-        default_factory=dict, description="Allowed drift per format (hf, or a GGUF type); default per dtype and GGUF type."
-    )
-    producer: str | None = Field(None, description="Organisation (or service filing number) named as producer in the provenance label.")
-    intended_use: str | None = Field(None, description="Intended-use text for the model card (a sound default is written otherwise).")
-    license: str | None = Field(None, description="Licence id for the model card's metadata (e.g. apache-2.0); check the base model's.")
-
-    def check(self) -> list[tuple[str, str]]:
-        if "gguf" in self.formats and self.gguf_required and importlib.util.find_spec("gguf") is None:
-            return [("formats", "gguf needs the gguf package: pip install 'wenmai[gguf]' (or set gguf_required: false)")]
-        return []
+from finetune import exporting, gguf_export, parity
+from finetune.data.template import trained_tokenizer
+from finetune.errors import WenmaiError
+from finetune.merging import choose_device, merge_section, plan_memory
+from finetune.model import resolve_source
+from finetune.model_card import PROVENANCE_FILE
+from finetune.recipe import ExportOptions, Recipe
+from finetune.run_dir import StageContext, StageResult, atomic_dir, atomic_write_json
 
 
 def run(ctx: StageContext) -> StageResult:
     """Write the export in a temporary folder, verify it from disk, and rename it into place."""
-    import json
-    import sys
-    import time
-    from pathlib import Path
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune import exporting, gguf_export, parity
-    from finetune.errors import WenmaiError
-    from finetune.merging import choose_device, merge_section, plan_memory, trained_tokenizer
-    from finetune.model import resolve_source
-    from finetune.run_dir import atomic_dir, atomic_write_json
-
-    config: Config = ctx.config
+    config: ExportOptions = ctx.config
     recipe, run_dir = ctx.recipe, ctx.run_dir
     started = time.perf_counter()
     produced = ctx.inputs["model"]
@@ -137,9 +96,19 @@ def run(ctx: StageContext) -> StageResult:
     return StageResult(outputs=_outputs(gguf_files), summary=_summary(comparisons, gguf_files, skipped, started))
 
 
-def _outputs(gguf_files: list[dict]) -> dict[str, str]:
-    from finetune.model_card import PROVENANCE_FILE
+def check(options: ExportOptions, recipe: Recipe) -> list[tuple[str, str]]:
+    """GGUF files need the gguf package (unless the export may skip them)."""
+    if "gguf" in options.formats and options.gguf_required and importlib.util.find_spec("gguf") is None:
+        return [("formats", "gguf needs the gguf package: pip install 'wenmai[gguf]' (or set gguf_required: false)")]
+    return []
 
+
+def machine_problems(options: ExportOptions) -> list[str]:
+    """Nothing: memory for the export is planned when it runs (`merging.plan_memory`)."""
+    return []
+
+
+def _outputs(gguf_files: list[dict]) -> dict[str, str]:
     outputs = {"model": "model", "tokenizer": "model", "template": "model/template.json", "parity": "parity.json",
                "model_card": "model/README.md", "provenance": f"model/{PROVENANCE_FILE}"}
     outputs.update({f"gguf_{g['type']}": f"model/{g['file']}" for g in gguf_files})
@@ -147,8 +116,6 @@ def _outputs(gguf_files: list[dict]) -> dict[str, str]:
 
 
 def _summary(comparisons: list, gguf_files: list[dict], skipped: str | None, started: float) -> dict:
-    import time
-
     summary = {"formats": ["hf"] + (["gguf"] if gguf_files else []), "parity_passed": True}
     for c in comparisons:
         key = c.name.lower().replace(" ", "_").replace("_export", "")

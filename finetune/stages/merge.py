@@ -2,60 +2,33 @@
 
 Writes `model/` (a plain from_pretrained folder with the trained tokenizer), `template.json` (the contract,
 carried forward) and `parity.json` (the probe set and the drift of the merged model, in memory and reloaded
-from disk, from the unmerged adapter).
+from disk, from the unmerged adapter). The options are `finetune.recipe.MergeOptions`.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import gc
+import sys
+import time
 
-from pydantic import Field
-
-from finetune.parity import Tolerance
-from finetune.stages.base import StageConfig, StageContext, StageResult, dataset_field, input_field
-
-PROBE_FORMATS = ("chat", "instruction", "text")
-
-
-class Config(StageConfig):
-    """Merge an adapter into the base (reloaded unquantised in the training dtype) behind a logit-parity gate (PEFT)."""
-
-    kind: ClassVar[str] = "merge"
-    produces: ClassVar[tuple[str, ...]] = ("model",)
-
-    adapter: str | None = input_field("adapter", "Stage whose adapter is merged (default: the latest earlier stage producing one).")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where to merge and run the probes; auto is CUDA when there is a GPU, else CPU."
-    )
-    probe_dataset: str | None = dataset_field(
-        PROBE_FORMATS, "Dataset the probe prompts come from (default: the first training stage's).", required=False
-    )
-    probes: int = Field(6, ge=0, le=200, description="Prompts taken from `probe_dataset`; four built-in bilingual ones are always added.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens generated per probe and compared step by step.")
-    tolerance: Tolerance | None = Field(
-        None, description="Allowed drift from the unmerged adapter (default per dtype: max |logit diff| 2e-3 for float32, 0.5 for float16, 3.0 for bfloat16)."
-    )
+from finetune import merging, parity
+from finetune import model as model_path
+from finetune.data.template import trained_tokenizer, write_contract
+from finetune.errors import WenmaiError
+from finetune.recipe import MergeOptions, Recipe
+from finetune.run_dir import StageContext, StageResult, atomic_dir, atomic_write_json
 
 
 def run(ctx: StageContext) -> StageResult:
     """Merge, compare against the unmerged adapter, save atomically, reload from disk, compare again."""
-    import gc
-    import sys
-    import time
-
     from transformers import AutoModelForCausalLM
 
-    from finetune import merging, parity
-    from finetune import model as model_path
-    from finetune.errors import WenmaiError
-    from finetune.run_dir import atomic_dir, atomic_write_json
-
-    config: Config = ctx.config
+    config: MergeOptions = ctx.config
     recipe = ctx.recipe
     started = time.perf_counter()
     adapter_stage = ctx.input_stages["adapter"]
     produced = ctx.inputs["adapter"]
-    trained = merging.trained_tokenizer(ctx.run_dir, recipe, produced, f"stage {config.stage_name}")
+    trained = trained_tokenizer(ctx.run_dir, recipe, produced, f"stage {config.stage_name}")
     tokenizer, contract = trained.tokenizer, trained.contract
 
     section = merging.merge_section(recipe.model)
@@ -101,8 +74,6 @@ def run(ctx: StageContext) -> StageResult:
                 + "\nA merge into a quantised or wrong-dtype base does this; if the drift is expected, loosen "
                 f"stages.{config.stage_name}.tolerance"
             )
-    from finetune.data.template import write_contract
-
     write_contract(contract, ctx.stage_dir)
     first, last = comparisons
     return StageResult(
@@ -119,3 +90,13 @@ def run(ctx: StageContext) -> StageResult:
             "merge_s": round(time.perf_counter() - started, 2),
         },
     )
+
+
+def check(options: MergeOptions, recipe: Recipe) -> list[tuple[str, str]]:
+    """Nothing beyond the recipe's own checks."""
+    return []
+
+
+def machine_problems(options: MergeOptions) -> list[str]:
+    """Nothing: memory for the merge is planned when it runs (`merging.plan_memory`)."""
+    return []

@@ -2,112 +2,231 @@
 
 Prompts come from a dataset; the policy (the adapter named by `policy:`) samples `num_generations` answers
 per prompt; each dimension of the reward model of the stage named by `reward_model:` is one reward
-function (weighted as the recipe says), and rule rewards (length, format, banned terms) can be added. The
-KL to the reference (the policy's starting adapter, frozen) is weighted by `beta`. Saves one complete
-adapter, like `dpo`. The work is in `finetune/rlhf.py`.
+function (weighted as the recipe says), and rule rewards (length, format, banned terms; `reward.rules`)
+can be added. The KL to the reference (the policy's starting adapter, frozen) is weighted by `beta`.
+Saves one complete adapter, like `dpo`. The options are `finetune.recipe.RlhfOptions`.
+
+TRL's GRPOTrainer reads a model reward at `logits[:, 0]` and cannot take an unmerged PeftModel as a reward
+model, so each dimension of the trained reward model is a plain reward function instead, named after its
+dimension (TRL logs `rewards/<dimension>/mean`). The functions share one `RewardScorer`: the first of them
+scores a batch of answers on every dimension at once, the others read their column. Generation on CPU is
+transformers' `generate` (no vLLM).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, Literal
+import sys
+from typing import Any
 
-from pydantic import Field
-
-from finetune.stages.base import (
-    StageContext,
-    StageResult,
-    TrainingOptions,
-    dataset_field,
-    dimension_field,
-    input_field,
-)
-from reward.rules import RuleRewards
-
-if TYPE_CHECKING:
-    from finetune.recipe import Recipe
-
-PROMPT_FORMATS = ("chat", "instruction", "pairs", "ratings", "tiers")
-
-
-class Config(TrainingOptions):
-    """Online RL (GRPO) of the policy adapter against the trained reward model's dimensions plus rule rewards (TRL GRPOTrainer)."""
-
-    kind: ClassVar[str] = "rlhf"
-    produces: ClassVar[tuple[str, ...]] = ("adapter", "tokenizer")
-
-    policy: str | None = input_field(
-        "adapter", "Stage whose adapter keeps training (default: the latest earlier stage producing one, usually sft); "
-        "`base`: a fresh adapter on the base model.", special=("base",))
-    reward_model: str | None = input_field(
-        "reward_model", "Reward stage whose dimensions are the rewards (default: the latest earlier one); `none`: rule "
-        "rewards only.", special=("none",))
-    dataset: str = dataset_field(
-        PROMPT_FORMATS, "Prompts: a chat dataset (each conversation up to its last answer), instruction, or the prompts "
-        "of a pairs/ratings/tiers dataset (each distinct prompt once).")
-    weights: dict[str, float] | None = dimension_field(
-        "Weight of each reward dimension, e.g. {safety: 2, accuracy: 1} (default: the weights the reward model was trained "
-        "with); dimensions left out weigh 0 and are still logged. Normalised to sum 1, so the model's part is a weighted mean.")
-    rules: RuleRewards = Field(default_factory=RuleRewards, description="Rule rewards: length, format, banned_terms.")
-    beta: float = Field(0.04, ge=0, description="KL coefficient to the reference (the starting adapter, frozen); 0 drops the "
-                                                "reference: faster, but nothing holds the policy near what it was.")
-    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt; GRPO compares them with each other.")
-    max_completion_length: int = Field(128, gt=0, description="Longest answer sampled, in tokens.")
-    max_prompt_length: int = Field(512, gt=0, description="Longest prompt in tokens (chat template included); longer ones are left out (counted).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="Divide advantages by the reward's standard deviation in each prompt's group, in the batch, or not at all.")
-    batch_size: int = Field(8, ge=1, description="Answers per device per micro-batch; batch_size x gradient_accumulation must be a "
-                                                 "multiple of num_generations (whole prompt groups).")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (RL on a LoRA adapter wants far less than SFT).")
-    logging_steps: int = Field(1, ge=1, description="Log metrics (rewards per dimension, KL, answer length) every this many steps.")
-
-    @property
-    def seq_len(self) -> int:
-        """Longest sequence trained on: prompt + answer (memory estimate)."""
-        return self.max_prompt_length + self.max_completion_length
-
-    def adapters_on_base(self) -> int:
-        """The policy adapter, plus its frozen copy as the KL reference when beta > 0 and the policy starts from an adapter."""
-        return 2 if self.beta > 0 and self.policy != "base" else 1
-
-    def models_in_memory(self) -> int:
-        """Base models held at once (memory estimate): the policy's, and the reward model's unless rules alone reward."""
-        return 1 if self.reward_model == "none" else 2
-
-    def check(self) -> list[tuple[str, str]]:
-        per_step = self.batch_size * self.gradient_accumulation
-        if per_step % self.num_generations:
-            return [("num_generations", f"batch_size x gradient_accumulation = {per_step} answers per step is not a multiple of "
-                                        f"num_generations ({self.num_generations}); GRPO needs whole prompt groups: "
-                                        "change batch_size, gradient_accumulation or num_generations")]
-        return []
-
-    def check_in_recipe(self, recipe: Recipe) -> list[tuple[str, str]]:
-        """Rewards exist; the global batch holds whole groups; the banned-term file reads; rule names are free."""
-        from finetune.errors import WenmaiError
-        from finetune.recipe import reward_dimensions
-        from reward.rules import read_banned_terms
-
-        problems = []
-        if self.reward_model == "none" and not self.rules.given():
-            problems.append(("rules", "reward_model is none and no rule is set, so nothing rewards the answers; name a reward "
-                                      "stage in reward_model or set rules (length, format, banned_terms)"))
-        total = recipe.distributed.global_batch_size
-        if total is not None and total % self.num_generations:
-            problems.append(("num_generations", f"distributed.global_batch_size ({total}) is not a multiple of num_generations "
-                                                f"({self.num_generations}); GRPO needs whole prompt groups in each step"))
-        if self.rules.banned_terms is not None:
-            try:
-                read_banned_terms(self.rules.banned_terms.path)
-            except WenmaiError as err:
-                problems.append(("rules.banned_terms.path", str(err).removeprefix("banned terms: ")))
-        clashes = [d.name for d in reward_dimensions(recipe) if d.name in {f"rule_{r}" for r in self.rules.given()}]
-        problems += [("rules", f"reward dimension {name!r} has the name of a rule reward; rename the dimension") for name in clashes]
-        return problems
+from finetune.adapters import drop_fresh_reference, load_policy, save_policy
+from finetune.data import load_records
+from finetune.data.chat import render, to_messages
+from finetune.data.preference import prompt_key, prompt_messages
+from finetune.errors import DataError, WenmaiError
+from finetune.recipe import Recipe, RlhfOptions
+from finetune.run_dir import StageContext, StageResult
+from finetune.training import build_training_args, fit, metrics_callback
+from reward.rules import completion_text, read_banned_terms, rule_functions
+from reward.score import RewardScorer
 
 
 def run(ctx: StageContext) -> StageResult:
-    """Sample, score and update the policy adapter; save it (one complete adapter) into the stage folder."""
-    from finetune.rlhf import train_and_save
+    """Sample, score, update; save the adapter; summarise rewards per dimension, KL and answer length."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
 
-    return train_and_save(ctx)
+    config, recipe = ctx.config, ctx.recipe
+    policy = load_policy(recipe, ctx.run_dir, ctx.input_stages.get("policy"), ctx.inputs.get("policy"), config.seed,
+                         f"stage {config.stage_name}")
+    prompts, prompt_stats = load_prompts(ctx, policy.tokenizer)
+    rewards = build_rewards(ctx, device=next(policy.model.parameters()).device)
+    args = build_training_args(
+        GRPOConfig, config, recipe, ctx.stage_dir, ctx.run_dir.name, has_eval=False,
+        num_generations=config.num_generations, max_completion_length=config.max_completion_length, beta=config.beta,
+        temperature=config.temperature, scale_rewards=config.scale_rewards, reward_weights=rewards.weights,
+        disable_dropout=True,  # the same answer must get the same log-prob from policy and reference
+    )
+    trainer = GRPOTrainer(
+        model=policy.model, reward_funcs=rewards.functions, args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=policy.tokenizer,
+        callbacks=[metrics_callback(ctx.metrics_path, config.stage_name)],
+    )
+    drop_fresh_reference(trainer, policy)
+    result = fit(trainer, ctx.resume_from)
+    outputs = save_policy(trainer, ctx.stage_dir, policy)
+    summary = summarise(trainer.state.log_history, result.metrics, rewards.names, trainer.state.global_step)
+    summary.update(prompts=prompt_stats, reward_functions=dict(zip(rewards.names, rewards.weights, strict=True)),
+                   used={"policy": policy.source, "reward_model": rewards.source})
+    warning = no_spread_warning(trainer.state.log_history)
+    if warning is not None:  # the stage still finishes: a warning in its summary (and report), not an error
+        summary["warnings"] = [warning]
+        if trainer.is_world_process_zero():
+            print(f"{config.stage_name}: warning: {warning}", file=sys.stderr, flush=True)
+    return StageResult(outputs=outputs, summary=summary)
+
+
+class Rewards:
+    """The reward functions for GRPOTrainer, their weights (`reward_weights`), names, and the reward model used."""
+
+    def __init__(self) -> None:
+        self.functions: list[Any] = []
+        self.weights: list[float] = []
+        self.source: dict | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [f.__name__ for f in self.functions]
+
+    def add(self, function: Any, weight: float) -> None:
+        self.functions.append(function)
+        self.weights.append(float(weight))
+
+
+def build_rewards(ctx: StageContext, device: Any = None) -> Rewards:
+    """A reward function per dimension of the wired reward model (weights normalised to sum 1), then the rules."""
+    config = ctx.config
+    rewards = Rewards()
+    folder = ctx.inputs.get("reward_model", {}).get("reward_model")
+    if folder is not None:
+        scorer = RewardScorer.from_stage(folder)
+        if device is not None:
+            scorer.model.to(device)
+        weights = dimension_weights(config, scorer.card, folder)
+        shared = SharedScores(scorer)
+        for name, weight in weights.items():
+            rewards.add(DimensionReward(shared, name), weight)
+        rewards.source = {"stage": ctx.input_stages.get("reward_model"), "reward_model": ctx.run_dir.relative(folder),
+                          "dimensions": scorer.dimensions}
+    for function, weight in rule_functions(config.rules):
+        rewards.add(function, weight)
+    if not rewards.functions:
+        raise WenmaiError(f"stage {config.stage_name!r}: nothing rewards the answers; name a reward stage in reward_model or set rules")
+    return rewards
+
+
+def dimension_weights(config: Any, card: Any, folder: str) -> dict[str, float]:
+    """Each reward-model dimension's weight, normalised to sum 1: the stage's `weights`, else the trained ones."""
+    dimensions = card.names
+    if config.weights is None:
+        given = {d.name: d.weight for d in card.dimensions}
+    else:
+        unknown = [name for name in config.weights if name not in dimensions]
+        if unknown:
+            raise WenmaiError(
+                f"stages.{config.stage_name}.weights: the reward model in {folder} has no dimension "
+                f"{', '.join(repr(n) for n in unknown)}; its dimensions are {', '.join(dimensions)}"
+            )
+        given = {name: config.weights.get(name, 0.0) for name in dimensions}
+    total = sum(given.values())
+    if total <= 0:
+        raise WenmaiError(f"stages.{config.stage_name}.weights: every dimension weighs 0; give at least one a weight above 0")
+    return {name: weight / total for name, weight in given.items()}
+
+
+class SharedScores:
+    """Scores every dimension of a batch of answers once; each dimension's reward function reads its column."""
+
+    def __init__(self, scorer: Any):
+        self.scorer = scorer
+        self._key: tuple | None = None
+        self._scores: dict[str, list[float]] = {}
+
+    def get(self, prompts: list, completions: list) -> dict[str, list[float]]:
+        texts = [completion_text(c) for c in completions]
+        key = (repr(prompts), tuple(texts))
+        if key != self._key:
+            prompt_messages = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
+            self._scores = self.scorer.score(prompt_messages, texts)
+            self._key = key
+        return self._scores
+
+
+class DimensionReward:
+    """One reward-model dimension as a GRPO reward function; its `__name__` is the dimension (TRL's metric name)."""
+
+    def __init__(self, shared: SharedScores, dimension: str):
+        self.shared = shared
+        self.dimension = dimension
+        self.__name__ = dimension
+
+    def __call__(self, prompts: list, completions: list, **_: Any) -> list[float]:
+        return self.shared.get(prompts, completions)[self.dimension]
+
+
+def load_prompts(ctx: StageContext, tokenizer: Any) -> tuple[list[list[dict]], dict[str, int]]:
+    """Distinct prompt conversations from the stage's dataset, without those longer than `max_prompt_length`."""
+    config, recipe = ctx.config, ctx.recipe
+    section = recipe.data[config.dataset]
+    records = load_records(recipe, config.dataset, ctx.stage_dir).records
+    prompts: dict[str, list[dict]] = {}
+    for record in records:
+        if section.format in ("chat", "instruction"):
+            messages = to_messages(record, section.format, section.system_prompt)
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            messages = messages[:last]
+        else:
+            messages = prompt_messages(record["prompt"])
+        if messages and messages[-1]["role"] == "user":
+            prompts.setdefault(prompt_key(messages), messages)
+    kept, too_long = [], 0
+    for messages in prompts.values():
+        length = len(tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        if length > config.max_prompt_length:
+            too_long += 1
+        else:
+            kept.append(messages)
+    if not kept:
+        raise DataError(f"dataset {config.dataset!r}: no prompt fits max_prompt_length ({config.max_prompt_length} tokens; "
+                        f"{too_long} longer ones left out)")
+    return kept, {"records": len(records), "prompts": len(kept), "too_long_left_out": too_long}
+
+
+def no_spread_warning(history: list[dict]) -> str | None:
+    """A warning when in most logged steps every prompt's answers got the same reward, so GRPO learned nothing from them.
+
+    TRL logs `frac_reward_zero_std`, the share of prompts whose group of answers got identical rewards; at 1 every
+    advantage is 0 and the step leaves the policy as it was (bar the KL term).
+    """
+    fractions = [row["frac_reward_zero_std"] for row in history if "frac_reward_zero_std" in row]
+    flat = sum(1 for fraction in fractions if fraction >= 1)
+    if flat * 2 <= len(fractions):
+        return None
+    return (f"in {flat} of {len(fractions)} logged steps every group of answers to a prompt got the same reward, so the "
+            "policy did not change in those steps; make the answers in a group differ (raise num_generations or "
+            "temperature) or the rewards separate them (check that the rules match some answers and not others, and "
+            "that the reward model scores answers differently)")
+
+
+def summarise(history: list[dict], train_metrics: dict, names: list[str], steps: int) -> dict[str, Any]:
+    """Per reward function the mean reward at the first and last logged step, the weighted reward, KL, answer length."""
+    rows = [row for row in history if "reward" in row]
+    summary: dict[str, Any] = {"steps": steps}
+    if rows:
+        first, last = rows[0], rows[-1]
+        summary["reward_first"] = {n: round(first[f"rewards/{n}/mean"], 4) for n in names if f"rewards/{n}/mean" in first}
+        summary["reward_last"] = {n: round(last[f"rewards/{n}/mean"], 4) for n in names if f"rewards/{n}/mean" in last}
+        summary.update(weighted_reward_first=round(first["reward"], 4), weighted_reward_last=round(last["reward"], 4))
+        if "kl" in last:
+            summary["kl_last"] = round(last["kl"], 5)
+        if "completions/mean_length" in last:
+            summary["completion_length_last"] = round(last["completions/mean_length"], 1)
+    summary.update(train_runtime_s=round(train_metrics.get("train_runtime", 0.0), 2))
+    return summary
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+def check(options: RlhfOptions, recipe: Recipe) -> list[tuple[str, str]]:
+    """The banned-term file reads and lists terms."""
+    if options.rules.banned_terms is None:
+        return []
+    try:
+        read_banned_terms(options.rules.banned_terms.path)
+    except WenmaiError as err:
+        return [("rules.banned_terms.path", str(err).removeprefix("banned terms: "))]
+    return []
+
+
+def machine_problems(options: RlhfOptions) -> list[str]:
+    """Nothing: generation runs on CPU too (transformers' `generate`)."""
+    return []

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from finetune.data.layer import DatasetReport, stream_dataset
-from finetune.data.policy import DataPolicy
 from finetune.recipe import DatasetSection
+from finetune.recipe.data_policy import DataPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
 PII = ["联系电话13812345678。", "Email the donor at li.ming@example.com. ", "身份证号11010519491231002X。", "Call 010-65131892. "]

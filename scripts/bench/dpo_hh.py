@@ -73,8 +73,7 @@ def main() -> None:
 
 def train(work: Path, reward_file: Path, dpo_file: Path, args) -> object:
     """A reward stage (unless one is given) and a dpo stage from the base model, through the recipe path."""
-    from finetune.config_io import load_recipe
-    from finetune.pipeline import start
+    from finetune.pipeline import load_recipe, start
 
     common = {"eval_fraction": 0, "batch_size": 4, "gradient_accumulation": 2, "seq_len": args.seq_len, "warmup": 0.1,
               "logging_steps": 2, "save_steps": 100_000, "epochs": 1}

@@ -8,7 +8,7 @@ learning rate (--learning-rate, default 5e-5 for both, so the loss moves), so th
 they differ in how the work is done:
 - `trl_defaults`: a plain TRL script: `DPOTrainer(model, peft_config=...)` with DPOConfig defaults (gradient
   checkpointing on, bf16, the reference computed in every step with the adapter disabled);
-- `wenmai`: what a `dpo` stage builds (`finetune.training.build_training_args` + `finetune.preference.trainer_args`):
+- `wenmai`: what a `dpo` stage builds (`finetune.training.build_training_args` + `finetune.stages.preference.trainer_args`):
   the policy is an adapter-carrying PeftModel as after SFT (TRL keeps a frozen copy as the reference), the
   reference log-probs are precomputed once (`precompute_ref_log_probs`, in batches of twice the training
   batch: `precompute_batch_size`), activation checkpointing is off
@@ -154,8 +154,8 @@ def build_trainer(name: str, model, tokenizer, pairs: list[dict], shape: dict, l
         args = DPOConfig(output_dir=str(work / "out"), use_cpu=not torch.cuda.is_available(), **common)
         return DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora_config(lora))
 
-    from finetune.preference import trainer_args
-    from finetune.stages.dpo import Config
+    from finetune.recipe import DpoOptions as Config
+    from finetune.stages.preference import trainer_args
     from finetune.training import build_training_args
 
     liger = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None

@@ -66,8 +66,7 @@ def main() -> None:
 
 def quickstart(results: dict):
     """Run recipes/quickstart.yaml into a fresh folder and time it."""
-    from finetune.config_io import load_recipe
-    from finetune.pipeline import start
+    from finetune.pipeline import load_recipe, start
 
     cpu, wall = cpu_seconds(), time.perf_counter()
     run = start(load_recipe(ROOT / "recipes" / "quickstart.yaml"), log=print)

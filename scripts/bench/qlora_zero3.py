@@ -70,9 +70,8 @@ def worker(recipe: Path, run_dir: Path) -> None:
 
     import torch
 
-    from finetune.config_io import load_recipe
     from finetune.distributed.ranks import is_main_process
-    from finetune.pipeline import start
+    from finetune.pipeline import load_recipe, start
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -141,8 +140,8 @@ def run(recipe: Path, run_dir: Path, cuda: bool) -> dict:
 
 def estimate(recipe: Path, peak: int | None) -> dict:
     """Wenmai's per-GPU estimate for the recipe on one process, and its ratio to the measured peak."""
-    from finetune.config_io import load_recipe
-    from finetune.distributed.preflight import check
+    from finetune.checks.preflight import check
+    from finetune.pipeline import load_recipe
 
     report = check(load_recipe(recipe).recipe, world_size=1, gpus_per_node=1, with_estimates=True)
     if not report.estimates:
@@ -162,7 +161,7 @@ def reload(model: Path, adapter: Path, quantization: str, cuda: bool) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from finetune.training import check_adapter_weights
+    from finetune.adapters import check_adapter_weights
 
     weights = check_adapter_weights(adapter)
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}

@@ -78,8 +78,7 @@ def split_pairs(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path,
 
 def train(work: Path, label: str, model: str, train_file: Path, args, options: dict) -> dict:
     """One reward stage through the recipe path (no evaluation inside: the held-out set is scored after)."""
-    from finetune.config_io import load_recipe
-    from finetune.pipeline import start
+    from finetune.pipeline import load_recipe, start
 
     stage = {"dataset": "train", "eval_fraction": 0, "batch_size": args.batch_size, "gradient_accumulation": args.accumulation,
              "learning_rate": args.learning_rate, "seq_len": args.seq_len, "warmup": 0.1, "center_rewards_coefficient": 0.01,

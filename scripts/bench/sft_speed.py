@@ -208,8 +208,8 @@ def train_wenmai(spec: dict, rows: list[dict], timer) -> tuple:
     """Wenmai's SFT stage as `wenmai run` builds it (`finetune.stages.sft.build_trainer`), on the same rows."""
     import torch
 
-    from finetune.config_io import load_recipe
     from finetune.model import load_tokenizer, resolve_source
+    from finetune.pipeline import load_recipe
     from finetune.speed import kernel_scope
     from finetune.stages.sft import build_trainer
 

@@ -1,28 +1,12 @@
-"""Stage `dpo`: preference optimisation of the policy adapter with TRL's DPOTrainer (sigmoid, IPO, hinge, ... losses).
-
-The policy is the adapter of the stage named by `policy:` (default: the latest earlier stage with one, SFT
-usually); it keeps training and is saved as one complete adapter (`adapter/`, SFT delta included), so
-`merge` and `evaluate` read it like any other. The reference is a frozen copy of that adapter (see
-`finetune/preference.py` for why). `PreferenceOptions` is shared with the `kto` and `orpo` stages; the work
-is in `finetune/preference.py`.
-"""
+"""Options of the preference stages `dpo`, `kto` and `orpo` (the method: `finetune/stages/preference.py`)."""
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from finetune.stages.base import (
-    StageContext,
-    StageResult,
-    TrainingOptions,
-    dataset_field,
-    dimension_field,
-    input_field,
-)
+from finetune.recipe.options import TrainingOptions, dataset_field, dimension_field, input_field
 
 PREFERENCE_FORMATS = ("pairs", "ratings", "tiers")
 
@@ -58,6 +42,9 @@ class PreferenceOptions(TrainingOptions):
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference: higher stays closer to it "
                                                "(for ipo it is τ; for orpo the weight λ of the odds-ratio term).")
 
+    def sequence_length(self) -> int:
+        return self.seq_len
+
     def check(self) -> list[tuple[str, str]]:
         if self.eval_dataset and self.eval_fraction:
             return [("eval_fraction", "set either eval_dataset or eval_fraction, not both")]
@@ -67,15 +54,19 @@ class PreferenceOptions(TrainingOptions):
         """The policy adapter, plus its frozen copy as the reference when the policy starts from an adapter."""
         return 2 if self.uses_reference and self.policy != "base" else 1
 
+    def precompute_setting(self) -> bool | Literal["auto"]:
+        """The stage's `precompute_ref_log_probs` (a stage without a reference precomputes nothing)."""
+        return False
+
     def precompute(self, train_examples: int, examples_per_step: int) -> bool:
         """Whether the reference log-probs are precomputed (auto: when training sees every example at least once)."""
-        setting = getattr(self, "precompute_ref_log_probs", False)
+        setting = self.precompute_setting()
         if setting == "auto":
             return self.max_steps == -1 or self.max_steps * examples_per_step >= train_examples
         return bool(setting)
 
 
-class Config(PreferenceOptions):
+class DpoOptions(PreferenceOptions):
     """Preference optimisation (DPO and its loss variants) of the policy adapter against a frozen reference (TRL DPOTrainer)."""
 
     kind: ClassVar[str] = "dpo"
@@ -99,15 +90,16 @@ class Config(PreferenceOptions):
         "liger-kernel (the `gpu` extra).",
     )
 
-    def check(self) -> list[tuple[str, str]]:
-        from finetune.trl_choices import loss_types
+    def losses(self) -> list[str]:
+        """`loss_type` as a list."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
+    def precompute_setting(self) -> bool | Literal["auto"]:
+        return self.precompute_ref_log_probs
+
+    def check(self) -> list[tuple[str, str]]:
         problems = super().check()
-        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        known = loss_types("dpo")
-        for name in names:
-            if name not in known:
-                problems.append(("loss_type", unknown_choice(name, known, "DPO loss")))
+        names = self.losses()
         if not names:
             problems.append(("loss_type", "give at least one loss, e.g. sigmoid"))
         if self.loss_weights is not None and len(self.loss_weights) != len(names):
@@ -117,40 +109,31 @@ class Config(PreferenceOptions):
             problems.append(("label_smoothing", "exo_pair needs label_smoothing > 0 (its ε; the EXO paper uses 1e-3)"))
         return problems
 
-    def machine_problems(self) -> list[str]:
-        """What this machine lacks for the options chosen (pre-flight: a warning in validate, an error in run)."""
-        return liger_problems(self.stage_name) if self.liger_kernel else []
+
+class KtoOptions(PreferenceOptions):
+    """Preference optimisation from answers labelled good or bad, derived from pairs, tiers or ratings (TRL KTOTrainer)."""
+
+    kind: ClassVar[str] = "kto"
+
+    loss_type: str = Field("kto", description="TRL KTO loss: kto, or apo_zero_unpaired (checked against the installed TRL).")
+    desirable_weight: float = Field(1.0, gt=0, description="Weight of the desirable answers' loss (raise it when they are fewer).")
+    undesirable_weight: float = Field(1.0, gt=0, description="Weight of the undesirable answers' loss.")
+    batch_size: int = Field(4, ge=2, description="Answers per device per micro-batch; at least 2: KTO estimates its KL "
+                                                 "term from the other answers of the micro-batch.")
+    precompute_ref_log_probs: bool | Literal["auto"] = Field(
+        "auto", description="Compute the reference log-probs once before training (auto: when training sees every answer).",
+    )
+
+    def losses(self) -> list[str]:
+        """`loss_type` as a list."""
+        return [self.loss_type]
+
+    def precompute_setting(self) -> bool | Literal["auto"]:
+        return self.precompute_ref_log_probs
 
 
-def run(ctx: StageContext) -> StageResult:
-    """Train the policy adapter on preference pairs and save it (one complete adapter) into the stage folder."""
-    from finetune.preference import train_and_save
+class OrpoOptions(PreferenceOptions):
+    """Odds-ratio preference optimisation: SFT on the chosen answers plus a preference term, no reference model (TRL ORPOTrainer)."""
 
-    return train_and_save(ctx, "dpo")
-
-
-def unknown_choice(name: str, known: list[str], what: str) -> str:
-    """`unknown ... 'x'; did you mean y? the installed TRL accepts: ...`"""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        trl = f"TRL {version('trl')}"
-    except PackageNotFoundError:
-        trl = "TRL"
-    guess = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    hint = f"did you mean {guess[0]}? " if guess else ""
-    return f"unknown {what} {name!r}; {hint}the installed {trl} accepts: {', '.join(known)}"
-
-
-def liger_problems(stage: str) -> list[str]:
-    """Liger kernels need a CUDA GPU and the liger-kernel package."""
-    problems = []
-    if importlib.util.find_spec("liger_kernel") is None:
-        problems.append(f"stage {stage!r}: liger_kernel needs the liger-kernel package: pip install 'wenmai[gpu]' "
-                        "(or set liger_kernel: false)")
-    else:
-        import torch
-
-        if not torch.cuda.is_available():
-            problems.append(f"stage {stage!r}: liger_kernel needs a CUDA GPU (its kernels are Triton); set liger_kernel: false on CPU")
-    return problems
+    kind: ClassVar[str] = "orpo"
+    uses_reference: ClassVar[bool] = False

@@ -13,40 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from finetune.distributed import config as ds
+from finetune.distributed.hardware import Hardware, detect
 from finetune.distributed.memory import GIB, Estimate, estimate, gib, model_shape
+from finetune.distributed.ranks import current
 from finetune.errors import WenmaiError
-from finetune.recipe import Recipe
+from finetune.model import model_config_dict, quantization_config
+from finetune.recipe import Recipe, TrainingOptions
 
 MIN_VERSIONS = {"deepspeed": "0.16", "bitsandbytes": "0.43.3"}  # bitsandbytes: quant_storage for sharded QLoRA (PEFT guide)
 GPU_MEMORY_WARNING = 0.9  # estimate / GPU memory above which pre-flight warns
 GPU_MEMORY_ERROR = 1.15  # ... and refuses: the estimate is rough, a run it wrongly refused would be lost time
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What this machine offers (the smallest GPU counts: every rank must fit)."""
-
-    cuda: bool = False
-    gpus: int = 0
-    gpu_name: str | None = None
-    gpu_memory: int = 0  # bytes
-    bf16: bool = True  # assumed when planning on a machine without GPUs
-    host_available: int = 0  # bytes
-
-
-def detect() -> Hardware:
-    """This machine's GPUs and free host memory."""
-    import psutil
-    import torch
-
-    host = psutil.virtual_memory().available
-    if not torch.cuda.is_available():
-        return Hardware(host_available=host)
-    count = torch.cuda.device_count()
-    props = [torch.cuda.get_device_properties(i) for i in range(count)]
-    smallest = min(props, key=lambda p: p.total_memory)
-    return Hardware(cuda=True, gpus=count, gpu_name=smallest.name, gpu_memory=smallest.total_memory,
-                    bf16=torch.cuda.is_bf16_supported(), host_available=host)
 
 
 @dataclass(frozen=True)
@@ -92,8 +68,6 @@ def check(
     `launch_on_gpus`: the processes are to be started on this node's GPUs (`wenmai launch` without --cpu).
     `with_estimates`: compute the memory estimates (default: where they can stop a run: on a GPU, or offloading).
     """
-    from finetune.distributed.ranks import current
-
     gpus_per_node = gpus_per_node or current().local_world_size or world_size
     hardware = hardware or detect()
     versions = versions if versions is not None else installed_versions()
@@ -128,15 +102,11 @@ def installed_versions() -> dict[str, str | None]:
 
 def trainer_stages(recipe: Recipe) -> list[tuple[int, Any]]:
     """(index, config) of every stage that trains (has the shared training options)."""
-    from finetune.stages.base import TrainingOptions
-
     return [(i, c) for i, c in enumerate(recipe.stage_configs()) if isinstance(c, TrainingOptions)]
 
 
 def estimates(recipe: Recipe, world_size: int, gpus_per_node: int, hardware: Hardware) -> list[Estimate]:
     """The memory estimate of each trainer stage (none when the model's shapes are not on this machine)."""
-    from finetune.model import model_config_dict
-
     shape = model_shape(model_config_dict(recipe.model))
     if shape is None:
         return []
@@ -219,8 +189,6 @@ def quantized_sharding_rules(recipe: Recipe, world_size: int, hardware: Hardware
         return [Finding("int8-sharded", "model.quantization",
                         f"int8 weights cannot be sharded by {how}; use nf4 (QLoRA) or distributed.zero_stage: 2")]
     import torch
-
-    from finetune.model import quantization_config
 
     findings = []
     model_dtype = getattr(torch, model.dtype) if model.dtype != "auto" else (torch.bfloat16 if hardware.bf16 else torch.float32)

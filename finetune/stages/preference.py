@@ -1,4 +1,11 @@
-"""The preference stages' work (dpo, kto, orpo): pairs from the data, the policy and its reference, TRL's trainer.
+"""Stages `dpo`, `kto` and `orpo`: preference optimisation of the policy adapter with TRL's DPO, KTO and ORPO trainers.
+
+The policy is the adapter of the stage named by `policy:` (default: the latest earlier stage with one, SFT
+usually); it keeps training and is saved as one complete adapter (`adapter/`, SFT delta included), so
+`merge` and `evaluate` read it like any other. KTO needs no pairs, only answers labelled desirable or
+undesirable; they are derived from the same data (`unpaired_rows`). ORPO adds an odds-ratio term to the
+SFT loss on the chosen answers and needs no reference (TRL's ORPOTrainer is in `trl.experimental`).
+The options are `finetune.recipe.DpoOptions`, `KtoOptions` and `OrpoOptions`.
 
 The reference. DPO and KTO score how far the policy has moved from a reference. With a LoRA policy there are
 two cheap references: the base with the adapter switched off, or a frozen copy of the starting adapter. The
@@ -7,22 +14,29 @@ paper). The base without the SFT adapter scores answers as the untuned model doe
 the policy back towards the base and undo SFT. The copy is also memory-light: a LoRA adapter is ~1% of the
 weights, where a separate reference model (TRL's default without PEFT) doubles them. TRL's DPOTrainer and
 KTOTrainer make exactly this copy (adapter "ref", frozen) when given a PeftModel that already carries an
-adapter and no `ref_model`, so that is what they get; `finetune.policy.save_policy` removes the copy before
+adapter and no `ref_model`, so that is what they get; `finetune.adapters.save_policy` removes the copy before
 saving. With `policy: base` the adapter is new (a zero delta), so base and copy agree and TRL uses the
 adapter-disabled base. ORPO has no reference at all.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
+import importlib.util
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from finetune.adapters import drop_fresh_reference, load_policy, save_policy
+from finetune.checks.trl_choices import loss_types
+from finetune.data.pairs import PreferencePair, deduplicate, hold_out, load_pairs
+from finetune.data.preference import prompt_key
 from finetune.errors import DataError, WenmaiError
-from finetune.stages.base import StageContext, StageResult
-from reward.data import PreferencePair, load_pairs, split_by_prompt
+from finetune.recipe import DpoOptions, KtoOptions, PreferenceOptions, Recipe
+from finetune.run_dir import StageContext, StageResult
+from finetune.training import build_training_args, fit, metrics_callback
 
 DEFAULT_EVAL_FRACTION = 0.1
 
@@ -36,19 +50,17 @@ class PreferenceData:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def train_and_save(ctx: StageContext, method: str) -> StageResult:
-    """Train the policy adapter with TRL's `method` trainer (dpo, kto, orpo) and save it into the stage folder."""
+def run(ctx: StageContext) -> StageResult:
+    """Train the policy adapter with TRL's trainer for the stage's kind (dpo, kto, orpo) and save it into the stage folder."""
     from datasets import Dataset
 
-    from finetune.policy import drop_fresh_reference, load_policy, save_policy
-    from finetune.tracking import jsonl_callback
-    from finetune.training import build_training_args
-
     config, recipe = ctx.config, ctx.recipe
+    method = config.kind
     data = prepare(ctx, method)
     config_cls, trainer_cls = trl_classes(method)
     method_args = trainer_args(config, method, len(data.train_rows))
-    policy = load_policy(ctx)
+    policy = load_policy(recipe, ctx.run_dir, ctx.input_stages.get("policy"), ctx.inputs.get("policy"), config.seed,
+                         f"stage {config.stage_name}")
     args = build_training_args(
         config_cls, config, recipe, ctx.stage_dir, ctx.run_dir.name, has_eval=bool(data.eval_rows),
         eval_on_start=False,  # before any step the policy is the reference: every margin is 0
@@ -58,13 +70,11 @@ def train_and_save(ctx: StageContext, method: str) -> StageResult:
         model=policy.model, args=args, train_dataset=Dataset.from_list(data.train_rows),
         eval_dataset=Dataset.from_list(data.eval_rows) if data.eval_rows else None,
         processing_class=policy.tokenizer,
-        callbacks=[jsonl_callback(ctx.run_dir.metrics_path(config.stage_name), config.stage_name)],
+        callbacks=[metrics_callback(ctx.metrics_path, config.stage_name)],
     )
     drop_fresh_reference(trainer, policy)
-    result = trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
-    if data.eval_rows and trainer.state.global_step % config.eval_steps:
-        trainer.evaluate()  # held-out margins after the last step
-    outputs = save_policy(trainer, ctx, policy)
+    result = fit(trainer, ctx.resume_from, config.eval_steps if data.eval_rows else None)  # held-out margins at the end
+    outputs = save_policy(trainer, ctx.stage_dir, policy)
     summary = summarise(trainer.state.log_history, result.metrics, data, trainer.state.global_step)
     summary["left_out_prompt_fills_seq_len"] = len(data.train_rows) - len(trainer.train_dataset)  # TRL drops those
     summary.update(used={"policy": policy.source}, **{k: v for k, v in method_args.items() if k in SUMMARY_ARGS})
@@ -95,10 +105,10 @@ def trainer_args(config: Any, method: str, train_examples: int) -> dict[str, Any
     """The method's own TRL arguments from the stage options (the shared ones come from `build_training_args`)."""
     per_step = config.batch_size * config.gradient_accumulation
     if method == "dpo":
-        losses = [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
-        if config.machine_problems():  # liger_kernel without CUDA or liger-kernel: say so before any weights load
-            raise WenmaiError("; ".join(config.machine_problems()))
-        return {"loss_type": losses, "loss_weights": config.loss_weights, "label_smoothing": config.label_smoothing,
+        problems = machine_problems(config)
+        if problems:  # liger_kernel without CUDA or liger-kernel: say so before any weights load
+            raise WenmaiError("; ".join(problems))
+        return {"loss_type": config.losses(), "loss_weights": config.loss_weights, "label_smoothing": config.label_smoothing,
                 "precompute_ref_log_probs": config.precompute(train_examples, per_step),
                 "precompute_ref_batch_size": config.precompute_batch_size, "use_liger_kernel": config.liger_kernel}
     if method == "kto":
@@ -137,25 +147,6 @@ def prepare(ctx: StageContext, method: str) -> PreferenceData:
     return PreferenceData(train_rows, eval_rows, stats)
 
 
-def deduplicate(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], dict[str, int]]:
-    """One pair per (prompt, chosen, rejected); both orders of one pair (judged on different dimensions) cancel: dropped."""
-    seen: dict[tuple, PreferencePair] = {}
-    for pair in pairs:
-        seen.setdefault((_prompt_key(pair), pair.chosen, pair.rejected), pair)
-    contradictory = {key for key in seen if (key[0], key[2], key[1]) in seen}
-    kept = [p for key, p in seen.items() if key not in contradictory]
-    return kept, {"duplicate_pairs": len(pairs) - len(seen), "contradictory_pairs": len(contradictory)}
-
-
-def hold_out(pairs: list[PreferencePair], fraction: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Hold out `fraction` of the prompts with all their pairs (none when 0 or fewer than two prompts)."""
-    examples = [{"prompt_key": _prompt_key(p), "pair": p} for p in pairs]
-    if fraction <= 0 or len({e["prompt_key"] for e in examples}) < 2:
-        return pairs, []
-    train, held = split_by_prompt(examples, fraction, seed)
-    return [e["pair"] for e in train], [e["pair"] for e in held]
-
-
 def paired_rows(pairs: list[PreferencePair]) -> list[dict]:
     """DPO/ORPO rows: the prompt conversation and the two answers as assistant turns (TRL applies the chat template)."""
     return [{"prompt": p.prompt, "chosen": [_answer(p.chosen)], "rejected": [_answer(p.rejected)]} for p in pairs]
@@ -172,7 +163,7 @@ def unpaired_rows(pairs: list[PreferencePair], seed: int) -> tuple[list[dict], d
     losses: dict[tuple[str, str], int] = defaultdict(int)
     prompts: dict[str, list[dict]] = {}
     for pair in pairs:
-        key = _prompt_key(pair)
+        key = prompt_key(pair.prompt)
         prompts[key] = pair.prompt
         wins[(key, pair.chosen)] += 1
         losses[(key, pair.rejected)] += 1
@@ -222,5 +213,38 @@ def _answer(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
-def _prompt_key(pair: PreferencePair) -> str:
-    return json.dumps(pair.prompt, ensure_ascii=False, sort_keys=True)
+# --- checks ----------------------------------------------------------------------------------
+
+def check(options: PreferenceOptions, recipe: Recipe) -> list[tuple[str, str]]:
+    """Loss names the installed TRL accepts (read from TRL's source, without importing it)."""
+    if not isinstance(options, DpoOptions | KtoOptions):
+        return []
+    known = loss_types(options.kind)
+    return [("loss_type", unknown_choice(name, known, f"{options.kind.upper()} loss"))
+            for name in options.losses() if name not in known]
+
+
+def machine_problems(options: PreferenceOptions) -> list[str]:
+    """Liger kernels need a CUDA GPU and the liger-kernel package."""
+    if not isinstance(options, DpoOptions) or not options.liger_kernel:
+        return []
+    stage = options.stage_name
+    if importlib.util.find_spec("liger_kernel") is None:
+        return [f"stage {stage!r}: liger_kernel needs the liger-kernel package: pip install 'wenmai[gpu]' "
+                "(or set liger_kernel: false)"]
+    import torch
+
+    if not torch.cuda.is_available():
+        return [f"stage {stage!r}: liger_kernel needs a CUDA GPU (its kernels are Triton); set liger_kernel: false on CPU"]
+    return []
+
+
+def unknown_choice(name: str, known: list[str], what: str) -> str:
+    """`unknown ... 'x'; did you mean y? the installed TRL accepts: ...`"""
+    try:
+        trl = f"TRL {version('trl')}"
+    except PackageNotFoundError:
+        trl = "TRL"
+    guess = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean {guess[0]}? " if guess else ""
+    return f"unknown {what} {name!r}; {hint}the installed {trl} accepts: {', '.join(known)}"

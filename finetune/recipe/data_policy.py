@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from finetune.data import licences
+from finetune.recipe import licences
 
 DEFAULT_GRADES = ("public", "internal", "restricted", "prohibited")
 PII_TYPES = ("id_card", "mobile", "landline", "email", "bank_card", "passport", "ip", "person")

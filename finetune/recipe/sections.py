@@ -1,30 +1,19 @@
-"""The recipe schema: one pydantic class per section, `extra="forbid"` everywhere.
+"""The recipe's sections other than `stages`: model, lora, data, reward, tracking, output, distributed.
 
-Field descriptions are the documentation: `wenmai stages` and `wenmai validate` print them.
+One pydantic class per section, `extra="forbid"` everywhere. Field descriptions are the documentation:
+`wenmai stages` and `wenmai validate` print them.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    create_model,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from finetune.data.policy import DataPolicy, RecordMetadata
 from finetune.errors import Problem
-from finetune.speed import problems as speed_problems
-from finetune.stages import STAGES
-from finetune.stages.base import StageConfig
+from finetune.recipe.data_policy import DataPolicy, RecordMetadata
 
 DATA_FORMATS = ("chat", "instruction", "text", "pairs", "ratings", "tiers")
 DEFAULT_DIMENSION = "overall"  # the one reward dimension of a recipe without a `reward` section
@@ -159,14 +148,17 @@ class DataSection(BaseModel):
     def problems(self) -> list[Problem]:
         """The policy's own problems and metadata defaults it does not accept, with their key paths."""
         out = [Problem(f"data.policy.{field}", message) for field, message in self.policy.check()]
-        files = [("topic_list", self.policy.topic_list), ("pii.name_list", self.policy.pii.name_list)]
-        files += [(f"dedup.check_against[{i}]", p) for i, p in enumerate(self.policy.dedup.check_against)]
-        out += [Problem(f"data.policy.{key}", f"{path} not found") for key, path in files if path and not Path(path).exists()]
         for name, section in self.items():
             if section.defaults is not None:
                 out += [Problem(f"data.{name}.defaults.{field}", message)
                         for field, message in self.policy.metadata_problems(section.defaults)]
         return out
+
+    def policy_files(self) -> list[tuple[str, str]]:
+        """(key under data.policy, path) of every file the policy names; the pre-flight checks they exist."""
+        files = [("topic_list", self.policy.topic_list), ("pii.name_list", self.policy.pii.name_list)]
+        files += [(f"dedup.check_against[{i}]", p) for i, p in enumerate(self.policy.dedup.check_against)]
+        return [(key, path) for key, path in files if path]
 
 
 class RewardDimension(Section):
@@ -284,185 +276,8 @@ class DistributedSection(Section):
         return problems
 
 
-class _StageEntryBase(BaseModel):
-    """One item of `stages:` — a mapping with exactly one key, the stage kind."""
-
-    model_config = ConfigDict(extra="forbid")
-    __stage_entry__: ClassVar[bool] = True
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_kind(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not data:
-            kinds = ", ".join(STAGES)
-            raise ValueError(f"a stage is a mapping with one key, its kind ({kinds}); e.g. `- sft: {{dataset: train}}`")
-        if len(data) > 1:
-            raise ValueError(f"a stage has exactly one kind, got {', '.join(map(str, data))}; start each stage with its own `-`")
-        return {k: ({} if v is None else v) for k, v in data.items()}
-
-    @model_serializer(mode="wrap")
-    def _dump_own_kind(self, handler: Any) -> Any:
-        # `{kind: options}` only: the other kinds (all None) would make the dumped recipe unreadable
-        data = handler(self)
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-    @property
-    def config(self) -> StageConfig:
-        return next(v for v in (getattr(self, k) for k in type(self).model_fields) if v is not None)
-
-
-StageEntry = create_model(
-    "StageEntry",
-    __base__=_StageEntryBase,
-    **{kind: (module.Config | None, Field(None, description=(module.Config.__doc__ or "").strip())) for kind, module in STAGES.items()},
-)
-
-
-class Recipe(Section):
-    """A Wenmai recipe."""
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Recipe name; run folders are named after it.")
-    model: ModelSection
-    lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataSection = Field(..., description="Named datasets that stages read, and the data `policy`.")
-    stages: list[StageEntry] = Field(..., min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
-    reward: RewardSection | None = Field(
-        None, description=f"Reward dimensions and their weights (default: one dimension, `{DEFAULT_DIMENSION}`)."
-    )
-    tracking: TrackingSection = Field(default_factory=TrackingSection)
-    output: OutputSection = Field(default_factory=OutputSection)
-    distributed: DistributedSection = Field(default_factory=DistributedSection)
-
-    def stage_configs(self) -> list[StageConfig]:
-        return [entry.config for entry in self.stages]
-
-    def stage(self, name: str) -> StageConfig:
-        return next(c for c in self.stage_configs() if c.stage_name == name)
-
-
-def reward_dimensions(recipe: Recipe) -> list[RewardDimension]:
+def reward_dimensions(recipe: Any) -> list[RewardDimension]:
     """The recipe's reward dimensions, or the single default dimension when it declares none."""
     if recipe.reward is None:
         return [RewardDimension(name=DEFAULT_DIMENSION, description="Overall preference.")]
     return list(recipe.reward.dimensions)
-
-
-def check_dimension_names(recipe: Recipe, names: str | list[str] | dict[str, object] | None, path: str) -> list[Problem]:
-    """Problems for names (a name, a list, or a mapping keyed by name) that the `reward` section does not declare."""
-    if names is None:
-        return []
-    wanted = [names] if isinstance(names, str) else list(names)
-    declared = [d.name for d in reward_dimensions(recipe)]
-    problems = []
-    for name in wanted:
-        if name in declared or name == "total":
-            continue
-        guess = difflib.get_close_matches(str(name), declared, n=1, cutoff=0.6)
-        hint = f"did you mean {guess[0]}? " if guess else ""
-        where = "the recipe's `reward` section declares" if recipe.reward else "no `reward` section, so the only dimension is"
-        problems.append(Problem(path, f"unknown reward dimension {name!r}; {hint}{where}: {', '.join(declared)}"))
-    return problems
-
-
-def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
-    """Resolve each stage's inputs to earlier stage names: explicit names, or the latest producer."""
-    resolved: dict[str, dict[str, str]] = {}
-    problems: list[Problem] = []
-    earlier: list[StageConfig] = []
-    for i, config in enumerate(recipe.stage_configs()):
-        inputs: dict[str, str] = {}
-        for field_name, info in type(config).model_fields.items():
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            if extra.get("input") is None:
-                continue
-            kinds = extra["input"] if isinstance(extra["input"], list) else [extra["input"]]
-            output = " or ".join(kinds)
-            path = f"stages[{i}].{config.kind}.{field_name}"
-            wanted = getattr(config, field_name)
-            producers = [c.stage_name for c in earlier if set(kinds) & set(c.produces)]
-            if wanted in extra.get("special", ()):  # a value that names no stage, e.g. `base`
-                continue
-            if wanted is None:
-                if producers:
-                    inputs[field_name] = producers[-1]
-                elif not _input_optional(config, field_name):
-                    other = "".join(f", or set `{field_name}: {s}`" for s in extra.get("special", ()))
-                    problems.append(Problem(path, f"needs an earlier stage that produces {_article(output)} {output}, and there is none; "
-                                                  f"add one before this stage or name one with `{field_name}:`{other}"))
-            elif wanted in producers:
-                inputs[field_name] = wanted
-            else:
-                later = [c.stage_name for c in recipe.stage_configs()[i:]]
-                why = "comes later (stages read only earlier stages)" if wanted in later else "is not a stage name"
-                choices = ", ".join(producers) or "none"
-                problems.append(Problem(path, f"{wanted!r} {why}; earlier stages producing {_article(output)} {output}: {choices}"))
-        resolved[config.stage_name] = inputs
-        earlier.append(config)
-    return resolved, problems
-
-
-def _input_optional(config: StageConfig, field_name: str) -> bool:
-    return field_name in getattr(config, "optional_inputs", ())
-
-
-def cross_checks(recipe: Recipe) -> list[Problem]:
-    """Checks across sections that the field types alone cannot express."""
-    problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    for i, config in enumerate(recipe.stage_configs()):
-        name = config.stage_name
-        if name in seen:
-            problems.append(Problem(f"stages[{i}].{config.kind}.name", f"stage name {name!r} is already used by stages[{seen[name]}]; "
-                                                                     "give each stage a unique `name:`"))
-        seen.setdefault(name, i)
-        for field_name, info in type(config).model_fields.items():
-            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-            formats = extra.get("dataset")
-            value = getattr(config, field_name)
-            if formats is None or value is None:
-                continue
-            path = f"stages[{i}].{config.kind}.{field_name}"
-            if value not in recipe.data:
-                problems.append(Problem(path, f"dataset {value!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})"))
-            elif recipe.data[value].format not in formats:
-                problems.append(Problem(path, f"dataset {value!r} has format {recipe.data[value].format!r}; "
-                                              f"a {config.kind} stage reads {' or '.join(formats)}"))
-        problems += stage_dimension_problems(recipe, config, f"stages[{i}].{config.kind}")
-        problems += [Problem(f"stages[{i}].{config.kind}.{p.path}", p.message) for p in config_checks(config, recipe)]
-    problems += recipe.data.problems()
-    for name, section in recipe.data.items():
-        if section.format == "tiers" and not section.tier_order:
-            problems.append(Problem(f"data.{name}.tier_order", "a tiers dataset needs `tier_order`: its tier labels, best first "
-                                                              "(e.g. [good, acceptable, harmful])"))
-    if recipe.model.gguf_file and recipe.model.quantization != "none":
-        problems.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
-                                                      "quantize the converted folder instead, or set quantization: none"))
-    problems += [Problem(f"distributed.{field}", message) for field, message in recipe.distributed.check()]
-    problems += speed_problems(recipe)
-    problems += wiring(recipe)[1]
-    return problems
-
-
-def stage_dimension_problems(recipe: Recipe, config: StageConfig, prefix: str) -> list[Problem]:
-    """Unknown reward dimensions in a stage's fields made with `dimension_field` (rlhf weights, gates...)."""
-    problems: list[Problem] = []
-    for field_name, info in type(config).model_fields.items():
-        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        if extra.get("dimensions"):
-            problems += check_dimension_names(recipe, getattr(config, field_name), f"{prefix}.{field_name}")
-    return problems
-
-
-def config_checks(config: StageConfig, recipe: Recipe | None = None) -> list[Problem]:
-    """A stage's own checks, as (field, message) pairs: `check()` across its fields, and
-    `check_in_recipe(recipe)` for what needs the rest of the recipe (files it reads, other sections)."""
-    check = getattr(config, "check", None)
-    pairs = list(check() if check else [])
-    in_recipe = getattr(config, "check_in_recipe", None)
-    if in_recipe is not None and recipe is not None:
-        pairs += in_recipe(recipe)
-    return [Problem(field, message) for field, message in pairs]
-
-
-def _article(noun: str) -> str:
-    return "an" if noun[:1].lower() in "aeiou" else "a"
