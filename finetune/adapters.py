@@ -24,8 +24,14 @@ from finetune.run_dir import DATA_CARD_FILE, METRICS_FILE, REGISTER_FILE, RunDir
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
 ADAPTER_DIR = "adapter"
 TOKENIZER_DIR = "tokenizer"
-ADAPTER_STAGE_OUTPUTS = {"adapter": ADAPTER_DIR, "tokenizer": TOKENIZER_DIR, "template": "template.json",
-                         "metrics": METRICS_FILE, "data_card": DATA_CARD_FILE, "register": REGISTER_FILE}
+ADAPTER_STAGE_OUTPUTS = {
+    "adapter": ADAPTER_DIR,
+    "tokenizer": TOKENIZER_DIR,
+    "template": "template.json",
+    "metrics": METRICS_FILE,
+    "data_card": DATA_CARD_FILE,
+    "register": REGISTER_FILE,
+}
 
 
 @dataclass
@@ -38,8 +44,9 @@ class Policy:
     source: dict = field(default_factory=dict)  # for the summary and lineage: stage, adapter path, digest
 
 
-def load_policy(recipe: Recipe, run_dir: RunDir, stage: str | None, produced: dict[str, str] | None, seed: int,
-                where: str) -> Policy:
+def load_policy(
+    recipe: Recipe, run_dir: RunDir, stage: str | None, produced: dict[str, str] | None, seed: int, where: str
+) -> Policy:
     """The adapter `produced` by `stage` on the base model, trainable; or a new adapter on the base (`stage` None).
 
     `where` names the stage loading it in error messages.

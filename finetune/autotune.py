@@ -126,8 +126,14 @@ def _strides(mode: str, layers: int, every: int | None) -> list[int]:
 
 
 def footprint(
-    recipe: Recipe, config: Any, shape: Shape, world_size: int = 1, bf16: bool = True,
-    head: str = "full", liger: bool = False, qlora_upcast: bool = True,
+    recipe: Recipe,
+    config: Any,
+    shape: Shape,
+    world_size: int = 1,
+    bf16: bool = True,
+    head: str = "full",
+    liger: bool = False,
+    qlora_upcast: bool = True,
 ) -> Footprint:
     """Per-token memory parts of a trainer stage, from `finetune.distributed.memory.estimate`.
 
@@ -138,13 +144,17 @@ def footprint(
     """
     one = config.model_copy(update={"batch_size": 1, "gradient_checkpointing": False})
     plain = estimate(recipe, one, world_size, world_size, shape, bf16)
-    checkpointed = estimate(recipe, one.model_copy(update={"gradient_checkpointing": True}), world_size, world_size, shape, bf16)
+    checkpointed = estimate(
+        recipe, one.model_copy(update={"gradient_checkpointing": True}), world_size, world_size, shape, bf16
+    )
     tokens = tokens_per_example(config)
     act_bytes = 2 if bf16 and config.precision != "fp32" else 4
     layer = ACTIVATION_CALIBRATION * plain.parts["activations"] / (shape.layers * tokens)
     if liger:  # SwiGLU keeps gate and up, not silu(gate); each RMSNorm keeps its 16-bit input, not an fp32 copy
         layer -= (shape.intermediate + 2 * shape.hidden) * act_bytes
-    boundary = max(checkpointed.parts["activations"] / tokens - plain.parts["activations"] / (shape.layers * tokens), 0.0)
+    boundary = max(
+        checkpointed.parts["activations"] / tokens - plain.parts["activations"] / (shape.layers * tokens), 0.0
+    )
     boundary /= shape.layers
     fixed = plain.training - plain.parts["activations"] - plain.parts["logits"]
     if recipe.model.quantization != "none" and not qlora_upcast and not shards_weights(recipe.distributed):

@@ -48,7 +48,9 @@ app = typer.Typer(
 console = Console(stderr=True)
 out = Console()
 
-SetOption = Annotated[list[str], typer.Option("--set", help="Override a recipe key: a.b.c=value (e.g. stages.sft.max_steps=5).")]
+SetOption = Annotated[
+    list[str], typer.Option("--set", help="Override a recipe key: a.b.c=value (e.g. stages.sft.max_steps=5).")
+]
 
 
 @app.callback()
@@ -86,11 +88,17 @@ def launch(
     node_rank: Annotated[int, typer.Option(help="This node's rank, 0 .. nodes-1 (SLURM: $SLURM_NODEID).")] = 0,
     master_addr: Annotated[str | None, typer.Option(help="Address of node 0 (several nodes).")] = None,
     master_port: Annotated[int, typer.Option(help="Port on node 0 for the processes to meet (several nodes).")] = 29500,
-    run_dir: Annotated[Path | None, typer.Option(help="Run folder shared by every process (default: <output.root>/<name>-<UTC time>).")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder shared by every process (default: <output.root>/<name>-<UTC time>).")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder on several processes.")] = None,
     set_: SetOption = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command and the findings; start nothing.")] = False,
-    cpu: Annotated[bool, typer.Option("--cpu", help="Start the processes on CPU (gloo backend): tests and debugging.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the command and the findings; start nothing.")
+    ] = False,
+    cpu: Annotated[
+        bool, typer.Option("--cpu", help="Start the processes on CPU (gloo backend): tests and debugging.")
+    ] = False,
 ) -> None:
     """Run a recipe on several GPUs or nodes: checks it, then starts one process per GPU with torchrun."""
     if resume is not None:
@@ -99,10 +107,13 @@ def launch(
         raise WenmaiError("give a recipe file (wenmai launch recipes/x.yaml --gpus 8) or --resume RUN_DIR")
     else:
         loaded = pipeline.load_recipe(recipe, set_ or [])
-    launch_plan = launching.plan(recipe, loaded.recipe, gpus, nodes, node_rank, master_addr, master_port, run_dir, resume,
-                                 tuple(set_ or ()), cpu)
+    launch_plan = launching.plan(
+        recipe, loaded.recipe, gpus, nodes, node_rank, master_addr, master_port, run_dir, resume, tuple(set_ or ()), cpu
+    )
     pipeline.check_data(loaded.recipe)
-    report = compatibility.check(loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, launch_on_gpus=not cpu, with_estimates=True)
+    report = compatibility.check(
+        loaded.recipe, world_size=gpus * nodes, gpus_per_node=gpus, launch_on_gpus=not cpu, with_estimates=True
+    )
     show_report(report, planning=dry_run)
     out.print(launch_plan.shell(), highlight=False, markup=False, soft_wrap=True)
     if dry_run:
@@ -127,9 +138,15 @@ def show_report(report, planning: bool) -> None:
 def run(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file (optional with --resume).")] = None,
     set_: SetOption = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue this run folder: skip finished stages, resume the interrupted one.")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Folder for this run (default: <output.root>/<name>-<UTC time>).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Go on past failing evaluate gates (recorded in lineage.json).")] = False,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue this run folder: skip finished stages, resume the interrupted one.")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Folder for this run (default: <output.root>/<name>-<UTC time>).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Go on past failing evaluate gates (recorded in lineage.json).")
+    ] = False,
 ) -> None:
     """Run every stage of a recipe into a new run folder (or resume one)."""
 
@@ -155,22 +172,40 @@ def _about(option: str, prefix: str = "") -> str:
 
 @app.command("eval")
 def eval_(
-    target: Annotated[str | None, typer.Argument(help="base, a run folder, RUN_DIR/<stage>, or a model folder.")] = None,
+    target: Annotated[
+        str | None, typer.Argument(help="base, a run folder, RUN_DIR/<stage>, or a model folder.")
+    ] = None,
     mc: Annotated[Path | None, typer.Option(help=_about("mc"))] = None,
-    shots: Annotated[str, typer.Option(help="Few-shot counts, comma-separated (e.g. 0,5); shots come from dev/.")] = "0",
+    shots: Annotated[
+        str, typer.Option(help="Few-shot counts, comma-separated (e.g. 0,5); shots come from dev/.")
+    ] = "0",
     suite: Annotated[Path | None, typer.Option(help=_about("suite"))] = None,
-    compare: Annotated[str | None, typer.Option(help="More checkpoints on the same suites, comma-separated: base, run folders, "
-                                                     "RUN_DIR/<stage>, stage names of the run, model folders.")] = None,
-    reward_model: Annotated[Path | None, typer.Option(help="Reward stage folder scoring the suite's replies (default: the run's latest).")] = None,
-    recipe: Annotated[Path | None, typer.Option(help="Recipe whose model is `base` when no run folder is given.")] = None,
+    compare: Annotated[
+        str | None,
+        typer.Option(
+            help="More checkpoints on the same suites, comma-separated: base, run folders, "
+            "RUN_DIR/<stage>, stage names of the run, model folders."
+        ),
+    ] = None,
+    reward_model: Annotated[
+        Path | None, typer.Option(help="Reward stage folder scoring the suite's replies (default: the run's latest).")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe whose model is `base` when no run folder is given.")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help=_about("mc_limit"))] = None,
     suite_limit: Annotated[int | None, typer.Option(help=_about("suite_limit"))] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help=_about("max_new_tokens"))] = None,
     method: Annotated[str, typer.Option(help=_about("mc_method"))] = EvalSpec.mc_method,
     batch_size: Annotated[int, typer.Option(help=_about("batch_size"))] = EvalSpec.batch_size,
     max_length: Annotated[int, typer.Option(help=_about("max_length"))] = EvalSpec.max_length,
-    output: Annotated[Path | None, typer.Option(help="JSON results file (default: eval-<UTC time>.json in the run folder "
-                                                     "evaluated, else in the current folder).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="JSON results file (default: eval-<UTC time>.json in the run folder "
+            "evaluated, else in the current folder)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate checkpoints on multiple-choice folders and an alignment suite, side by side in one table."""
     if mc is None and suite is None:
@@ -182,9 +217,21 @@ def eval_(
     except ValueError:
         raise WenmaiError(f"--shots takes numbers separated by commas (e.g. 0,5), not {shots!r}") from None
     entries = ([target] if target else []) + [e.strip() for e in (compare or "").split(",") if e.strip()]
-    spec = EvalSpec(mc=mc, shots=shot_counts or [0], mc_limit=limit, mc_method=method, suite=suite, suite_limit=suite_limit,
-                    max_new_tokens=max_new_tokens, reward_model=str(reward_model) if reward_model else None, batch_size=batch_size, max_length=max_length)
-    evaluation = comparison.compare(entries, spec, recipe, log=lambda m: console.print(f"[cyan]wenmai[/] {m}", highlight=False))
+    spec = EvalSpec(
+        mc=mc,
+        shots=shot_counts or [0],
+        mc_limit=limit,
+        mc_method=method,
+        suite=suite,
+        suite_limit=suite_limit,
+        max_new_tokens=max_new_tokens,
+        reward_model=str(reward_model) if reward_model else None,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    evaluation = comparison.compare(
+        entries, spec, recipe, log=lambda m: console.print(f"[cyan]wenmai[/] {m}", highlight=False)
+    )
     out.print(comparison.comparison_table(evaluation))
     path = comparison.write_json(evaluation, output or comparison.default_output(entries))
     out.print(f"[green]results:[/] {path}")
@@ -216,7 +263,9 @@ def stages() -> None:
 @app.command()
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="Run folder with a finished training stage.")],
-    adapter: Annotated[str | None, typer.Option(help="Stage whose adapter to merge (default: the latest that made one).")] = None,
+    adapter: Annotated[
+        str | None, typer.Option(help="Stage whose adapter to merge (default: the latest that made one).")
+    ] = None,
     name: Annotated[str, typer.Option(help="Name of the merge stage in the run folder.")] = "merge",
     force: Annotated[bool, typer.Option(help="Merge again even if the stage is done.")] = False,
 ) -> None:
@@ -233,7 +282,9 @@ def merge(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder with a finished training (or merge) stage.")],
     format_: Annotated[str, typer.Option("--format", help="Comma-separated: hf, gguf.")] = "hf",
-    gguf_types: Annotated[str | None, typer.Option(help="Comma-separated GGUF types: f32, f16, bf16, q8_0 (default f16,q8_0).")] = None,
+    gguf_types: Annotated[
+        str | None, typer.Option(help="Comma-separated GGUF types: f32, f16, bf16, q8_0 (default f16,q8_0).")
+    ] = None,
     name: Annotated[str, typer.Option(help="Name of the export stage in the run folder.")] = "export",
     force: Annotated[bool, typer.Option(help="Export again even if the stage is done.")] = False,
 ) -> None:
@@ -246,17 +297,24 @@ def export(
 
 @app.command()
 def chat(
-    export_dir: Annotated[Path, typer.Argument(help="Export folder (runs/<run>/export/model), its stage folder, or the run folder.")],
-    prompt: Annotated[str | None, typer.Option(help="Ask one question and exit (default: an interactive session).")] = None,
+    export_dir: Annotated[
+        Path, typer.Argument(help="Export folder (runs/<run>/export/model), its stage folder, or the run folder.")
+    ],
+    prompt: Annotated[
+        str | None, typer.Option(help="Ask one question and exit (default: an interactive session).")
+    ] = None,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 answers greedily; above 0 samples.")] = 0.0,
-    label: Annotated[bool, typer.Option(help="Print each answer as JSON with the AI-generated-content implicit label.")] = False,
-    gguf: Annotated[str | None, typer.Option(help="Talk to one of the export's GGUF files (through transformers).")] = None,
+    label: Annotated[
+        bool, typer.Option(help="Print each answer as JSON with the AI-generated-content implicit label.")
+    ] = False,
+    gguf: Annotated[
+        str | None, typer.Option(help="Talk to one of the export's GGUF files (through transformers).")
+    ] = None,
 ) -> None:
     """Talk to an exported model with its own chat template; answers stop at the end-of-turn token."""
     import json
-
 
     model = ExportedModel(export_dir, gguf)
     messages = [{"role": "system", "content": system}] if system else []
@@ -292,14 +350,18 @@ app.add_typer(reward_app, name="reward")
 @reward_app.command("score")
 def reward_score(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (or its reward stage folder, or a reward_model folder).")],
-    input_: Annotated[Path, typer.Option("--input", help="JSONL/JSON/Parquet/CSV: `prompt` + `response`, or `messages` ending with the answer.")],
+    input_: Annotated[
+        Path,
+        typer.Option(
+            "--input", help="JSONL/JSON/Parquet/CSV: `prompt` + `response`, or `messages` ending with the answer."
+        ),
+    ],
     stage: Annotated[str | None, typer.Option(help="Reward stage to use when the run has several.")] = None,
     output: Annotated[Path | None, typer.Option(help="Write each input record with its `scores` here (JSONL).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Answers per forward pass.")] = 8,
 ) -> None:
     """Score answers per reward dimension and the weighted total with a run's reward model."""
     import json
-
 
     scored, names = score_file(run_dir, input_, stage, batch_size)
     if output is not None:
@@ -309,25 +371,37 @@ def reward_score(
         out.print(f"[green]scores written:[/] {output}")
 
 
-data_app = typer.Typer(help="The cultural data layer: rights, sensitivity, PII, duplicates, data cards.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="The cultural data layer: rights, sensitivity, PII, duplicates, data cards.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
-FormatOption = Annotated[str | None, typer.Option("--format", help="Record format of a data file (default: from its first record).")]
-PolicyOption = Annotated[Path | None, typer.Option("--recipe", help="Take data.policy from this recipe (default: the built-in policy).")]
+FormatOption = Annotated[
+    str | None, typer.Option("--format", help="Record format of a data file (default: from its first record).")
+]
+PolicyOption = Annotated[
+    Path | None, typer.Option("--recipe", help="Take data.policy from this recipe (default: the built-in policy).")
+]
 
 
 @data_app.command("check")
-def data_check(target: Annotated[Path, typer.Argument(help="A recipe (its datasets) or a data file.")],
-               format_: FormatOption = None, recipe: PolicyOption = None) -> None:
+def data_check(
+    target: Annotated[Path, typer.Argument(help="A recipe (its datasets) or a data file.")],
+    format_: FormatOption = None,
+    recipe: PolicyOption = None,
+) -> None:
     """Run the data layer without writing anything: what would train, and what is kept out and why."""
 
     out.print(data_table(data_commands.check(target, format_, recipe)))
 
 
 @data_app.command("scrub")
-def data_scrub(source: Annotated[Path, typer.Argument(help="Data file to clean.")],
-               dest: Annotated[Path, typer.Argument(help="Where to write the records that may train (JSONL).")],
-               format_: FormatOption = None, recipe: PolicyOption = None,
-               dedup: Annotated[bool, typer.Option(help="Drop duplicates too (as the recipe's policy says).")] = True) -> None:
+def data_scrub(
+    source: Annotated[Path, typer.Argument(help="Data file to clean.")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the records that may train (JSONL).")],
+    format_: FormatOption = None,
+    recipe: PolicyOption = None,
+    dedup: Annotated[bool, typer.Option(help="Drop duplicates too (as the recipe's policy says).")] = True,
+) -> None:
     """Write the records that pass the policy, with personal data masked (and duplicates dropped), to DEST."""
 
     report = data_commands.scrub(source, dest, format_, recipe, dedup)
@@ -336,9 +410,14 @@ def data_scrub(source: Annotated[Path, typer.Argument(help="Data file to clean."
 
 
 @data_app.command("card")
-def data_card(target: Annotated[Path, typer.Argument(help="A recipe (its datasets) or a data file.")],
-              out_dir: Annotated[Path, typer.Option("--out", help="Folder for data_card.md, data_card.json and the register.")] = Path("."),
-              format_: FormatOption = None, recipe: PolicyOption = None) -> None:
+def data_card(
+    target: Annotated[Path, typer.Argument(help="A recipe (its datasets) or a data file.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Folder for data_card.md, data_card.json and the register.")
+    ] = Path("."),
+    format_: FormatOption = None,
+    recipe: PolicyOption = None,
+) -> None:
     """Write a data card (markdown + JSON) and the sensitive-topic register for a recipe's datasets or a file."""
 
     for path in data_commands.card(target, out_dir, format_, recipe):

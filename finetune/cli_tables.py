@@ -18,18 +18,29 @@ def memory_table(report) -> Table:
 
     hardware = report.hardware
     device = f"{hardware.gpu_name}, {gib(hardware.gpu_memory)}" if hardware.cuda else "no GPU here"
-    table = Table(title=f"Memory per GPU (estimate; {report.world_size} process{'es' if report.world_size > 1 else ''}; {device})",
-                  title_justify="left")
+    table = Table(
+        title=f"Memory per GPU (estimate; {report.world_size} process{'es' if report.world_size > 1 else ''}; {device})",
+        title_justify="left",
+    )
     for column in ("stage", "weights", "adapter + grads + optimizer", "activations", "logits", "total"):
         table.add_column(column)
     for est in report.estimates:
         training = est.parts["adapter"] + est.parts["gradients"] + est.parts["optimizer"]
         total = gib(est.total) + (f" (loading {gib(est.load_peak)})" if est.load_peak else "")
-        table.add_row(est.stage, gib(est.parts["weights"]), gib(training), gib(est.parts["activations"]),
-                      gib(est.parts["logits"]), total)
+        table.add_row(
+            est.stage,
+            gib(est.parts["weights"]),
+            gib(training),
+            gib(est.parts["activations"]),
+            gib(est.parts["logits"]),
+            total,
+        )
     notes = [n for est in report.estimates for n in est.notes]
     if any(est.host_per_node for est in report.estimates):
-        notes.append("host memory per node for offload: " + ", ".join(f"{e.stage} {gib(e.host_per_node)}" for e in report.estimates))
+        notes.append(
+            "host memory per node for offload: "
+            + ", ".join(f"{e.stage} {gib(e.host_per_node)}" for e in report.estimates)
+        )
     if notes:
         table.caption = "\n".join(dict.fromkeys(notes))
     return table
@@ -44,7 +55,9 @@ def score_table(scored: list[dict], names: list[str], rows: int) -> Table:
         table.add_column(name, justify="right")
     for i, record in enumerate(scored[:rows], start=1):
         answer = str(record.get("response") or (record.get("messages") or [{}])[-1].get("content", ""))
-        table.add_row(str(i), answer[:40] + ("…" if len(answer) > 40 else ""), *(f"{record['scores'][n]:.3f}" for n in names))
+        table.add_row(
+            str(i), answer[:40] + ("…" if len(answer) > 40 else ""), *(f"{record['scores'][n]:.3f}" for n in names)
+        )
     means = [sum(r["scores"][n] for r in scored) / len(scored) for n in names]
     table.add_row("", "[bold]mean[/]", *(f"{m:.3f}" for m in means))
     return table
@@ -63,8 +76,11 @@ def plan_table(recipe, counts: dict[str, dict]) -> Table:
     for i, stage in enumerate(recipe.stage_configs(), start=1):
         reads = ", ".join(f"{field} ← {source}" for field, source in inputs[stage.stage_name].items()) or "—"
         data = ", ".join(f"{d} ({counts.get(d, {}).get('records', '?')} records)" for d in stage_datasets(stage)) or "—"
-        length = "—" if not isinstance(stage, TrainingOptions) else (
-            f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.epochs:g} epochs")
+        length = (
+            "—"
+            if not isinstance(stage, TrainingOptions)
+            else (f"{stage.max_steps} steps" if stage.max_steps > 0 else f"{stage.epochs:g} epochs")
+        )
         table.add_row(str(i), stage.stage_name, stage.kind, reads, data, length)
     return table
 
@@ -79,7 +95,9 @@ def data_table(reports: list) -> Table:
         pii = ", ".join(f"{n} {kind}" for kind, n in r.pii_found.items())
         pii = f"{pii} ({r.pii_action})" if pii else "0"
         duplicates = ", ".join(f"{n} {kind}" for kind, n in r.duplicates.items()) or "0"
-        table.add_row(r.name, str(r.records_read), str(r.bad_records), excluded, pii, duplicates, str(r.registered), str(r.kept))
+        table.add_row(
+            r.name, str(r.records_read), str(r.bad_records), excluded, pii, duplicates, str(r.registered), str(r.kept)
+        )
     return table
 
 
@@ -92,7 +110,9 @@ def summary_table(run_dir) -> Table:
         table.add_column(column)
     for stage in recipe.stage_configs():
         status = run_dir.status(stage.stage_name)
-        figures = ", ".join(f"{k}={v}" for k, v in (status.summary if status else {}).items() if not isinstance(v, dict))
+        figures = ", ".join(
+            f"{k}={v}" for k, v in (status.summary if status else {}).items() if not isinstance(v, dict)
+        )
         table.add_row(stage.stage_name, status.state if status else "pending", figures)
     return table
 

@@ -71,7 +71,9 @@ class LoadedRecipe:
         return "\n".join(_annotated_lines(data, (), self, 0)) + "\n"
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), checks: Sequence[Check] = ()) -> LoadedRecipe:
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), checks: Sequence[Check] = ()
+) -> LoadedRecipe:
     """Read, merge, override and validate a recipe; raise `ConfigError` listing every problem.
 
     `checks` add problems found outside the schema (files, installed packages), located like the others.
@@ -113,7 +115,9 @@ def load_resolved(text: str, path: Path) -> LoadedRecipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise ConfigError([_problem_from_pydantic(e, origins) for e in err.errors()], f"{path} is not a valid recipe") from None
+        raise ConfigError(
+            [_problem_from_pydantic(e, origins) for e in err.errors()], f"{path} is not a valid recipe"
+        ) from None
     return LoadedRecipe(recipe, path, origins, secret_paths, yaml.safe_load(text))
 
 
@@ -124,17 +128,22 @@ def load_run_recipe(run_dir: RunDir) -> LoadedRecipe:
 
 # --- include: ------------------------------------------------------------------------------
 
+
 def _load_with_includes(path: Path, kind: str, stack: list[Path], problems: list[Problem]) -> tuple[dict, dict]:
     if path in stack:
         cycle = " -> ".join(os.path.relpath(p, stack[0].parent) for p in [*stack, path])
-        problems.append(Problem("include", f"include cycle: {cycle}; remove one of these includes", display_path(stack[-1])))
+        problems.append(
+            Problem("include", f"include cycle: {cycle}; remove one of these includes", display_path(stack[-1]))
+        )
         return {}, {}
     data, origins = read_yaml(path, kind, problems)
     includes = data.pop("include", None) or []
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list):
-        problems.append(Problem("include", "must be a list of fragment paths or names", str(origins.get(("include",), ""))))
+        problems.append(
+            Problem("include", "must be a list of fragment paths or names", str(origins.get(("include",), "")))
+        )
         includes = []
     merged: dict = {}
     merged_origins: dict[Loc, Origin] = {}
@@ -142,12 +151,14 @@ def _load_with_includes(path: Path, kind: str, stack: list[Path], problems: list
         where = origins.get(("include", i), origins.get(("include",)))
         target = _find_include(str(name), path.parent)
         if target is None:
-            problems.append(Problem(
-                f"include[{i}]",
-                f"fragment {name!r} not found; give a path relative to {display_path(path.parent)} "
-                f"or a name under configs/ such as 'models/smollm2-135m' (available: {', '.join(_available_fragments()) or 'none'})",
-                str(where) if where else None,
-            ))
+            problems.append(
+                Problem(
+                    f"include[{i}]",
+                    f"fragment {name!r} not found; give a path relative to {display_path(path.parent)} "
+                    f"or a name under configs/ such as 'models/smollm2-135m' (available: {', '.join(_available_fragments()) or 'none'})",
+                    str(where) if where else None,
+                )
+            )
             continue
         frag, frag_origins = _load_with_includes(target, "fragment", [*stack, path], problems)
         _deep_merge(merged, merged_origins, frag, frag_origins, ())
@@ -186,6 +197,7 @@ def _deep_merge(base: dict, base_origins: dict, top: dict, top_origins: dict, lo
 
 # --- --set a.b.c=value -----------------------------------------------------------------------
 
+
 def _apply_override(data: dict, origins: dict, text: str, problems: list[Problem]) -> None:
     if "=" not in text:
         problems.append(Problem(text, "an override looks like KEY=VALUE, e.g. --set stages.sft.max_steps=5", "--set"))
@@ -204,7 +216,9 @@ def _apply_override(data: dict, origins: dict, text: str, problems: list[Problem
             index = _list_index(container, part)
             if index is None:
                 names = ", ".join(_item_names(container)) or "none"
-                problems.append(Problem(dotted, f"no item {part!r} in {format_loc(tuple(loc))} (items: {names})", "--set"))
+                problems.append(
+                    Problem(dotted, f"no item {part!r} in {format_loc(tuple(loc))} (items: {names})", "--set")
+                )
                 return
             loc.append(index)
             item = container[index]
@@ -220,7 +234,11 @@ def _apply_override(data: dict, origins: dict, text: str, problems: list[Problem
                 container = item
             continue
         if not isinstance(container, dict):
-            problems.append(Problem(dotted, f"{format_loc(tuple(loc))} is a value, not a section; cannot set a key inside it", "--set"))
+            problems.append(
+                Problem(
+                    dotted, f"{format_loc(tuple(loc))} is a value, not a section; cannot set a key inside it", "--set"
+                )
+            )
             return
         loc.append(part)
         if last:
@@ -257,6 +275,7 @@ def _item_names(items: list) -> list[str]:
 
 # --- paths and ${env:VAR} --------------------------------------------------------------------
 
+
 def _resolve_paths(data: Any, origins: dict, loc: Loc = ()) -> None:
     """Make relative paths in path-typed fields absolute, against the file that set them."""
     if isinstance(data, dict):
@@ -267,8 +286,12 @@ def _resolve_paths(data: Any, origins: dict, loc: Loc = ()) -> None:
             if isinstance(value, str) and extra.get("is_path") and not _ENV_REF.search(value):
                 data[key] = _resolve_one(value, origins.get(here) or _nearest(origins, here), extra.get("is_path"))
             elif isinstance(value, list) and extra.get("is_path"):  # a list of paths
-                data[key] = [_resolve_one(v, origins.get((*here, i)) or _nearest(origins, here), extra.get("is_path"))
-                             if isinstance(v, str) and not _ENV_REF.search(v) else v for i, v in enumerate(value)]
+                data[key] = [
+                    _resolve_one(v, origins.get((*here, i)) or _nearest(origins, here), extra.get("is_path"))
+                    if isinstance(v, str) and not _ENV_REF.search(v)
+                    else v
+                    for i, v in enumerate(value)
+                ]
             else:
                 _resolve_paths(value, origins, here)
     elif isinstance(data, list):
@@ -305,7 +328,13 @@ def _expand_env(data: Any, loc: Loc, origins: dict, problems: list[Problem]) -> 
         if isinstance(value, str) and _ENV_REF.search(value):
             missing = [m for m in _ENV_REF.findall(value) if m not in os.environ]
             if missing:
-                problems.append(Problem(format_loc(here), f"environment variable {missing[0]} is not set; export it before running", str(_nearest(origins, here) or "")))
+                problems.append(
+                    Problem(
+                        format_loc(here),
+                        f"environment variable {missing[0]} is not set; export it before running",
+                        str(_nearest(origins, here) or ""),
+                    )
+                )
                 continue
             data[key] = _ENV_REF.sub(lambda m: os.environ[m.group(1)], value)
             secrets.add(here)
@@ -316,6 +345,7 @@ def _expand_env(data: Any, loc: Loc, origins: dict, problems: list[Problem]) -> 
 
 # --- schema walking and error messages --------------------------------------------------------
 
+
 def _problem_from_pydantic(error: dict, origins: dict) -> Problem:
     loc = tuple(error["loc"])
     kind = error["type"]
@@ -324,14 +354,20 @@ def _problem_from_pydantic(error: dict, origins: dict) -> Problem:
     if kind == "extra_forbidden":
         parent = model_at(loc[:-1])
         allowed = sorted(parent.model_fields) if parent else []
-        what = "unknown stage kind" if parent is not None and getattr(parent, "__stage_entry__", False) else "unknown key"
+        what = (
+            "unknown stage kind" if parent is not None and getattr(parent, "__stage_entry__", False) else "unknown key"
+        )
         guess = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
         hint = f" — did you mean {guess[0]}?" if guess else f"; allowed: {', '.join(allowed)}"
         return Problem(format_loc(loc), f"{what}{hint}", where_text)
     if kind == "missing":
         return Problem(format_loc(loc), "required key is missing", where_text)
     message = error["msg"].removeprefix("Value error, ")
-    if kind not in ("value_error", "assertion_error") and "input" in error and not isinstance(error["input"], dict | list):
+    if (
+        kind not in ("value_error", "assertion_error")
+        and "input" in error
+        and not isinstance(error["input"], dict | list)
+    ):
         message += f" (got {error['input']!r})"
     return Problem(format_loc(loc), message, where_text)
 
@@ -361,7 +397,13 @@ def _annotated_lines(data: Any, loc: Loc, loaded: LoadedRecipe, indent: int) -> 
         if isinstance(data, list) and isinstance(value, dict) and value:
             inner = _annotated_lines(value, here, loaded, indent + 1)
             lines += [f"{pad}- {inner[0].lstrip()}", *inner[1:]]
-        elif isinstance(value, dict) and value or isinstance(value, list) and value and any(isinstance(v, dict | list) for v in value):
+        elif (
+            isinstance(value, dict)
+            and value
+            or isinstance(value, list)
+            and value
+            and any(isinstance(v, dict | list) for v in value)
+        ):
             lines.append(label)
             lines += _annotated_lines(value, here, loaded, indent + 1)
         else:

@@ -31,28 +31,47 @@ def reload_hf(folder: Path, contract: dict, dtype: Any, device: str) -> Any:
     """Load the HF export with plain transformers, checking its tokenizer and stop ids against the contract."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     verify_contract(AutoTokenizer.from_pretrained(str(folder)), contract, "the HF export")
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).to(device).eval()
     eos = model.generation_config.eos_token_id
     found = sorted({eos} if isinstance(eos, int) else set(eos or []))
     if found != sorted(contract["stop_token_ids"]):
-        raise WenmaiError(f"template contract broken at the HF export: generation_config.json stops at {found}, "
-                          f"training's template ends turns with {contract['stop_token_ids']}")
+        raise WenmaiError(
+            f"template contract broken at the HF export: generation_config.json stops at {found}, "
+            f"training's template ends turns with {contract['stop_token_ids']}"
+        )
     return model
 
 
-def write_and_check_gguf(folder: Path, gguf_type: str, contract: dict, name: str, pre_tokenizer: str, provenance: dict,
-                         traces: list, tolerance: Any, device: str, probes: list | None) -> tuple[dict, Any]:
+def write_and_check_gguf(
+    folder: Path,
+    gguf_type: str,
+    contract: dict,
+    name: str,
+    pre_tokenizer: str,
+    provenance: dict,
+    traces: list,
+    tolerance: Any,
+    device: str,
+    probes: list | None,
+) -> tuple[dict, Any]:
     """Write one GGUF file next to the HF export, load it back with transformers, and compare it on the probes."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     file = folder / gguf_export.gguf_file_name(name, gguf_type)
-    info = gguf_export.write_gguf(folder, file, gguf_type, contract, name, pre_tokenizer,
-                                  {"wenmai.provenance": json.dumps(provenance, ensure_ascii=False)})
-    loaded = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file.name, dtype=torch.float32).to(device).eval()
+    info = gguf_export.write_gguf(
+        folder,
+        file,
+        gguf_type,
+        contract,
+        name,
+        pre_tokenizer,
+        {"wenmai.provenance": json.dumps(provenance, ensure_ascii=False)},
+    )
+    loaded = (
+        AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file.name, dtype=torch.float32).to(device).eval()
+    )
     comparison = parity.compare(f"GGUF {gguf_type.upper()}", loaded, traces, tolerance, reference="HF export")
     if probes is not None:
         rebuilt = AutoTokenizer.from_pretrained(str(folder), gguf_file=file.name)
@@ -68,18 +87,34 @@ def provenance_block(run_dir: Any, recipe: Any, model_stage: str, producer: str 
     return provenance(run_dir.name, recipe, _lineage(run_dir), producer, utc_now(), {}, adapter_stage)
 
 
-def write_card(folder: Path, run_dir: Any, recipe: Any, provenance: dict, comparisons: list, gguf_files: list[dict],
-               contract: dict, config: Any) -> None:
+def write_card(
+    folder: Path,
+    run_dir: Any,
+    recipe: Any,
+    provenance: dict,
+    comparisons: list,
+    gguf_files: list[dict],
+    contract: dict,
+    config: Any,
+) -> None:
     """wenmai_provenance.json (with file hashes), data cards, README.md; then make the folder readable to all."""
 
-    provenance["files_sha256"] = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                                  if p.suffix in (".safetensors", ".gguf")}
+    provenance["files_sha256"] = {
+        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".gguf")
+    }
     atomic_write_json(folder / model_card.PROVENANCE_FILE, provenance)
     cards = _copy_data_cards(run_dir.root, [c.stage_name for c in recipe.stage_configs()], folder)
     card = model_card.render_card(
-        title=f"{recipe.name} (Wenmai)", provenance_block=provenance, recipe=recipe, lineage=_lineage(run_dir),
-        stages=_stage_rows(run_dir, recipe), parity_rows=_parity_rows(run_dir, recipe, comparisons),
-        gguf_files=gguf_files, cards=cards, intended_use=config.intended_use, license_name=config.license,
+        title=f"{recipe.name} (Wenmai)",
+        provenance_block=provenance,
+        recipe=recipe,
+        lineage=_lineage(run_dir),
+        stages=_stage_rows(run_dir, recipe),
+        parity_rows=_parity_rows(run_dir, recipe, comparisons),
+        gguf_files=gguf_files,
+        cards=cards,
+        intended_use=config.intended_use,
+        license_name=config.license,
         contract=contract,
     )
     (folder / "README.md").write_text(card, encoding="utf-8")
@@ -87,6 +122,7 @@ def write_card(folder: Path, run_dir: Any, recipe: Any, provenance: dict, compar
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def _lineage(run_dir: Any) -> dict:
     return json.loads(run_dir.lineage_path.read_text(encoding="utf-8")) if run_dir.lineage_path.is_file() else {}

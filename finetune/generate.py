@@ -40,7 +40,6 @@ class ExportedModel:
     def __init__(self, export_dir: str | Path, gguf_file: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
         self.folder = find_export(Path(export_dir))
         self.contract = read_contract(self.folder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
@@ -54,18 +53,25 @@ class ExportedModel:
         provenance_file = self.folder / PROVENANCE_FILE
         self.provenance = json.loads(provenance_file.read_text(encoding="utf-8")) if provenance_file.is_file() else {}
 
-    def reply(self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, label: bool = False) -> Reply:
+    def reply(
+        self, messages: list[dict], max_new_tokens: int = 256, temperature: float = 0.0, label: bool = False
+    ) -> Reply:
         """The model's next assistant turn for `messages`, rendered with the training chat template."""
         import torch
-
 
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
         sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      eos_token_id=self.stop_ids, pad_token_id=self.contract["pad_token_id"], **sampling)
-        new = out[0, ids.shape[1]:].tolist()
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.contract["pad_token_id"],
+                **sampling,
+            )
+        new = out[0, ids.shape[1] :].tolist()
         stopped = bool(new) and new[-1] in self.stop_ids
         answer = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True).strip()
         return Reply(answer, new, stopped, implicit_label(answer, self.provenance) if label else None)
@@ -76,5 +82,7 @@ def find_export(path: Path) -> Path:
     for candidate in (path, path / "model", path / "export" / "model"):
         if (candidate / "config.json").is_file() and (candidate / "template.json").is_file():
             return candidate
-    raise WenmaiError(f"{path} is not a Wenmai export (no config.json with template.json); give the folder that "
-                      "`wenmai export` wrote (runs/<run>/export/model)")
+    raise WenmaiError(
+        f"{path} is not a Wenmai export (no config.json with template.json); give the folder that "
+        "`wenmai export` wrote (runs/<run>/export/model)"
+    )

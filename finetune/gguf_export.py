@@ -27,31 +27,46 @@ ARCHITECTURES = {  # transformers class -> (llama.cpp architecture, permute q/k 
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),
 }
-LLAMA_CPP_HINT = ("convert the HF export with llama.cpp instead: python convert_hf_to_gguf.py EXPORT_DIR "
-                  "--outtype q8_0 (from a llama.cpp checkout)")
+LLAMA_CPP_HINT = (
+    "convert the HF export with llama.cpp instead: python convert_hf_to_gguf.py EXPORT_DIR "
+    "--outtype q8_0 (from a llama.cpp checkout)"
+)
 
 
 def check_supported(config: dict, tokenizer_json: Path) -> str:
     """The llama.cpp architecture for this model; raise when the writer cannot convert it faithfully."""
     names = config.get("architectures") or ["?"]
     if names[0] not in ARCHITECTURES:
-        raise WenmaiError(f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {names[0]}; {LLAMA_CPP_HINT}")
+        raise WenmaiError(
+            f"GGUF export supports {', '.join(ARCHITECTURES)}; this model is {names[0]}; {LLAMA_CPP_HINT}"
+        )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", "default") not in ("default", None):
         raise WenmaiError(f"GGUF export does not write rope scaling ({rope.get('rope_type')}) yet; {LLAMA_CPP_HINT}")
     try:
         model = json.loads(tokenizer_json.read_text(encoding="utf-8"))["model"]
     except (OSError, KeyError, json.JSONDecodeError):
-        raise WenmaiError(f"GGUF export needs a fast tokenizer (tokenizer.json) in the export; {LLAMA_CPP_HINT}") from None
+        raise WenmaiError(
+            f"GGUF export needs a fast tokenizer (tokenizer.json) in the export; {LLAMA_CPP_HINT}"
+        ) from None
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise WenmaiError(f"GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM style); "
-                          f"this one is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}; "
-                          f"{LLAMA_CPP_HINT}")
+        raise WenmaiError(
+            f"GGUF export writes byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, SmolLM style); "
+            f"this one is {model.get('type')}{' with byte fallback' if model.get('byte_fallback') else ''}; "
+            f"{LLAMA_CPP_HINT}"
+        )
     return ARCHITECTURES[names[0]][0]
 
 
-def write_gguf(folder: Path, out_file: Path, gguf_type: str, contract: dict, name: str,
-               pre_tokenizer: str, extra_metadata: dict[str, str]) -> dict:
+def write_gguf(
+    folder: Path,
+    out_file: Path,
+    gguf_type: str,
+    contract: dict,
+    name: str,
+    pre_tokenizer: str,
+    extra_metadata: dict[str, str],
+) -> dict:
     """Write `folder` (an HF export) as one GGUF file of `gguf_type`; returns what was written."""
     import gguf
     from safetensors import safe_open
@@ -93,8 +108,14 @@ def write_gguf(folder: Path, out_file: Path, gguf_type: str, contract: dict, nam
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"file": out_file.name, "type": gguf_type, "tensors": tensors, "bytes": out_file.stat().st_size,
-            "pre_tokenizer": pre_tokenizer, "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "file": out_file.name,
+        "type": gguf_type,
+        "tensors": tensors,
+        "bytes": out_file.stat().st_size,
+        "pre_tokenizer": pre_tokenizer,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def pre_tokenizer_name(folder: Path, source_gguf: Path | None) -> tuple[str, bool]:

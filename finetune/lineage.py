@@ -14,7 +14,17 @@ from finetune.model import resolve_source
 from finetune.recipe import Recipe, used_datasets
 from finetune.run_dir import RunDir, atomic_write_json, sha256_file, utc_now
 
-TRACKED_PACKAGES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "bitsandbytes", "deepspeed", "liger-kernel")
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "deepspeed",
+    "liger-kernel",
+)
 
 
 class StageLineage(BaseModel):
@@ -52,13 +62,19 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
     stages = []
     for config in recipe.stage_configs():
         status = run_dir.status(config.stage_name)
-        stages.append(StageLineage(
-            name=config.stage_name, kind=config.kind, state=status.state if status else "pending",
-            inputs=status.inputs if status else {},
-            outputs={k: f"{config.stage_name}/{v}" for k, v in (status.outputs if status else {}).items()},
-            started=status.started if status else None, finished=status.finished if status else None,
-            gate=status.summary.get("gate") if status else None, used=status.summary.get("used") if status else None,
-        ))
+        stages.append(
+            StageLineage(
+                name=config.stage_name,
+                kind=config.kind,
+                state=status.state if status else "pending",
+                inputs=status.inputs if status else {},
+                outputs={k: f"{config.stage_name}/{v}" for k, v in (status.outputs if status else {}).items()},
+                started=status.started if status else None,
+                finished=status.finished if status else None,
+                gate=status.summary.get("gate") if status else None,
+                used=status.summary.get("used") if status else None,
+            )
+        )
     lineage = Lineage(
         run=run_dir.name,
         recipe=recipe.name,
@@ -68,16 +84,23 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
         git_commit=previous.get("git_commit") or _git_commit(),
         packages=previous.get("packages") or _package_versions(),
         model=previous.get("model") or _model_lineage(recipe),
-        data=previous.get("data") or {name: _file_lineage(Path(recipe.data[name].path), recipe.data[name].format)
-                                      for name in used_datasets(recipe)},
+        data=previous.get("data")
+        or {
+            name: _file_lineage(Path(recipe.data[name].path), recipe.data[name].format)
+            for name in used_datasets(recipe)
+        },
         stages=stages,
     )
     atomic_write_json(run_dir.lineage_path, lineage.model_dump())
 
 
 def _model_lineage(recipe: Recipe) -> dict:
-    info = {"path": recipe.model.path, "revision": recipe.model.revision, "dtype": recipe.model.dtype,
-            "quantization": recipe.model.quantization}
+    info = {
+        "path": recipe.model.path,
+        "revision": recipe.model.revision,
+        "dtype": recipe.model.dtype,
+        "quantization": recipe.model.quantization,
+    }
     source = resolve_source(recipe.model, convert=False)
     info.update(source.describe())
     if source.gguf_path is not None:
@@ -102,7 +125,9 @@ def _package_versions() -> dict[str, str]:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

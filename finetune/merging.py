@@ -42,13 +42,19 @@ class MemoryPlan:
 
     def describe(self) -> str:
         have = "unknown" if self.available_bytes is None else f"{_gib(self.available_bytes)} available"
-        return (f"needs ≈{_gib(self.needed_bytes)} on {self.device} ({self.parameters / 1e6:,.1f}M parameters in "
-                f"{self.dtype}, plus working memory); {have}")
+        return (
+            f"needs ≈{_gib(self.needed_bytes)} on {self.device} ({self.parameters / 1e6:,.1f}M parameters in "
+            f"{self.dtype}, plus working memory); {have}"
+        )
 
     def to_json(self) -> dict:
-        return {"device": self.device, "dtype": self.dtype, "parameters": self.parameters,
-                "needed_gib": round(self.needed_bytes / 2**30, 2),
-                "available_gib": None if self.available_bytes is None else round(self.available_bytes / 2**30, 2)}
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "parameters": self.parameters,
+            "needed_gib": round(self.needed_bytes / 2**30, 2),
+            "available_gib": None if self.available_bytes is None else round(self.available_bytes / 2**30, 2),
+        }
 
 
 def plan_memory(section: ModelSection, location: str, device: str) -> MemoryPlan:
@@ -59,8 +65,11 @@ def plan_memory(section: ModelSection, location: str, device: str) -> MemoryPlan
     needed = int(params * DTYPE_BYTES.get(section.dtype, 4) * COPIES + BASELINE)
     plan = MemoryPlan(device, section.dtype, params, needed, available_memory(device))
     if plan.available_bytes is not None and needed > plan.available_bytes:
-        hint = ("free memory or run on a machine with more RAM"
-                if device == "cpu" else "use `device: cpu` for this stage, or a GPU with more memory")
+        hint = (
+            "free memory or run on a machine with more RAM"
+            if device == "cpu"
+            else "use `device: cpu` for this stage, or a GPU with more memory"
+        )
         raise WenmaiError(f"not enough memory to merge: the model {plan.describe()}; {hint}. Nothing was written.")
     return plan
 
@@ -138,6 +147,7 @@ def apply_contract(model: Any, contract: dict) -> Any:
 # --- the template contract across a run ---------------------------------------------------------
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def _numel(shape: list[int]) -> int:
     n = 1

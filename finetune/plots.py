@@ -9,15 +9,19 @@ COLOURS = ("#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bc4c00", "#0
 Point = tuple[float, float]
 
 
-def line_chart(title: str, series: dict[str, list[Point]], width: int = 440, height: int = 230, x_label: str = "step") -> str:
+def line_chart(
+    title: str, series: dict[str, list[Point]], width: int = 440, height: int = 230, x_label: str = "step"
+) -> str:
     """An SVG line chart of one or more (x, y) series sharing axes; points that are not finite are dropped."""
     clean = {name: [(x, y) for x, y in points if _finite(x) and _finite(y)] for name, points in series.items()}
     clean = {name: points for name, points in clean.items() if points}
     left, right, top, bottom = 58, 12, 26, 38
     plot_w, plot_h = width - left - right, height - top - bottom
-    parts = [f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
-             f'<text x="{left}" y="16" class="chart-title">{escape(title)}</text>']
+    parts = [
+        f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+        f'<text x="{left}" y="16" class="chart-title">{escape(title)}</text>',
+    ]
     if not clean:
         parts.append(f'<text x="{left}" y="{top + plot_h / 2}" class="chart-empty">no finite values</text></svg>')
         return "".join(parts)
@@ -35,21 +39,31 @@ def line_chart(title: str, series: dict[str, list[Point]], width: int = 440, hei
 
     parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="chart-frame"/>')
     for tick, label in zip(y_ticks, tick_labels(y_ticks), strict=True):
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(tick):.1f}" y2="{sy(tick):.1f}" class="chart-grid"/>'
-                     f'<text x="{left - 6}" y="{sy(tick) + 4:.1f}" class="chart-tick" text-anchor="end">{label}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{sy(tick):.1f}" y2="{sy(tick):.1f}" class="chart-grid"/>'
+            f'<text x="{left - 6}" y="{sy(tick) + 4:.1f}" class="chart-tick" text-anchor="end">{label}</text>'
+        )
     for tick, label in zip(x_ticks, tick_labels(x_ticks), strict=True):
-        parts.append(f'<text x="{sx(tick):.1f}" y="{top + plot_h + 15}" class="chart-tick" text-anchor="middle">{label}</text>')
-    parts.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" class="chart-tick" text-anchor="middle">{escape(x_label)}</text>')
+        parts.append(
+            f'<text x="{sx(tick):.1f}" y="{top + plot_h + 15}" class="chart-tick" text-anchor="middle">{label}</text>'
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2}" y="{height - 6}" class="chart-tick" text-anchor="middle">{escape(x_label)}</text>'
+    )
     for i, (name, points) in enumerate(clean.items()):
         colour = COLOURS[i % len(COLOURS)]
         points = sorted(points)
         d = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for j, (x, y) in enumerate(points))
-        parts.append(f'<path class="series" data-series="{escape(name)}" d="{d}" fill="none" stroke="{colour}" stroke-width="1.8">'
-                     f'<title>{escape(name)}: {len(points)} points, last {fmt(points[-1][1])}</title></path>')
+        parts.append(
+            f'<path class="series" data-series="{escape(name)}" d="{d}" fill="none" stroke="{colour}" stroke-width="1.8">'
+            f"<title>{escape(name)}: {len(points)} points, last {fmt(points[-1][1])}</title></path>"
+        )
         if len(points) == 1:
             parts.append(f'<circle cx="{sx(points[0][0]):.1f}" cy="{sy(points[0][1]):.1f}" r="3" fill="{colour}"/>')
-        parts.append(f'<text x="{left + plot_w - 4}" y="{top + 14 + 13 * i}" class="chart-legend" text-anchor="end" '
-                     f'fill="{colour}">{escape(name)} (last {fmt(points[-1][1])})</text>')
+        parts.append(
+            f'<text x="{left + plot_w - 4}" y="{top + 14 + 13 * i}" class="chart-legend" text-anchor="end" '
+            f'fill="{colour}">{escape(name)} (last {fmt(points[-1][1])})</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -63,7 +77,9 @@ def nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -
     if integer:
         raw = max(raw, 1.0)
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw and not (integer and (m * magnitude) % 1))
+    step = next(
+        m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw and not (integer and (m * magnitude) % 1)
+    )
     start = math.floor(low / step) * step
     ticks = []
     value = start

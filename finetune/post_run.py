@@ -19,7 +19,9 @@ from finetune.run_dir import RunDir, atomic_write_text, utc_now
 from finetune.tracking import check_backends
 
 
-def extend_run(run_dir_path: str | Path, stages: list[tuple[str, dict]], force: bool = False, log: Log = print) -> RunDir:
+def extend_run(
+    run_dir_path: str | Path, stages: list[tuple[str, dict]], force: bool = False, log: Log = print
+) -> RunDir:
     """Run `stages` ((kind, options) pairs) on a run folder; a done stage reruns only if its options changed or `force`."""
     run_dir = RunDir.open(run_dir_path)
     data = yaml.safe_load(run_dir.recipe_path.read_text(encoding="utf-8"))
@@ -32,7 +34,9 @@ def extend_run(run_dir_path: str | Path, stages: list[tuple[str, dict]], force: 
     recipe = load_resolved(text, run_dir.recipe_path).recipe
     resolved, problems = wiring(recipe)
     if problems:
-        raise WenmaiError(f"cannot add {', '.join(targets)} to {run_dir.root}:\n  - " + "\n  - ".join(map(str, problems)))
+        raise WenmaiError(
+            f"cannot add {', '.join(targets)} to {run_dir.root}:\n  - " + "\n  - ".join(map(str, problems))
+        )
     for name in targets:
         for field, source in resolved[name].items():
             status = run_dir.status(source)
@@ -64,7 +68,9 @@ def _put_stage(items: list, kind: str, name: str, options: dict, run_dir: RunDir
         if ((body or {}).get("name") or item_kind) != name:
             continue
         if item_kind != kind:
-            raise WenmaiError(f"stage '{name}' of {run_dir.root} is a {item_kind} stage, not {kind}; name yours with --name")
+            raise WenmaiError(
+                f"stage '{name}' of {run_dir.root} is a {item_kind} stage, not {kind}; name yours with --name"
+            )
         body = dict(body or {})
         updates = {k: v for k, v in options.items() if body.get(k) != v}
         body.update(updates)
@@ -82,7 +88,9 @@ def producer_of(run_dir: RunDir, output: str, exclude_kind: str | None = None) -
     return names[-1] if names else None
 
 
-def export_stages(run_dir_path: str | Path, formats: str | None, gguf_types: str | None, name: str = "export") -> list[tuple[str, dict]]:
+def export_stages(
+    run_dir_path: str | Path, formats: str | None, gguf_types: str | None, name: str = "export"
+) -> list[tuple[str, dict]]:
     """The stages `wenmai export` runs: a merge first when the run has none, then the export with these options."""
 
     options: dict = {} if name == "export" else {"name": name}
@@ -100,5 +108,7 @@ def _choices(flag: str, text: str, allowed: tuple[str, ...]) -> list[str]:
     values = [v.strip().lower() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in allowed]
     if unknown or not values:
-        raise WenmaiError(f"{flag}: unknown value {', '.join(map(repr, unknown)) or '(empty)'}; choose from {', '.join(allowed)}")
+        raise WenmaiError(
+            f"{flag}: unknown value {', '.join(map(repr, unknown)) or '(empty)'}; choose from {', '.join(allowed)}"
+        )
     return list(dict.fromkeys(values))

@@ -34,37 +34,54 @@ def write_report(run_dir: RunDir | str | Path) -> Path:
 def render_report(run_dir: RunDir) -> str:
     """The report's HTML text."""
     lineage = _read_json(run_dir.lineage_path) or {}
-    stages = lineage.get("stages") or [{"name": p.parent.name, "kind": "?", "state": "?"} for p in sorted(run_dir.root.glob("*/status.json"))]
+    stages = lineage.get("stages") or [
+        {"name": p.parent.name, "kind": "?", "state": "?"} for p in sorted(run_dir.root.glob("*/status.json"))
+    ]
     body = [f"<h1>Wenmai run <code>{escape(run_dir.name)}</code></h1>", _overview(run_dir, lineage, stages)]
     for stage in stages:
         body.append(_stage_section(run_dir, stage))
     body.append(_data_cards(run_dir, stages))
     body.append(_lineage_section(lineage))
-    return _PAGE.format(title=escape(f"Wenmai report — {run_dir.name}"), style=_STYLE, body="\n".join(b for b in body if b))
+    return _PAGE.format(
+        title=escape(f"Wenmai report — {run_dir.name}"), style=_STYLE, body="\n".join(b for b in body if b)
+    )
 
 
 # --- sections ------------------------------------------------------------------------------
 
+
 def _overview(run_dir: RunDir, lineage: dict, stages: list[dict]) -> str:
-    facts = [("recipe", lineage.get("recipe")), ("created", lineage.get("created")), ("updated", lineage.get("updated")),
-             ("model", (lineage.get("model") or {}).get("path")), ("git commit", lineage.get("git_commit")),
-             ("wenmai", lineage.get("wenmai_version"))]
+    facts = [
+        ("recipe", lineage.get("recipe")),
+        ("created", lineage.get("created")),
+        ("updated", lineage.get("updated")),
+        ("model", (lineage.get("model") or {}).get("path")),
+        ("git commit", lineage.get("git_commit")),
+        ("wenmai", lineage.get("wenmai_version")),
+    ]
     rows = []
     for stage in stages:
         status = run_dir.status(stage["name"])
         figures = {k: v for k, v in (status.summary if status else {}).items() if not isinstance(v, dict | list)}
         gate = _gate_badge(stage.get("gate") or (status.summary.get("gate") if status else None))
         error = f'<div class="error">{escape(status.error)}</div>' if status and status.error else ""
-        rows.append([f'<a href="#stage-{escape(stage["name"])}">{escape(stage["name"])}</a>', escape(stage.get("kind", "")),
-                     _state_badge(stage.get("state", "")) + gate,
-                     escape(", ".join(f"{k}={_short(v)}" for k, v in figures.items())) + error + _warnings(status)])
-    return (_kv_table(facts) + "<h2>Stages</h2>" + _table(["stage", "kind", "state", "figures"], rows, raw=True))
+        rows.append(
+            [
+                f'<a href="#stage-{escape(stage["name"])}">{escape(stage["name"])}</a>',
+                escape(stage.get("kind", "")),
+                _state_badge(stage.get("state", "")) + gate,
+                escape(", ".join(f"{k}={_short(v)}" for k, v in figures.items())) + error + _warnings(status),
+            ]
+        )
+    return _kv_table(facts) + "<h2>Stages</h2>" + _table(["stage", "kind", "state", "figures"], rows, raw=True)
 
 
 def _stage_section(run_dir: RunDir, stage: dict) -> str:
     name = stage["name"]
-    parts = [f'<section id="stage-{escape(name)}"><h2>{escape(name)} <small>({escape(stage.get("kind", ""))})</small></h2>',
-             _warnings(run_dir.status(name))]
+    parts = [
+        f'<section id="stage-{escape(name)}"><h2>{escape(name)} <small>({escape(stage.get("kind", ""))})</small></h2>',
+        _warnings(run_dir.status(name)),
+    ]
     rows = read_metrics(run_dir.root / name / METRICS_FILE)
     curves, finals = _series(rows)
     if curves:
@@ -112,11 +129,28 @@ def _evaluation_section(evaluation: dict) -> str:
     parts = []
     gates = evaluation.get("gates", [])
     if gates:
-        verdict = "passed" if evaluation.get("passed") else ("failed — forced past it (--force)" if evaluation.get("forced") else "failed")
+        verdict = (
+            "passed"
+            if evaluation.get("passed")
+            else ("failed — forced past it (--force)" if evaluation.get("forced") else "failed")
+        )
         parts.append(f'<h3>Gates: <span class="{"ok" if evaluation.get("passed") else "bad"}">{verdict}</span></h3>')
-        parts.append(_table(["gate", "requirement", "value", "result", "detail"],
-                            [[escape(g["gate"]), escape(g["requirement"]), escape(_short(g["value"])), _pass(g["passed"]), escape(g.get("detail", ""))]
-                             for g in gates], raw=True))
+        parts.append(
+            _table(
+                ["gate", "requirement", "value", "result", "detail"],
+                [
+                    [
+                        escape(g["gate"]),
+                        escape(g["requirement"]),
+                        escape(_short(g["value"])),
+                        _pass(g["passed"]),
+                        escape(g.get("detail", "")),
+                    ]
+                    for g in gates
+                ],
+                raw=True,
+            )
+        )
     for index, mc in enumerate(checkpoints[0].get("mc", []) if checkpoints else []):
         parts.append(f"<h3>Multiple choice: {escape(mc['name'])} ({escape(mc['method'])})</h3>")
         header = ["subject", "questions", *[f"{escape(label)} accuracy [95% CI]" for label in labels]]
@@ -128,7 +162,7 @@ def _evaluation_section(evaluation: dict) -> str:
             values = []
             for checkpoint in checkpoints:
                 scores = checkpoint.get("mc", [])
-                row = ([*scores[index]["subjects"], scores[index]["overall"]][position] if index < len(scores) else None)
+                row = [*scores[index]["subjects"], scores[index]["overall"]][position] if index < len(scores) else None
                 values.append(row["accuracy"] if row else None)
                 cells.append(f"{row['accuracy']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]" if row else "—")
             if len(labels) > 1 and None not in values[:2]:
@@ -145,20 +179,43 @@ def _alignment_section(labels: list[str], results: list[dict | None]) -> str:
     name = next(r["name"] for r in results if r)
     keys = sorted({k for r in results if r for k in [*r.get("rule_rates", {}), *r.get("dimension_means", {})]})
     rows = [["rule pass rate (all rules)", *[_short(r.get("rule_pass_rate")) if r else "—" for r in results]]]
-    rows += [[f"{'mean ' if k in (results[0] or {}).get('dimension_means', {}) else 'rule: '}{k}",
-              *[_short((r.get("dimension_means", {}) | r.get("rule_rates", {})).get(k)) if r else "—" for r in results]] for k in keys]
-    rows += [["largest bias score gap", *[_short(r.get("bias_gap_max")) if r else "—" for r in results]],
-             ["largest bias reference gap", *[_short(r.get("reference_gap_max")) if r else "—" for r in results]]]
-    parts = [f"<h3>Alignment suite: {escape(name)}</h3>", _table(["measure", *labels], [[escape(str(c)) for c in row] for row in rows], raw=True)]
+    rows += [
+        [
+            f"{'mean ' if k in (results[0] or {}).get('dimension_means', {}) else 'rule: '}{k}",
+            *[_short((r.get("dimension_means", {}) | r.get("rule_rates", {})).get(k)) if r else "—" for r in results],
+        ]
+        for k in keys
+    ]
+    rows += [
+        ["largest bias score gap", *[_short(r.get("bias_gap_max")) if r else "—" for r in results]],
+        ["largest bias reference gap", *[_short(r.get("reference_gap_max")) if r else "—" for r in results]],
+    ]
+    parts = [
+        f"<h3>Alignment suite: {escape(name)}</h3>",
+        _table(["measure", *labels], [[escape(str(c)) for c in row] for row in rows], raw=True),
+    ]
     first = results[0] or {}
     if not first.get("reward_model"):
         parts.append("<p class=muted>No reward model was wired to this stage: reward scores were not measured.</p>")
     bias = first.get("bias", [])
     if bias:
         parts.append("<h4>Bias probes</h4>")
-        rows = [[escape(b["id"]), escape(b["axis"]), escape(", ".join(b["groups"])),
-                 *[escape(_short(_bias_of(r, b["id"]))) for r in results]] for b in bias]
-        parts.append(_table(["probe", "axis", "groups", *[f"{escape(label)} gap (score / reference)" for label in labels]], rows, raw=True))
+        rows = [
+            [
+                escape(b["id"]),
+                escape(b["axis"]),
+                escape(", ".join(b["groups"])),
+                *[escape(_short(_bias_of(r, b["id"]))) for r in results],
+            ]
+            for b in bias
+        ]
+        parts.append(
+            _table(
+                ["probe", "axis", "groups", *[f"{escape(label)} gap (score / reference)" for label in labels]],
+                rows,
+                raw=True,
+            )
+        )
     probes = first.get("probes", [])[:SAMPLES_SHOWN]
     if probes:
         parts.append(f"<h4>Replies, before and after (first {len(probes)} probes)</h4>")
@@ -176,7 +233,9 @@ def _alignment_section(labels: list[str], results: list[dict | None]) -> str:
 
 
 def _data_cards(run_dir: RunDir, stages: list[dict]) -> str:
-    cards = [(run_dir.root / DATA_CARD_FILE, "run")] + [(run_dir.root / s["name"] / DATA_CARD_FILE, s["name"]) for s in stages]
+    cards = [(run_dir.root / DATA_CARD_FILE, "run")] + [
+        (run_dir.root / s["name"] / DATA_CARD_FILE, s["name"]) for s in stages
+    ]
     found = [(where, _read_json(path)) for path, where in cards if path.is_file()]
     if not found:
         return ""
@@ -193,16 +252,35 @@ def _lineage_section(lineage: dict) -> str:
     data = lineage.get("data") or {}
     if data:
         parts.append("<h3>Data files</h3>")
-        parts.append(_table(["dataset", "path", "format", "bytes", "sha256"],
-                            [[name, d.get("path"), d.get("format"), d.get("bytes"), str(d.get("sha256", ""))[:16]] for name, d in data.items()]))
-    stage_rows = [[s["name"], s.get("kind"), s.get("state"), ", ".join(f"{k} ← {v}" for k, v in (s.get("inputs") or {}).items()) or "—",
-                   ", ".join(f"{k}: {v}" for k, v in (s.get("outputs") or {}).items()) or "—"] for s in lineage.get("stages", [])]
-    parts += ["<h3>Stages: what came from where</h3>", _table(["stage", "kind", "state", "inputs", "outputs"], stage_rows)]
+        parts.append(
+            _table(
+                ["dataset", "path", "format", "bytes", "sha256"],
+                [
+                    [name, d.get("path"), d.get("format"), d.get("bytes"), str(d.get("sha256", ""))[:16]]
+                    for name, d in data.items()
+                ],
+            )
+        )
+    stage_rows = [
+        [
+            s["name"],
+            s.get("kind"),
+            s.get("state"),
+            ", ".join(f"{k} ← {v}" for k, v in (s.get("inputs") or {}).items()) or "—",
+            ", ".join(f"{k}: {v}" for k, v in (s.get("outputs") or {}).items()) or "—",
+        ]
+        for s in lineage.get("stages", [])
+    ]
+    parts += [
+        "<h3>Stages: what came from where</h3>",
+        _table(["stage", "kind", "state", "inputs", "outputs"], stage_rows),
+    ]
     parts += ["<h3>Packages</h3>", _kv_table(sorted((lineage.get("packages") or {}).items()))]
     return "".join(parts)
 
 
 # --- small pieces ----------------------------------------------------------------------------
+
 
 def _table(header: list[str], rows: list[list], raw: bool = False) -> str:
     cell = (lambda v: str(v)) if raw else (lambda v: escape(_short(v)))
@@ -212,7 +290,9 @@ def _table(header: list[str], rows: list[list], raw: bool = False) -> str:
 
 
 def _kv_table(items: list[tuple[str, Any]]) -> str:
-    return _table(["", ""], [[k, v] for k, v in items if v is not None]).replace("<thead><tr><th></th><th></th></tr></thead>", "")
+    return _table(["", ""], [[k, v] for k, v in items if v is not None]).replace(
+        "<thead><tr><th></th><th></th></tr></thead>", ""
+    )
 
 
 def _flatten(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
@@ -220,7 +300,12 @@ def _flatten(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any
         return [item for k, v in data.items() for item in _flatten(v, f"{prefix}.{k}" if prefix else str(k), depth + 1)]
     if isinstance(data, list):
         simple = all(not isinstance(v, dict | list) for v in data)
-        return [(prefix, ", ".join(map(str, data[:12])) + (" …" if len(data) > 12 else "") if simple else f"{len(data)} items")]
+        return [
+            (
+                prefix,
+                ", ".join(map(str, data[:12])) + (" …" if len(data) > 12 else "") if simple else f"{len(data)} items",
+            )
+        ]
     return [(prefix, data if not isinstance(data, dict) else json.dumps(data, ensure_ascii=False)[:200])]
 
 
@@ -260,7 +345,10 @@ def _gate_badge(gate: dict | None) -> str:
 
 def _rule_marks(reply: dict) -> str:
     rules = reply.get("rules") or {}
-    marks = " ".join(f'<span class="{"ok" if ok else "bad"}">{escape(name)} {"✓" if ok else "✗"}</span>' for name, ok in rules.items())
+    marks = " ".join(
+        f'<span class="{"ok" if ok else "bad"}">{escape(name)} {"✓" if ok else "✗"}</span>'
+        for name, ok in rules.items()
+    )
     scores = " ".join(f"{escape(k)}={fmt(v)}" for k, v in (reply.get("scores") or {}).items())
     return f"<div class=rules>{marks} {scores}</div>" if marks or scores else ""
 

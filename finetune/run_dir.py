@@ -82,7 +82,9 @@ class RunDir:
         """An existing run folder (to resume, merge, export or report)."""
         root = Path(path)
         if not (root / RECIPE_FILE).is_file():
-            raise WenmaiError(f"{root} is not a Wenmai run folder (no {RECIPE_FILE}); give the folder that `wenmai run` created")
+            raise WenmaiError(
+                f"{root} is not a Wenmai run folder (no {RECIPE_FILE}); give the folder that `wenmai run` created"
+            )
         return cls(root)
 
     @property
@@ -146,7 +148,10 @@ class RunDir:
     def latest_checkpoint(self, stage: str) -> Path | None:
         """The newest complete trainer checkpoint (its trainer_state.json is written last and parses)."""
         folder = self.root / stage / CHECKPOINTS_DIR
-        candidates = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+        candidates = sorted(
+            folder.glob("checkpoint-*"),
+            key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1,
+        )
         for candidate in reversed(candidates):
             with contextlib.suppress(OSError, ValueError):
                 json.loads((candidate / "trainer_state.json").read_text(encoding="utf-8"))

@@ -30,7 +30,13 @@ from finetune.varlen import ATTENTION, varlen_kernel
 
 # Liger's layer kernels; its fused linear cross-entropy is off because TRL's SFTTrainer already projects the LM
 # head in tiles (trl.trainer.utils.add_fused_lm_head) and refuses Liger's, and a reward model has no LM head.
-LIGER_KERNELS = {"rope": True, "swiglu": True, "rms_norm": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+LIGER_KERNELS = {
+    "rope": True,
+    "swiglu": True,
+    "rms_norm": True,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": False,
+}
 GIB = 1024**3
 HEADS = {"sft": "fused", "reward": "none"}  # how each stage's trainer scores tokens (memory of its head, autotune)
 
@@ -60,9 +66,15 @@ def detect_machine() -> Machine:
         except Exception as err:  # noqa: BLE001 (Triton missing, CUDA mismatch: any import failure means unusable)
             missing = f"liger-kernel does not import ({type(err).__name__}: {err})"
 
-    return Machine(cuda=hardware.cuda, bf16=hardware.bf16 if hardware.cuda else False, gpu_memory=hardware.gpu_memory,
-                   gpu_name=hardware.gpu_name, liger_models=liger_models, liger_missing=missing,
-                   varlen=hardware.cuda and varlen_kernel() is not None)
+    return Machine(
+        cuda=hardware.cuda,
+        bf16=hardware.bf16 if hardware.cuda else False,
+        gpu_memory=hardware.gpu_memory,
+        gpu_name=hardware.gpu_name,
+        liger_models=liger_models,
+        liger_missing=missing,
+        varlen=hardware.cuda and varlen_kernel() is not None,
+    )
 
 
 @dataclass(frozen=True)
@@ -84,23 +96,41 @@ class SpeedPlan:
     def describe(self) -> str:
         """One line: each choice and why."""
         mode = f"selective every {self.checkpoint_every}" if self.checkpointing == "selective" else self.checkpointing
-        parts = [("liger", "on" if self.liger else "off"), ("padding_free", "on" if self.padding_free else "off"),
-                 ("checkpointing", mode), ("compile", "on" if self.compile else "off"),
-                 ("batch", f"{self.batch_size} x {self.gradient_accumulation}")]
-        text = " · ".join(f"{name} {value}" + (f" ({self.reasons[name]})" if name in self.reasons else "")
-                          for name, value in parts)
+        parts = [
+            ("liger", "on" if self.liger else "off"),
+            ("padding_free", "on" if self.padding_free else "off"),
+            ("checkpointing", mode),
+            ("compile", "on" if self.compile else "off"),
+            ("batch", f"{self.batch_size} x {self.gradient_accumulation}"),
+        ]
+        text = " · ".join(
+            f"{name} {value}" + (f" ({self.reasons[name]})" if name in self.reasons else "") for name, value in parts
+        )
         return text + (f" · estimate {self.estimate / GIB:.1f} GiB" if self.estimate else "")
 
     def summary(self) -> dict[str, Any]:
         """The plan for a stage's status.json."""
-        return {"liger": self.liger, "padding_free": self.padding_free, "attention": self.attention,
-                "checkpointing": self.checkpointing, "checkpoint_every": self.checkpoint_every, "compile": self.compile,
-                "batch_size": self.batch_size, "gradient_accumulation": self.gradient_accumulation,
-                "estimate_gib": round(self.estimate / GIB, 2) if self.estimate else None}
+        return {
+            "liger": self.liger,
+            "padding_free": self.padding_free,
+            "attention": self.attention,
+            "checkpointing": self.checkpointing,
+            "checkpoint_every": self.checkpoint_every,
+            "compile": self.compile,
+            "batch_size": self.batch_size,
+            "gradient_accumulation": self.gradient_accumulation,
+            "estimate_gib": round(self.estimate / GIB, 2) if self.estimate else None,
+        }
 
 
-def plan(config: Any, recipe: Recipe, machine: Machine, shape: Shape | None = None, model_type: str | None = None,
-         world_size: int = 1) -> SpeedPlan:
+def plan(
+    config: Any,
+    recipe: Recipe,
+    machine: Machine,
+    shape: Shape | None = None,
+    model_type: str | None = None,
+    world_size: int = 1,
+) -> SpeedPlan:
     """Resolve a trainer stage's `speed` options (and `gradient_checkpointing`) for `machine`."""
     options: SpeedOptions = config.speed_options()
     reasons: dict[str, str] = {}
@@ -114,10 +144,25 @@ def plan(config: Any, recipe: Recipe, machine: Machine, shape: Shape | None = No
     estimate = None
     if tuning:
         sizes = None if options.batch == "auto" and per_device else [config.batch_size]
-        needs = footprint(recipe, config, shape, world_size, machine.bf16, head=HEADS.get(config.kind, "full"), liger=liger,
-                          qlora_upcast=options.qlora_upcast)
-        choice = choose(needs, tokens_per_example(config), per_device or config.batch_size * config.gradient_accumulation,
-                        budget(options, machine), modes, sizes, options.checkpoint_every)
+        needs = footprint(
+            recipe,
+            config,
+            shape,
+            world_size,
+            machine.bf16,
+            head=HEADS.get(config.kind, "full"),
+            liger=liger,
+            qlora_upcast=options.qlora_upcast,
+        )
+        choice = choose(
+            needs,
+            tokens_per_example(config),
+            per_device or config.batch_size * config.gradient_accumulation,
+            budget(options, machine),
+            modes,
+            sizes,
+            options.checkpoint_every,
+        )
         mode, every, estimate = choice.checkpointing, choice.every, choice.bytes
         if sizes is None:
             batch, accumulation = choice.batch_size, choice.accumulation
@@ -132,17 +177,32 @@ def plan(config: Any, recipe: Recipe, machine: Machine, shape: Shape | None = No
         reasons["checkpointing"] = why_mode or ("no CUDA GPU" if not machine.cuda else "model shapes unknown")
         if options.batch == "auto":
             reasons["batch"] = "as written: auto needs a GPU and the model's shapes"
-    return SpeedPlan(liger=liger, padding_free=padding_free, attention=attention, checkpointing=mode,
-                     checkpoint_every=every if mode == "selective" else 1, compile=options.compile, batch_size=batch,
-                     gradient_accumulation=accumulation, qlora_upcast=options.qlora_upcast, estimate=estimate,
-                     reasons=reasons)
+    return SpeedPlan(
+        liger=liger,
+        padding_free=padding_free,
+        attention=attention,
+        checkpointing=mode,
+        checkpoint_every=every if mode == "selective" else 1,
+        compile=options.compile,
+        batch_size=batch,
+        gradient_accumulation=accumulation,
+        qlora_upcast=options.qlora_upcast,
+        estimate=estimate,
+        reasons=reasons,
+    )
 
 
 def plan_for(config: Any, recipe: Recipe, machine: Machine | None = None, world_size: int = 1) -> SpeedPlan:
     """`plan` on this machine, with the model's shapes read from its config (no weights are loaded)."""
     model_config = model_config_dict(recipe.model) or {}
-    return plan(config, recipe, machine or detect_machine(), model_shape(model_config), model_config.get("model_type"),
-                world_size)
+    return plan(
+        config,
+        recipe,
+        machine or detect_machine(),
+        model_shape(model_config),
+        model_config.get("model_type"),
+        world_size,
+    )
 
 
 @dataclass(frozen=True)
@@ -173,8 +233,11 @@ def changes(speed_plan: SpeedPlan, config: Any, config_cls: type, recipe: Recipe
     trainer["torch_compile"] = speed_plan.compile
     if type(config).supports_padding_free:
         trainer["padding_free"] = speed_plan.padding_free
-    options = {"batch_size": speed_plan.batch_size, "gradient_accumulation": speed_plan.gradient_accumulation,
-               "gradient_checkpointing": on}
+    options = {
+        "batch_size": speed_plan.batch_size,
+        "gradient_accumulation": speed_plan.gradient_accumulation,
+        "gradient_checkpointing": on,
+    }
     return SpeedChanges(options, trainer, {"kbit_upcast": speed_plan.qlora_upcast}, speed_plan.attention)
 
 
@@ -212,12 +275,18 @@ def machine_problems(recipe: Recipe, machine: Machine, model_type: str | None = 
             continue
         path = f"stages[{i}].{config.kind}.speed.liger"
         if not machine.cuda:
-            found.append(f"{path}: true needs a CUDA GPU (Liger's kernels are Triton) and this machine has none; "
-                         "set liger: auto (on wherever it can run) or false")
+            found.append(
+                f"{path}: true needs a CUDA GPU (Liger's kernels are Triton) and this machine has none; "
+                "set liger: auto (on wherever it can run) or false"
+            )
         elif machine.liger_models is None:
-            found.append(f"{path}: true, but {machine.liger_missing}: pip install 'wenmai[gpu]' (or pip install liger-kernel)")
+            found.append(
+                f"{path}: true, but {machine.liger_missing}: pip install 'wenmai[gpu]' (or pip install liger-kernel)"
+            )
         elif model_type is not None and model_type not in machine.liger_models:
-            found.append(f"{path}: true, but liger-kernel has no kernels for model type {model_type!r}; set liger: auto or false")
+            found.append(
+                f"{path}: true, but liger-kernel has no kernels for model type {model_type!r}; set liger: auto or false"
+            )
     return found
 
 
@@ -231,11 +300,15 @@ def machine_problems_here(recipe: Recipe) -> list[str]:
 def plan_lines(recipe: Recipe, machine: Machine | None = None) -> list[str]:
     """One line per trainer stage: what its speed options resolve to on this machine (`wenmai validate`)."""
     machine = machine or detect_machine()
-    return [f"{c.stage_name}: {plan_for(c, recipe, machine).describe()}"
-            for c in recipe.stage_configs() if c.speed_options() is not None]
+    return [
+        f"{c.stage_name}: {plan_for(c, recipe, machine).describe()}"
+        for c in recipe.stage_configs()
+        if c.speed_options() is not None
+    ]
 
 
 # --- resolving each option ----------------------------------------------------------------------
+
 
 def _liger(options: SpeedOptions, machine: Machine, model_type: str | None) -> tuple[bool, str]:
     if options.liger != "auto":
@@ -275,7 +348,11 @@ def _checkpointing_modes(config: Any, machine: Machine) -> tuple[tuple[str, ...]
     if options.checkpointing != "auto":
         return (checkpointing_mode(options.checkpointing),), "as set"
     if "gradient_checkpointing" in config.model_fields_set and config.gradient_checkpointing != "auto":
-        return (("full",), "gradient_checkpointing: true") if config.gradient_checkpointing else (("off",), "gradient_checkpointing: false")
+        return (
+            (("full",), "gradient_checkpointing: true")
+            if config.gradient_checkpointing
+            else (("off",), "gradient_checkpointing: false")
+        )
     if not machine.cuda:
         return ("off",), ""
     return MODES, ""
@@ -293,5 +370,8 @@ def _half_precision(config: Any, recipe: Recipe, machine: Machine) -> bool:
     """Whether attention runs in bf16/fp16 (flash kernels need it)."""
     precision = config.precision if recipe.distributed.mixed_precision == "auto" else recipe.distributed.mixed_precision
     dtype = recipe.model.dtype
-    return precision in ("bf16", "fp16") or dtype in ("bfloat16", "float16") or (
-        machine.cuda and "auto" in (precision, dtype))
+    return (
+        precision in ("bf16", "fp16")
+        or dtype in ("bfloat16", "float16")
+        or (machine.cuda and "auto" in (precision, dtype))
+    )

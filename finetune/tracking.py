@@ -16,7 +16,11 @@ from finetune.errors import WenmaiError
 from finetune.recipe import TrackingSection
 
 DASHBOARDS = ("tensorboard", "wandb", "mlflow")
-_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "wenmai[mlflow]")}
+_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "wenmai[mlflow]"),
+}
 
 
 def report_to(tracking: TrackingSection) -> list[str]:

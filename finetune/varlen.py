@@ -36,15 +36,25 @@ def use(model: Any) -> None:
     model.set_attn_implementation(ATTENTION)
 
 
-def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, dropout: float = 0.0,
-                      scaling: float | None = None, is_causal: bool | None = None, **kwargs: Any) -> tuple[Any, None]:
+def attention_forward(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """transformers' attention interface: (batch, heads, tokens, dim) inputs, (batch, tokens, heads, dim) output."""
     cu_q = kwargs.get("cu_seq_lens_q")
     if cu_q is None or query.shape[0] != 1:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     cu_k = kwargs.get("cu_seq_lens_k")
     cu_k = cu_q if cu_k is None else cu_k
     max_q = int(kwargs.get("max_length_q") or (cu_q[1:] - cu_q[:-1]).max())
@@ -55,8 +65,18 @@ def attention_forward(module: Any, query: Any, key: Any, value: Any, attention_m
     return out.unsqueeze(0), None
 
 
-def run_kernel(kernel: Callable, q: Any, k: Any, v: Any, cu_q: Any, cu_k: Any, max_q: int, max_k: int,
-               scale: float | None, causal: bool) -> Any:
+def run_kernel(
+    kernel: Callable,
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_q: Any,
+    cu_k: Any,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
+    causal: bool,
+) -> Any:
     """Call `varlen_attn` whichever way this PyTorch spells causality and grouped-query attention."""
     params = _parameters(kernel)
     extra: dict[str, Any] = {}

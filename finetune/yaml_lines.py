@@ -69,7 +69,13 @@ def read_yaml(path: Path, kind: str, problems: list[Problem]) -> tuple[dict, dic
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(Problem(display_path(path), "a recipe must be a mapping of sections (model:, data:, stages:, ...)", f"{display_path(path)}:1"))
+        problems.append(
+            Problem(
+                display_path(path),
+                "a recipe must be a mapping of sections (model:, data:, stages:, ...)",
+                f"{display_path(path)}:1",
+            )
+        )
         return {}, {}
     origins: dict[Loc, Origin] = {(): Origin(kind, str(path), 1)}
     record_lines(node, (), str(path), kind, origins)

@@ -35,8 +35,14 @@ def training_examples(pairs: Iterable[PreferencePair], dimensions: Sequence[str]
         key = (prompt_key(pair.prompt), frozenset((pair.chosen, pair.rejected)))
         example = next((e for e in open_examples[key] if e["preference"][slot] == 0), None)
         if example is None or len(slots) == 1:
-            example = {"prompt": pair.prompt, "a": pair.chosen, "b": pair.rejected, "prompt_key": key[0],
-                       "preference": [0.0] * len(slots), "margin": [0.0] * len(slots)}
+            example = {
+                "prompt": pair.prompt,
+                "a": pair.chosen,
+                "b": pair.rejected,
+                "prompt_key": key[0],
+                "preference": [0.0] * len(slots),
+                "margin": [0.0] * len(slots),
+            }
             examples.append(example)
             open_examples[key].append(example)
         example["preference"][slot] = 1.0 if pair.chosen == example["a"] else -1.0

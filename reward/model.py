@@ -35,7 +35,9 @@ class RewardModelCard(BaseModel):
     """`reward_model.json`: what a scorer needs besides the weights."""
 
     format_version: int = FORMAT_VERSION
-    dimensions: list[RewardDimension] = Field(..., description="Heads in output order, with their weights in the total.")
+    dimensions: list[RewardDimension] = Field(
+        ..., description="Heads in output order, with their weights in the total."
+    )
     base_model: dict[str, Any] = Field(..., description="The recipe's `model` section the adapter was trained on.")
     seq_len: int = Field(..., description="Longest sequence; longer inputs keep their end (the response).")
     pad_token: str
@@ -90,13 +92,13 @@ def load_reward_model(folder: Path) -> tuple[Any, Any, RewardModelCard]:
     """(model in eval mode, tokenizer, card) from a reward model folder alone."""
     from transformers import AutoTokenizer
 
-
     folder = Path(folder)
     card = read_card(folder)
     section = ModelSection.model_validate(card.base_model)
     source = model_path.resolve_source(section)
-    base = model_path.load_model(section, source, task="sequence-classification", num_labels=len(card.dimensions),
-                                 pad_token_id=card.pad_token_id)
+    base = model_path.load_model(
+        section, source, task="sequence-classification", num_labels=len(card.dimensions), pad_token_id=card.pad_token_id
+    )
     model = model_path.load_adapter(base, folder / ADAPTER_DIR, trainable=False).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
     verify_contract(tokenizer, read_contract(folder), f"reward model {folder}")
@@ -108,7 +110,9 @@ def read_card(folder: Path) -> RewardModelCard:
     try:
         return RewardModelCard.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise WenmaiError(f"{path}: cannot read the reward model description ({err}); is {folder} a reward model folder?") from None
+        raise WenmaiError(
+            f"{path}: cannot read the reward model description ({err}); is {folder} a reward model folder?"
+        ) from None
 
 
 def find_reward_model(path: str | Path, stage: str | None = None) -> Path:
@@ -120,11 +124,16 @@ def find_reward_model(path: str | Path, stage: str | None = None) -> Path:
     if (path / STATUS_FILE).is_file():
         return RunDir(path.parent).output(path.name, "reward_model")
     run_dir = RunDir.open(path)
-    reward_stages = [p.parent.name for p in sorted(path.glob("*/status.json"))
-                     if json.loads(p.read_text(encoding="utf-8")).get("kind") == "reward"]
+    reward_stages = [
+        p.parent.name
+        for p in sorted(path.glob("*/status.json"))
+        if json.loads(p.read_text(encoding="utf-8")).get("kind") == "reward"
+    ]
     if stage is not None:
         if stage not in reward_stages:
-            raise WenmaiError(f"{path} has no reward stage named {stage!r} (reward stages: {', '.join(reward_stages) or 'none'})")
+            raise WenmaiError(
+                f"{path} has no reward stage named {stage!r} (reward stages: {', '.join(reward_stages) or 'none'})"
+            )
         return run_dir.output(stage, "reward_model")
     if not reward_stages:
         raise WenmaiError(f"{path} has no reward stage; train one with a `- reward:` stage in the recipe")

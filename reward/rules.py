@@ -47,8 +47,10 @@ def read_banned_terms(path: str | Path) -> list[str]:
 
 def banned_pattern(terms: list[str]) -> re.Pattern:
     """One case-insensitive pattern: Latin words on word boundaries (so `ass` does not match `class`), other terms anywhere."""
-    parts = [rf"\b{re.escape(t)}\b" if re.fullmatch(r"[A-Za-z0-9' -]+", t) else re.escape(t)
-             for t in sorted(set(terms), key=len, reverse=True)]
+    parts = [
+        rf"\b{re.escape(t)}\b" if re.fullmatch(r"[A-Za-z0-9' -]+", t) else re.escape(t)
+        for t in sorted(set(terms), key=len, reverse=True)
+    ]
     return re.compile("|".join(parts), re.IGNORECASE)
 
 
@@ -60,6 +62,7 @@ def completion_text(completion: str | list[dict]) -> str:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 class _named:
     """A reward function with a `__name__`, which TRL uses in the logged metric names."""
@@ -80,6 +83,7 @@ def _length(rule: LengthRule) -> Callable[[str], float]:
         if rule.max_chars is not None and n > rule.max_chars:
             return -min(1.0, (n - rule.max_chars) / rule.max_chars)
         return 0.0
+
     return score
 
 

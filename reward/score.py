@@ -41,12 +41,16 @@ class RewardScorer:
     def dimensions(self) -> list[str]:
         return self.card.names
 
-    def score(self, prompts: Sequence[str | list[dict]], responses: Sequence[str], batch_size: int = 8) -> dict[str, list[float]]:
+    def score(
+        self, prompts: Sequence[str | list[dict]], responses: Sequence[str], batch_size: int = 8
+    ) -> dict[str, list[float]]:
         """Scores per dimension and the weighted total for each (prompt, response); a prompt is text or chat messages."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [encode_response(self.tokenizer, prompt_messages(p), r, self.card.seq_len)[0]
-                for p, r in zip(prompts, responses, strict=True)]
+        rows = [
+            encode_response(self.tokenizer, prompt_messages(p), r, self.card.seq_len)[0]
+            for p, r in zip(prompts, responses, strict=True)
+        ]
         rewards = self._forward(rows, batch_size)
         weights = [d.weight for d in self.card.dimensions]
         totals = [sum(w * x for w, x in zip(weights, row, strict=True)) / sum(weights) for row in rewards]
@@ -68,12 +72,12 @@ class RewardScorer:
         out: list[list[float]] = [[] for _ in rows]
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
-                batch = [rows[i] for i in order[start:start + batch_size]]
+                batch = [rows[i] for i in order[start : start + batch_size]]
                 width = max(len(r) for r in batch)
                 ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in batch], device=device)
                 mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=device)
                 logits = self.model(input_ids=ids, attention_mask=mask).logits.float().cpu()
-                for i, row in zip(order[start:start + batch_size], logits.tolist(), strict=True):
+                for i, row in zip(order[start : start + batch_size], logits.tolist(), strict=True):
                     out[i] = row
         return out
 
@@ -123,7 +127,9 @@ def read_score_inputs(path: Path) -> list[dict]:
     return records
 
 
-def score_file(folder: str | Path, input_path: str | Path, stage: str | None = None, batch_size: int = 8) -> tuple[list[dict], list[str]]:
+def score_file(
+    folder: str | Path, input_path: str | Path, stage: str | None = None, batch_size: int = 8
+) -> tuple[list[dict], list[str]]:
     """Score every record of `input_path`: (records with a `scores` mapping added, the score names in order)."""
     model_folder = find_reward_model(folder, stage)
     records = read_score_inputs(Path(input_path))

@@ -57,7 +57,9 @@ class DimensionRewardTrainer(RewardTrainer):
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             rewards_a, rewards_b = outputs.logits.chunk(2)
             weights = self.total_weights.to(rewards_a.device)
-            loss = preference_loss(rewards_a, rewards_b, preference, margin, weights, self.args.center_rewards_coefficient)
+            loss = preference_loss(
+                rewards_a, rewards_b, preference, margin, weights, self.args.center_rewards_coefficient
+            )
             self._record_rewards(outputs.logits)
         self._count_correct(rewards_a.detach(), rewards_b.detach(), preference)
         return (loss, outputs) if return_outputs else loss

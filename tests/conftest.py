@@ -23,10 +23,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def chat_rows(n: int = 40) -> list[dict]:
     return [
-        {"id": f"r{i}", "messages": [
-            {"role": "user", "content": f"Who wrote poem number {i % 5}?"},
-            {"role": "assistant", "content": f"Poet {i % 5} of the Tang dynasty wrote it."},
-        ]}
+        {
+            "id": f"r{i}",
+            "messages": [
+                {"role": "user", "content": f"Who wrote poem number {i % 5}?"},
+                {"role": "assistant", "content": f"Poet {i % 5} of the Tang dynasty wrote it."},
+            ],
+        }
         for i in range(n)
     ]
 

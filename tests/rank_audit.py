@@ -71,8 +71,14 @@ def _install() -> None:
     wrap_saver(safetensors.torch, "save_file")
     builtins.open = io.open = audited_open
     os.open = audited_os_open
-    for name, paths in (("mkdir", [0]), ("replace", [0, 1]), ("rename", [0, 1]), ("unlink", [0]), ("remove", [0]),
-                        ("rmdir", [0])):
+    for name, paths in (
+        ("mkdir", [0]),
+        ("replace", [0, 1]),
+        ("rename", [0, 1]),
+        ("unlink", [0]),
+        ("remove", [0]),
+        ("rmdir", [0]),
+    ):
         wrap(name, paths)
 
 

@@ -25,7 +25,9 @@ def run(monkeypatch, capsys, tmp_path, *args: str) -> tuple[list[dict], str]:
 
 
 def test_lora_benchmark_runs_baseline_and_wenmai_on_cpu_with_equal_losses(monkeypatch, capsys, tmp_path):
-    rows, out = run(monkeypatch, capsys, tmp_path, "--workload", "lora", "--steps", "2", "--warmup", "1", "--lengths", "mixed")
+    rows, out = run(
+        monkeypatch, capsys, tmp_path, "--workload", "lora", "--steps", "2", "--warmup", "1", "--lengths", "mixed"
+    )
     by_name = {r["config"]: r for r in rows}
     assert list(by_name) == ["hf-gc-b4", "hf-liger-gc-b4", "hf-nogc-b2", "wenmai", "wenmai-max"]
     assert "CUDA" in by_name["hf-liger-gc-b4"]["skipped"]
@@ -33,7 +35,9 @@ def test_lora_benchmark_runs_baseline_and_wenmai_on_cpu_with_equal_losses(monkey
         assert by_name[name]["tokens_per_s"] > 0 and len(by_name[name]["losses"]) == 3
     wenmai = by_name["wenmai"]
     assert wenmai["plan"]["padding_free"] and (wenmai["micro_batch"], wenmai["accumulation"]) == (4, 1)
-    assert wenmai["max_loss_diff"] < 1e-3  # same data, same seed, same losses: speed that changes the result does not count
+    assert (
+        wenmai["max_loss_diff"] < 1e-3
+    )  # same data, same seed, same losses: speed that changes the result does not count
     assert by_name["hf-nogc-b2"]["max_loss_diff"] < 1e-3
     assert "| wenmai | 4 x 1 |" in out and "| setting |" in out
 

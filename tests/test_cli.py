@@ -87,8 +87,9 @@ def test_stages_lists_no_option_a_stage_refuses(cli):
     assert not [kind for kind in ("dpo", "kto", "orpo", "rlhf") if "│ speed." in tables[kind]]
 
 
-def test_a_speed_section_on_a_stage_without_a_speed_plan_is_refused_with_what_to_use(cli, write_recipe, tiny_model, chat_file,
-                                                                                      tmp_path):
+def test_a_speed_section_on_a_stage_without_a_speed_plan_is_refused_with_what_to_use(
+    cli, write_recipe, tiny_model, chat_file, tmp_path
+):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
     recipe = write_recipe(f"""\
@@ -102,4 +103,9 @@ def test_a_speed_section_on_a_stage_without_a_speed_plan_is_refused_with_what_to
           - dpo: {{dataset: p, speed: {{liger: false}}}}
         """)
     code, _, err = cli("validate", recipe)
-    assert code == 2 and "stages[1].dpo" in err and "does not run the speed options" in err and "precompute_ref_log_probs" in err
+    assert (
+        code == 2
+        and "stages[1].dpo" in err
+        and "does not run the speed options" in err
+        and "precompute_ref_log_probs" in err
+    )

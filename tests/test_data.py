@@ -54,7 +54,9 @@ def test_end_of_turn_token_is_learned_even_when_pad_equals_eos(tokenizer):
 
 
 def test_loss_on_all_tokens_labels_everything(tokenizer):
-    result = tokenize_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], assistant_only=False)
+    result = tokenize_chat(
+        tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], assistant_only=False
+    )
     assert result["labels"] == result["input_ids"]
 
 
@@ -64,7 +66,9 @@ def test_text_format_appends_eos(tokenizer):
 
 
 def test_instruction_record_becomes_user_and_assistant_turns():
-    messages = to_messages({"instruction": "Translate", "input": "床前明月光", "output": "Moonlight"}, "instruction", "Be brief.")
+    messages = to_messages(
+        {"instruction": "Translate", "input": "床前明月光", "output": "Moonlight"}, "instruction", "Be brief."
+    )
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[1]["content"] == "Translate\n\n床前明月光"
 
@@ -95,10 +99,13 @@ def test_chat_without_assistant_turn_is_named(tmp_path):
 
 
 def test_invalid_role_and_missing_field_are_named(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
-        {"conversation": []},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+            {"conversation": []},
+        ],
+    )
     with pytest.raises(DataError) as info:
         read_records(path, "chat")
     message = str(info.value)
@@ -119,7 +126,11 @@ def test_missing_data_file_is_named(tmp_path):
 
 
 def test_metadata_fields_ride_along(tmp_path):
-    row = {"id": "a1", "licence": "CC0-1.0", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    row = {
+        "id": "a1",
+        "licence": "CC0-1.0",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    }
     records = read_records(write_jsonl(tmp_path / "d.jsonl", [row]), "chat")
     assert records.records[0]["licence"] == "CC0-1.0" and records.records[0]["id"] == "a1"
 

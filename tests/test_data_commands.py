@@ -17,9 +17,11 @@ def messy_rows() -> list[dict]:
     rows = [chat(i, f"The donor left the number {PHONES[i]} and {EMAIL}.", licence="CC-BY-4.0") for i in range(3)]
     for row in rows:
         row["messages"][0]["content"] = "Who donated the bronze mirror?"  # the same record but for the number
-    rows += [chat(10, "A lacquer box from the Song dynasty.", licence="CC-BY-NC-4.0"),
-             chat(11, "A lacquer box from the Song dynasty!", licence="CC-BY-4.0"),
-             chat(12, "Human remains: a Han dynasty burial with jade suit.", licence="CC0-1.0", sensitivity="internal")]
+    rows += [
+        chat(10, "A lacquer box from the Song dynasty.", licence="CC-BY-NC-4.0"),
+        chat(11, "A lacquer box from the Song dynasty!", licence="CC-BY-4.0"),
+        chat(12, "Human remains: a Han dynasty burial with jade suit.", licence="CC0-1.0", sensitivity="internal"),
+    ]
     return rows
 
 
@@ -38,8 +40,10 @@ def test_scrub_writes_masked_deduplicated_records_and_no_pii(tmp_path, cli):
 def test_scrub_with_a_commercial_policy_and_dedup_from_a_recipe(tmp_path, cli, tiny_model):
     source = write_jsonl(tmp_path / "in.jsonl", messy_rows())
     recipe = tmp_path / "policy.yaml"
-    recipe.write_text(f"name: p\nmodel: {{path: {tiny_model}}}\ndata:\n  policy: {{intended_use: commercial, "
-                      f"dedup: {{exact: true}}}}\n  d: {{path: {source}, format: chat}}\nstages: [{{sft: {{dataset: d}}}}]\n")
+    recipe.write_text(
+        f"name: p\nmodel: {{path: {tiny_model}}}\ndata:\n  policy: {{intended_use: commercial, "
+        f"dedup: {{exact: true}}}}\n  d: {{path: {source}, format: chat}}\nstages: [{{sft: {{dataset: d}}}}]\n"
+    )
     code, out, err = cli("data", "scrub", source, tmp_path / "out.jsonl", "--recipe", recipe)
     assert code == 0, out + err
     ids = [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -65,8 +69,12 @@ def test_card_for_a_recipe_lists_sizes_licences_grades_and_register(tmp_path, cl
     assert culture["sources"] == {"Wenmai project / sample cultural Q&A": 329} and culture["grades"] == {"public": 329}
     register = (tmp_path / "sensitive_register.jsonl").read_text(encoding="utf-8").splitlines()
     assert sum(json.loads(line)["dataset"] == "culture" for line in register) == culture["registered"] > 0
-    assert {t for line in register for t in json.loads(line)["topics"]} <= {"human_remains", "sacred_objects",
-                                                                           "contested_provenance", "communities"}
+    assert {t for line in register for t in json.loads(line)["topics"]} <= {
+        "human_remains",
+        "sacred_objects",
+        "contested_provenance",
+        "communities",
+    }
     markdown = (tmp_path / "data_card.md").read_text(encoding="utf-8")
     assert "## Dataset `culture`" in markdown and "| CC0-1.0 | 329 |" in markdown
 
@@ -106,6 +114,6 @@ def test_large_files_show_a_progress_bar_without_changing_results(tmp_path, cli,
 def test_validate_shows_what_the_data_layer_keeps_out(cli, tiny_model):
     code, out, err = cli("validate", ROOT / "recipes" / "smoke.yaml", "--set", f"model.path={tiny_model}")
     assert code == 0, out + err
-    table = out[out.index("Data layer"):]
+    table = out[out.index("Data layer") :]
     assert "culture" in table and "instructions" in table
     assert "eval: dataset" in table  # a training record that repeats an eval record is dropped before training

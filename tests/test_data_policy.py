@@ -14,13 +14,19 @@ from finetune.pipeline import load_recipe
 
 
 def chat(i: int, answer: str = "", **meta) -> dict:
-    return {"id": f"r{i}", **meta, "messages": [
-        {"role": "user", "content": f"Tell me about object number {i}."},
-        {"role": "assistant", "content": answer or f"Object {i} is a bronze vessel from dynasty {i % 7}."},
-    ]}
+    return {
+        "id": f"r{i}",
+        **meta,
+        "messages": [
+            {"role": "user", "content": f"Tell me about object number {i}."},
+            {"role": "assistant", "content": answer or f"Object {i} is a bronze vessel from dynasty {i % 7}."},
+        ],
+    }
 
 
-def make_recipe(tmp_path, model, rows, policy: str = "", defaults: str = "", stage_extra: str = "", root=None) -> object:
+def make_recipe(
+    tmp_path, model, rows, policy: str = "", defaults: str = "", stage_extra: str = "", root=None
+) -> object:
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     text = textwrap.dedent(f"""\
         name: t
@@ -28,10 +34,10 @@ def make_recipe(tmp_path, model, rows, policy: str = "", defaults: str = "", sta
         lora: {{r: 4, alpha: 8, dropout: 0.0}}
         data:
           policy: {{{policy}}}
-          d: {{path: {data}, format: chat{', defaults: {' + defaults + '}' if defaults else ''}}}
+          d: {{path: {data}, format: chat{", defaults: {" + defaults + "}" if defaults else ""}}}
         stages:
           - sft: {{dataset: d, max_steps: 1, batch_size: 2, seq_len: 64, save_steps: 1{stage_extra}}}
-        output: {{root: {root or tmp_path / 'runs'}}}
+        output: {{root: {root or tmp_path / "runs"}}}
         """)
     path = tmp_path / "recipe.yaml"
     path.write_text(text, encoding="utf-8")
@@ -49,9 +55,14 @@ def test_commercial_recipe_drops_cc_by_nc_records_and_says_how_many(tmp_path, ti
 
 
 def test_grades_missing_rights_consent_and_licence_list(tmp_path, tiny_model):
-    rows = [chat(0, licence="CC0-1.0"), chat(1, licence="CC0-1.0", sensitivity="restricted"),
-            chat(2), chat(3, licence="CC-BY-SA-4.0"), chat(4, licence="cc0-1.0", consent=False),
-            chat(5, licence="CC0-1.0", sensitivity="internal")]
+    rows = [
+        chat(0, licence="CC0-1.0"),
+        chat(1, licence="CC0-1.0", sensitivity="restricted"),
+        chat(2),
+        chat(3, licence="CC-BY-SA-4.0"),
+        chat(4, licence="cc0-1.0", consent=False),
+        chat(5, licence="CC0-1.0", sensitivity="internal"),
+    ]
     policy = "max_sensitivity: internal, allow_missing_rights: false, licences: [CC0-1.0]"
     report = load_records(load_recipe(make_recipe(tmp_path, tiny_model, rows, policy)).recipe, "d").report
     assert report.kept == 2 and report.grades == {"public": 1, "internal": 1}
@@ -82,7 +93,9 @@ def test_unknown_licence_in_a_record_names_file_line_and_suggestion(tmp_path, ti
 
 def test_unknown_grade_in_a_record_and_in_defaults_is_named(tmp_path, tiny_model):
     recipe = load_recipe(make_recipe(tmp_path, tiny_model, [chat(0, sensitivity="secret")])).recipe
-    with pytest.raises(DataError, match=r"d\.jsonl:1: unknown grade 'secret'; grades .*public, internal, restricted, prohibited"):
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:1: unknown grade 'secret'; grades .*public, internal, restricted, prohibited"
+    ):
         load_records(recipe, "d")
     with pytest.raises(ConfigError) as info:
         load_recipe(make_recipe(tmp_path, tiny_model, [chat(0)], defaults="sensitivity: secret, licence: CC-BY-9.9"))
@@ -98,14 +111,26 @@ def test_renamed_grades_are_used_everywhere(tmp_path, tiny_model):
     assert report.kept == 2 and report.excluded == {"sensitivity: never (above staff)": 1}
 
 
-@pytest.mark.parametrize(("policy", "problem"), [
-    ("max_sensitivity: prohibited", "data.policy.max_sensitivity: 'prohibited' is the highest grade and never trains"),
-    ("max_sensitivity: top", "data.policy.max_sensitivity: unknown grade 'top'"),
-    ("intended_use: commercial, licences: [CC-BY-NC-SA-4.0]", "data.policy.licences[0]: CC-BY-NC-SA-4.0 does not permit commercial use"),
-    ("licences: [CC-BY-NC-4]", "data.policy.licences[0]: licence 'CC-BY-NC-4' is not a known SPDX id"),
-    ("dedupp: {exact: true}", "data.policy.dedupp: unknown key — did you mean dedup?"),
-    ("intended_use: comercial", "data.policy.intended_use: Input should be 'research', 'non-commercial', 'commercial' or 'internal'"),
-])
+@pytest.mark.parametrize(
+    ("policy", "problem"),
+    [
+        (
+            "max_sensitivity: prohibited",
+            "data.policy.max_sensitivity: 'prohibited' is the highest grade and never trains",
+        ),
+        ("max_sensitivity: top", "data.policy.max_sensitivity: unknown grade 'top'"),
+        (
+            "intended_use: commercial, licences: [CC-BY-NC-SA-4.0]",
+            "data.policy.licences[0]: CC-BY-NC-SA-4.0 does not permit commercial use",
+        ),
+        ("licences: [CC-BY-NC-4]", "data.policy.licences[0]: licence 'CC-BY-NC-4' is not a known SPDX id"),
+        ("dedupp: {exact: true}", "data.policy.dedupp: unknown key — did you mean dedup?"),
+        (
+            "intended_use: comercial",
+            "data.policy.intended_use: Input should be 'research', 'non-commercial', 'commercial' or 'internal'",
+        ),
+    ],
+)
 def test_bad_policy_is_a_recipe_error_naming_the_key(tmp_path, tiny_model, policy, problem):
     with pytest.raises(ConfigError) as info:
         load_recipe(make_recipe(tmp_path, tiny_model, [chat(0)], policy))
@@ -113,12 +138,16 @@ def test_bad_policy_is_a_recipe_error_naming_the_key(tmp_path, tiny_model, polic
 
 
 def test_policy_typo_and_dataset_typo_are_named(write_recipe, tiny_model, chat_file):
-    path = write_recipe(f"name: t\nmodel: {{path: {tiny_model}}}\ndata:\n  polcy: {{intended_use: research}}\n"
-                        f"  d: {{path: {chat_file}, format: chat}}\nstages: [{{sft: {{dataset: d}}}}]\n")
+    path = write_recipe(
+        f"name: t\nmodel: {{path: {tiny_model}}}\ndata:\n  polcy: {{intended_use: research}}\n"
+        f"  d: {{path: {chat_file}, format: chat}}\nstages: [{{sft: {{dataset: d}}}}]\n"
+    )
     with pytest.raises(ConfigError, match="data: 'polcy' is neither `policy` nor a dataset .* did you mean policy"):
         load_recipe(path)
-    path = write_recipe(f"name: t\nmodel: {{path: {tiny_model}}}\ndata:\n  d: {{path: {chat_file}, format: chat, "
-                        f"defualts: {{}}}}\nstages: [{{sft: {{dataset: d}}}}]\n")
+    path = write_recipe(
+        f"name: t\nmodel: {{path: {tiny_model}}}\ndata:\n  d: {{path: {chat_file}, format: chat, "
+        f"defualts: {{}}}}\nstages: [{{sft: {{dataset: d}}}}]\n"
+    )
     with pytest.raises(ConfigError, match="data.d.defualts: unknown key — did you mean defaults?"):
         load_recipe(path)
 
@@ -155,8 +184,10 @@ def test_prohibited_record_never_reaches_the_trainer(tmp_path, tiny_model, monke
 
     monkeypatch.setattr(trl, "SFTTrainer", RecordingTrainer)
     secret = "SECRETWORDS in the sealed archive"
-    rows = [chat(i) for i in range(8)] + [chat(8, secret, sensitivity="prohibited", topics=["human_remains"]),
-                                          chat(9, "Restricted note on the tomb.", sensitivity="restricted")]
+    rows = [chat(i) for i in range(8)] + [
+        chat(8, secret, sensitivity="prohibited", topics=["human_remains"]),
+        chat(9, "Restricted note on the tomb.", sensitivity="restricted"),
+    ]
     recipe = make_recipe(tmp_path, tiny_model, rows, "max_sensitivity: restricted", stage_extra=", eval_fraction: 0.2")
     run_dir = start(load_recipe(recipe), tmp_path / "runs" / "r", log=lambda _: None)
 
@@ -167,20 +198,31 @@ def test_prohibited_record_never_reaches_the_trainer(tmp_path, tiny_model, monke
     assert len(texts) == 9 and any("Restricted note" in t for t in texts)
     assert not any("SECRET" in t for t in texts)
     card = json.loads((run_dir.root / "sft" / "data_card.json").read_text())
-    assert card["stage"] == "sft" and card["datasets"][0]["excluded"] == {"sensitivity: prohibited (above restricted)": 1}
-    register = [json.loads(line) for line in (run_dir.root / "sft" / "sensitive_register.jsonl").read_text().splitlines()]
+    assert card["stage"] == "sft" and card["datasets"][0]["excluded"] == {
+        "sensitivity: prohibited (above restricted)": 1
+    }
+    register = [
+        json.loads(line) for line in (run_dir.root / "sft" / "sensitive_register.jsonl").read_text().splitlines()
+    ]
     assert [(e["record"], e["grade"], e["stage"]) for e in register] == [("r9", "restricted", "sft")]
     assert (run_dir.root / "sft" / "data_card.md").read_text().startswith("# Data card — stage `sft`")
 
 
-@pytest.mark.parametrize(("pii", "kept", "masked"), [
-    ("{action: mask}", ["r0", "r1", "r2"], {"r1": True, "r2": True}),
-    ("{action: drop}", ["r0"], {}),
-    ("{action: mask, keep_with_consent: true}", ["r0", "r1", "r2"], {"r1": True, "r2": False}),
-    ("{action: off}", ["r0", "r1", "r2"], {"r1": False, "r2": False}),
-])
+@pytest.mark.parametrize(
+    ("pii", "kept", "masked"),
+    [
+        ("{action: mask}", ["r0", "r1", "r2"], {"r1": True, "r2": True}),
+        ("{action: drop}", ["r0"], {}),
+        ("{action: mask, keep_with_consent: true}", ["r0", "r1", "r2"], {"r1": True, "r2": False}),
+        ("{action: off}", ["r0", "r1", "r2"], {"r1": False, "r2": False}),
+    ],
+)
 def test_pii_action_and_consent(tmp_path, tiny_model, pii, kept, masked):
-    rows = [chat(0), chat(1, "Ring the donor on 13812345678."), chat(2, "Oral history: call me on 13912345678.", consent=True)]
+    rows = [
+        chat(0),
+        chat(1, "Ring the donor on 13812345678."),
+        chat(2, "Oral history: call me on 13912345678.", consent=True),
+    ]
     records = load_records(load_recipe(make_recipe(tmp_path, tiny_model, rows, f"pii: {pii}")).recipe, "d")
     assert [r["id"] for r in records.records] == kept
     for record in records.records:

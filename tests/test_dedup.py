@@ -26,7 +26,13 @@ def verdicts(options: DedupOptions, texts: list[str]) -> list[str | None]:
 
 
 def test_exact_duplicates_ignore_spacing_case_punctuation_and_width():
-    texts = ["《静夜思》是李白的诗。", "《静夜思》 是李白的诗", "静夜思是李白的诗！", "Ｌｉ Ｂａｉ wrote it.", "li bai wrote it"]
+    texts = [
+        "《静夜思》是李白的诗。",
+        "《静夜思》 是李白的诗",
+        "静夜思是李白的诗！",
+        "Ｌｉ Ｂａｉ wrote it.",
+        "li bai wrote it",
+    ]
     assert verdicts(DedupOptions(exact=True), texts) == [None, "exact", "exact", None, "exact"]
 
 
@@ -54,8 +60,17 @@ def test_training_records_that_repeat_an_eval_question_are_dropped(tmp_path, tin
     mc.mkdir(parents=True)
     (mc / "chinese_literature.csv").write_text(
         f",Question,A,B,C,D,Answer\n0,{question},李白,杜甫,白居易,王维,B\n"
-        '1,"《兰亭集序》的作者是谁？\n（单选）",王羲之,颜真卿,柳公权,欧阳询,A\n', encoding="utf-8")
-    answers = ["莫高窟在敦煌。", "兵马俑在西安。", "赵州桥建于隋代。", "故宫旧称紫禁城。", "长城大多修于明代。", "拙政园在苏州。"]
+        '1,"《兰亭集序》的作者是谁？\n（单选）",王羲之,颜真卿,柳公权,欧阳询,A\n',
+        encoding="utf-8",
+    )
+    answers = [
+        "莫高窟在敦煌。",
+        "兵马俑在西安。",
+        "赵州桥建于隋代。",
+        "故宫旧称紫禁城。",
+        "长城大多修于明代。",
+        "拙政园在苏州。",
+    ]
     rows = [chat(i, answer) for i, answer in enumerate(answers)]
     for row, place in zip(rows, ["甘肃", "陕西", "河北", "北京", "北方", "江苏"], strict=True):
         row["messages"][0]["content"] = f"{place}有什么著名古迹？"
@@ -72,7 +87,9 @@ def test_train_set_is_checked_against_the_recipes_eval_dataset(tmp_path, tiny_mo
     train = [chat(i) for i in range(6)]
     held_out = write_jsonl(tmp_path / "eval.jsonl", [chat(3), chat(40)])
     path = make_recipe(tmp_path, tiny_model, train, stage_extra=", eval_dataset: e")
-    path.write_text(path.read_text().replace("stages:", f"  e: {{path: {held_out}, format: chat}}\nstages:"), encoding="utf-8")
+    path.write_text(
+        path.read_text().replace("stages:", f"  e: {{path: {held_out}, format: chat}}\nstages:"), encoding="utf-8"
+    )
     recipe = load_recipe(path).recipe
     assert load_records(recipe, "d").report.duplicates == {"eval: dataset e": 1}
     assert load_records(recipe, "e").report.kept == 2  # an eval set is never filtered against training data

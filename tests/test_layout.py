@@ -11,8 +11,10 @@ from finetune.recipe import OPTIONS, StageOptions
 
 
 def test_the_recipe_schema_imports_no_stage_library_reward_or_torch():
-    code = ("import json, sys; import finetune.recipe; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('finetune', 'reward', 'torch', 'transformers'))))")
+    code = (
+        "import json, sys; import finetune.recipe; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('finetune', 'reward', 'torch', 'transformers'))))"
+    )
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     forbidden = ("finetune.stages", "finetune.data", "finetune.training", "reward", "torch", "transformers")
     assert [m for m in loaded if m.startswith(forbidden)] == []
@@ -21,7 +23,9 @@ def test_the_recipe_schema_imports_no_stage_library_reward_or_torch():
 
 def test_the_cli_imports_no_torch_so_validate_starts_fast():
     code = "import sys; import finetune.cli; print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    )
 
 
 def test_every_stage_kind_has_options_and_a_method_with_the_stage_interface():
@@ -29,7 +33,9 @@ def test_every_stage_kind_has_options_and_a_method_with_the_stage_interface():
     for kind, module in stages.STAGES.items():
         assert issubclass(OPTIONS[kind], StageOptions) and OPTIONS[kind].kind == kind
         for hook in ("run", "check", "machine_problems"):
-            assert callable(getattr(module, hook, None)), f"finetune/stages/{module.__name__.rsplit('.', 1)[-1]}.py lacks {hook}()"
+            assert callable(getattr(module, hook, None)), (
+                f"finetune/stages/{module.__name__.rsplit('.', 1)[-1]}.py lacks {hook}()"
+            )
 
 
 def test_only_stages_that_run_a_speed_plan_have_speed_options():

@@ -29,21 +29,29 @@ def mc_folder(root: Path, answers: str, subjects: int = 2, dev: bool = True) -> 
     rows: dict[int, list[str]] = {s: [] for s in range(subjects)}
     for i, answer in enumerate(answers):
         words = " ".join(rng.choice(["poem", "dynasty", "museum", "bronze", "Tang", "Li Bai"]) for _ in range(5))
-        rows[i % subjects].append(f"{i},Which is right about {words} {i}?,first {i},second {i},third {i},fourth {i},{answer}")
+        rows[i % subjects].append(
+            f"{i},Which is right about {words} {i}?,first {i},second {i},third {i},fourth {i},{answer}"
+        )
     for s, lines in rows.items():
         write_csv(root / "test" / f"subject_{s}.csv", ",Question,A,B,C,D,Answer\n" + "\n".join(lines) + "\n")
         if dev:
-            write_csv(root / "dev" / f"subject_{s}.csv", ",Question,A,B,C,D,Answer\n0,Dev question?,w,x,y,z,B\n1,Another?,w,x,y,z,B\n")
+            write_csv(
+                root / "dev" / f"subject_{s}.csv",
+                ",Question,A,B,C,D,Answer\n0,Dev question?,w,x,y,z,B\n1,Another?,w,x,y,z,B\n",
+            )
     return root
 
 
 def test_quoted_newlines_stay_in_one_field_and_lines_stay_right(tmp_path):
-    path = write_csv(tmp_path / "test" / "s.csv", """\
+    path = write_csv(
+        tmp_path / "test" / "s.csv",
+        """\
         ,Question,A,B,C,D,Answer
         0,"A question
         over two lines?",a,b,c,d,A
         1,Next?,a,b,c,d,E
-        """)
+        """,
+    )
     with pytest.raises(DataError) as err:
         mc.read_questions(path)
     assert f"{path}:4: Answer 'E' is not one of A, B, C, D" in str(err.value)
@@ -54,12 +62,15 @@ def test_quoted_newlines_stay_in_one_field_and_lines_stay_right(tmp_path):
 
 
 def test_malformed_row_is_named_by_file_and_line(tmp_path):
-    write_csv(tmp_path / "mc" / "test" / "history.csv", """\
+    write_csv(
+        tmp_path / "mc" / "test" / "history.csv",
+        """\
         ,Question,A,B,C,D,Answer
         0,Good?,a,b,c,d,A
         1,Too few fields,a,b
         2,Empty choice?,a,,c,d,B
-        """)
+        """,
+    )
     problems = mc.check_folder(tmp_path / "mc")
     path = tmp_path / "mc" / "test" / "history.csv"
     assert problems == [
@@ -134,12 +145,18 @@ def test_batched_scores_equal_one_at_a_time(tiny_model):
     for a, b in zip(batched, single, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
     uncached, _ = lm.choice_logprobs(model, tokenizer, prompts, mc.LETTERS, batch_size=5, share_prefix=False)
-    assert lm._shared_prefix([lm.encode(tokenizer, p) for p in prompts], 1) > lm.MIN_SHARED_PREFIX, "the few-shot prefix was not shared"
+    assert lm._shared_prefix([lm.encode(tokenizer, p) for p in prompts], 1) > lm.MIN_SHARED_PREFIX, (
+        "the few-shot prefix was not shared"
+    )
     for a, b in zip(batched, uncached, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
     multi, _ = lm.choice_logprobs(model, tokenizer, prompts[:3], ("A", "Li Bai", "museum", "D"), batch_size=2)
-    alone = [lm.choice_logprobs(model, tokenizer, [p], ("A", "Li Bai", "museum", "D"), batch_size=1, share_prefix=False)[0][0]
-             for p in prompts[:3]]
+    alone = [
+        lm.choice_logprobs(model, tokenizer, [p], ("A", "Li Bai", "museum", "D"), batch_size=1, share_prefix=False)[0][
+            0
+        ]
+        for p in prompts[:3]
+    ]
     for a, b in zip(multi, alone, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
 
@@ -151,11 +168,15 @@ def test_model_trained_to_answer_b_scores_exactly_the_share_of_b(tmp_path, tiny_
     rng = random.Random(1)
     train = []
     for i in range(48):
-        topic = " ".join(rng.choice(["poem", "dynasty", "museum", "bronze", "Tang", "Li Bai", "Beijing"]) for _ in range(6))
+        topic = " ".join(
+            rng.choice(["poem", "dynasty", "museum", "bronze", "Tang", "Li Bai", "Beijing"]) for _ in range(6)
+        )
         subject = mc.Subject(f"s{i % 3}", [mc.Question(f"About {topic}?", ("w", "x", "y", "z"), "B", "")])
         train.append({"messages": [*mc.messages_for(subject, subject.test[0]), {"role": "assistant", "content": "B"}]})
     data = write_jsonl(tmp_path / "always_b.jsonl", train)
-    recipe = write_csv(tmp_path / "r.yaml", f"""\
+    recipe = write_csv(
+        tmp_path / "r.yaml",
+        f"""\
         name: always-b
         model: {{path: {tiny_model}}}
         lora: {{r: 8, alpha: 16, dropout: 0.0}}
@@ -165,7 +186,8 @@ def test_model_trained_to_answer_b_scores_exactly_the_share_of_b(tmp_path, tiny_
           - sft: {{dataset: b, max_steps: 30, batch_size: 8, learning_rate: 0.05, warmup: 0, lr_scheduler: constant, seq_len: 256, save_steps: 100}}
           - evaluate: {{mc: {folder}, shots: 1, baseline: none}}
         output: {{root: {tmp_path / "runs"}}}
-        """)
+        """,
+    )
     code, out, err = cli("run", recipe, "--run-dir", tmp_path / "runs" / "b")
     assert code == 0, out + err
     evaluation = json.loads((tmp_path / "runs" / "b" / "evaluate" / "evaluation.json").read_text(encoding="utf-8"))
@@ -175,8 +197,18 @@ def test_model_trained_to_answer_b_scores_exactly_the_share_of_b(tmp_path, tiny_
 
     # the same adapter, merged into a plain folder (what export writes), scores the same through `wenmai eval`
     merged = merge_into_folder(tmp_path / "runs" / "b", tmp_path / "merged", tiny_model)
-    code, out, err = cli("eval", merged, "--mc", folder, "--shots", "1", "--compare", f"{tmp_path / 'runs' / 'b'}/sft,base",
-                         "--output", tmp_path / "cmp.json")
+    code, out, err = cli(
+        "eval",
+        merged,
+        "--mc",
+        folder,
+        "--shots",
+        "1",
+        "--compare",
+        f"{tmp_path / 'runs' / 'b'}/sft,base",
+        "--output",
+        tmp_path / "cmp.json",
+    )
     assert code == 0, out + err
     compared = json.loads((tmp_path / "cmp.json").read_text(encoding="utf-8"))["checkpoints"]
     assert [c["label"] for c in compared] == ["merged", "b/sft", "base"]
@@ -197,7 +229,9 @@ def merge_into_folder(run: Path, target: Path, base: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(run / "sft" / "adapter")).merge_and_unload()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), str(run / "sft" / "adapter")
+    ).merge_and_unload()
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(run / "sft" / "tokenizer").save_pretrained(target)
     return target
@@ -224,17 +258,22 @@ def test_validate_reports_bad_rows_before_any_model_loads(tmp_path, chat_file):
     bad = mc_folder(tmp_path / "mc", "AB", subjects=1)
     csv_file = bad / "test" / "subject_0.csv"
     csv_file.write_text(csv_file.read_text(encoding="utf-8") + "9,Broken row,a,b\n", encoding="utf-8")
-    recipe = write_csv(tmp_path / "r.yaml", f"""\
+    recipe = write_csv(
+        tmp_path / "r.yaml",
+        f"""\
         name: v
         model: {{path: {tmp_path / "no-model-needed"}}}
         data:
           d: {{path: {chat_file}, format: chat}}
         stages:
           - evaluate: {{mc: mc, shots: 5}}
-        """)
+        """,
+    )
     with pytest.raises(ConfigError) as err:
         load_recipe(recipe)
     text = str(err.value)
     assert f"stages[0].evaluate.mc: {csv_file}:4: 4 fields, expected at least 7" in text
-    assert f"stages[0].evaluate.mc: {bad / 'dev' / 'subject_0.csv'}: 2 questions, fewer than the 5 shots asked for" in text
+    assert (
+        f"stages[0].evaluate.mc: {bad / 'dev' / 'subject_0.csv'}: 2 questions, fewer than the 5 shots asked for" in text
+    )
     assert f"({recipe}:6)" in text

@@ -17,8 +17,15 @@ from finetune.post_run import extend_run
 from finetune.run_dir import RunDir
 
 QUIET = {"log": lambda _: None}
-STOP_ROWS = [{"messages": [{"role": "user", "content": f"Who wrote poem number {i % 3}?"},
-                           {"role": "assistant", "content": "Li Bai."}]} for i in range(24)]
+STOP_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Who wrote poem number {i % 3}?"},
+            {"role": "assistant", "content": "Li Bai."},
+        ]
+    }
+    for i in range(24)
+]
 
 
 def train(tmp: Path, model: Path, variant: str = "lora", name: str = "run", **sft) -> RunDir:
@@ -26,7 +33,9 @@ def train(tmp: Path, model: Path, variant: str = "lora", name: str = "run", **sf
     data = write_jsonl(tmp / f"{name}.jsonl", STOP_ROWS)
     options = dict(max_steps=6, learning_rate=0.05, warmup=0, lr_scheduler="constant", batch_size=8, save_steps=1000)
     options.update(sft)
-    text = tiny_recipe(model, data, tmp / "runs", **options).replace("dropout: 0.0}", f"dropout: 0.0, variant: {variant}}}")
+    text = tiny_recipe(model, data, tmp / "runs", **options).replace(
+        "dropout: 0.0}", f"dropout: 0.0, variant: {variant}}}"
+    )
     recipe = tmp / f"{name}.yaml"
     recipe.write_text(text, encoding="utf-8")
     return start(load_recipe(recipe), tmp / "runs" / name, **QUIET)
@@ -70,6 +79,7 @@ def copy_run(run_dir: RunDir, target: Path) -> RunDir:
 
 
 # --- merge --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "rslora"])
 def test_merged_logits_match_the_adapter_for_each_lora_variant(tmp_path, wide_model, variant):
@@ -148,6 +158,7 @@ def test_merge_states_its_memory_and_refuses_when_it_will_not_fit(tmp_path, wide
 
 # --- export -------------------------------------------------------------------------------------
 
+
 def test_export_loads_with_plain_transformers_and_stops_at_eos(exported):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,10 +169,14 @@ def test_export_loads_with_plain_transformers_and_stops_at_eos(exported):
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert tokenizer.chat_template == contract["chat_template"]
     assert model.generation_config.eos_token_id in (contract["stop_token_ids"], *contract["stop_token_ids"])
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Who wrote poem number 1?"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Who wrote poem number 1?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:].tolist()
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :].tolist()
     assert out[-1] in contract["stop_token_ids"] and len(out) < 20, tokenizer.decode(out)
     assert tokenizer.decode(out, skip_special_tokens=True).strip() == "Li Bai."
 
@@ -198,17 +213,22 @@ def test_model_card_has_label_provenance_stages_and_data(exported):
 def test_model_card_summarises_the_data_card_of_the_training_stage(exported):
     folder = exported.output("export", "model")
     card = (folder / "README.md").read_text()
-    assert (folder / "data_cards" / "sft-data_card.json").is_file() and (folder / "data_cards" / "sft-data_card.md").is_file()
-    assert "Data card of stage `sft`: [sft-data_card.json](data_cards/sft-data_card.json), " \
-           "[sft-data_card.md](data_cards/sft-data_card.md)" in card
+    assert (folder / "data_cards" / "sft-data_card.json").is_file() and (
+        folder / "data_cards" / "sft-data_card.md"
+    ).is_file()
+    assert (
+        "Data card of stage `sft`: [sft-data_card.json](data_cards/sft-data_card.json), "
+        "[sft-data_card.md](data_cards/sft-data_card.md)" in card
+    )
     assert "`d`: 24 records kept of 24; licences" in card and "sensitivity public ×24" in card
     assert "data policy: intended use research" in card
 
 
 def test_model_card_lists_licence_and_rights_from_any_data_card_json(tmp_path, exported):
     run_dir = copy_run(exported, tmp_path / "copy")
-    (run_dir.root / "sft" / "data_card.json").write_text(json.dumps(
-        {"datasets": {"d": {"records": 24, "licence": "CC-BY-4.0", "rights": {"holder": "Palace Museum"}}}}))
+    (run_dir.root / "sft" / "data_card.json").write_text(
+        json.dumps({"datasets": {"d": {"records": 24, "licence": "CC-BY-4.0", "rights": {"holder": "Palace Museum"}}}})
+    )
     extend_run(run_dir.root, [("export", {"formats": ["hf"]})], **QUIET)
     card = (run_dir.output("export", "model") / "README.md").read_text()
     assert "datasets.d.licence: CC-BY-4.0" in card and "holder=Palace Museum" in card
@@ -237,8 +257,11 @@ def test_export_refused_by_the_gate_writes_no_folder(tmp_path, exported):
     shutil.rmtree(run_dir.root / "export")
     tight = {"max_abs_logit_diff": 1e-9, "mean_kl": 1e-12, "min_greedy_agreement": 1.0}
     with pytest.raises(WenmaiError, match="export refused") as err:
-        extend_run(run_dir.root, [("export", {"formats": ["hf", "gguf"], "gguf_types": ["q8_0"], "tolerances": {"q8_0": tight}})],
-                   **QUIET)
+        extend_run(
+            run_dir.root,
+            [("export", {"formats": ["hf", "gguf"], "gguf_types": ["q8_0"], "tolerances": {"q8_0": tight}})],
+            **QUIET,
+        )
     assert "GGUF Q8_0" in str(err.value) and "FAILED" in str(err.value)
     assert not (run_dir.root / "export" / "model").exists()
     assert json.loads((run_dir.root / "export" / "parity.json").read_text())["passed"] is False
@@ -248,7 +271,9 @@ def test_large_exports_are_sharded_and_still_load_and_convert(tmp_path, exported
     run_dir = copy_run(exported, tmp_path / "copy")
     extend_run(run_dir.root, [("export", {"max_shard_size": "40KB", "gguf_types": ["f32"]})], **QUIET)
     folder = run_dir.output("export", "model")
-    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").is_file()
+    assert (
+        len(list(folder.glob("model-*-of-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").is_file()
+    )
     report = json.loads((folder / "parity.json").read_text())
     assert report["passed"] and report["comparisons"]["GGUF F32"]["max_abs_logit_diff"] < 1e-5
 
@@ -289,8 +314,18 @@ def test_gguf_writer_round_trips_llama_qwen2_and_qwen3_exactly(tmp_path):
         folder = tmp_path / arch
         if arch != "llama":
             shape = AutoConfig.from_pretrained(base).to_dict()
-            keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "eos_token_id", "pad_token_id")
+            keep = (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "max_position_embeddings",
+                "tie_word_embeddings",
+                "eos_token_id",
+                "pad_token_id",
+            )
             # transformers reads no head_dim from a qwen3 GGUF and assumes Qwen3's 128 (every real Qwen3 has it)
             head_dim = {"qwen2": 8, "qwen3": 128}[arch]
             config = AutoConfig.for_model(arch, **{k: shape[k] for k in keep}, head_dim=head_dim, initializer_range=0.5)
@@ -312,6 +347,7 @@ def test_gguf_refuses_an_architecture_it_cannot_write():
 
 
 # --- commands and bad input --------------------------------------------------------------------
+
 
 def test_chat_answers_with_the_training_template_and_labels_when_asked(exported, cli):
     import hashlib
@@ -338,8 +374,11 @@ def test_export_command_merges_first_and_reports(tmp_path, wide_model, cli):
     code, out, err = cli("export", run_dir.root, "--format", "hf")
     assert code == 0, err
     assert run_dir.status("merge").state == "done" and run_dir.status("export").state == "done"
-    assert "exported:" in out and [s["name"] for s in json.loads(run_dir.lineage_path.read_text())["stages"]] == \
-        ["sft", "merge", "export"]
+    assert "exported:" in out and [s["name"] for s in json.loads(run_dir.lineage_path.read_text())["stages"]] == [
+        "sft",
+        "merge",
+        "export",
+    ]
     code, out, err = cli("export", run_dir.root, "--format", "hf")
     assert code == 0 and "done already" in err
 
@@ -394,8 +433,11 @@ def test_validate_names_the_missing_gguf_package(monkeypatch):
     recipe = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
     with pytest.raises(ConfigError) as err:
         load_recipe(recipe)
-    assert re.search(r"stages\[\d\]\.export\.formats: gguf needs the gguf package: pip install 'wenmai\[gguf\]'.*"
-                     r"smoke\.yaml:\d+", str(err.value))
+    assert re.search(
+        r"stages\[\d\]\.export\.formats: gguf needs the gguf package: pip install 'wenmai\[gguf\]'.*"
+        r"smoke\.yaml:\d+",
+        str(err.value),
+    )
     load_recipe(recipe, ["stages.export.gguf_required=false"])  # optional GGUF: valid without the package
 
 
@@ -419,9 +461,23 @@ def test_quickstart_merges_and_exports_smollm2_within_tolerance(tmp_path):
     root = Path(__file__).resolve().parent.parent
     run = tmp_path / "qs"
     result = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "run", "recipes/quickstart.yaml", "--run-dir", str(run),
-         "--set", "stages.sft.max_steps=3", "--set", "stages.sft.eval_fraction=0"],
-        capture_output=True, text=True, timeout=1800, cwd=root,
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "run",
+            "recipes/quickstart.yaml",
+            "--run-dir",
+            str(run),
+            "--set",
+            "stages.sft.max_steps=3",
+            "--set",
+            "stages.sft.eval_fraction=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=root,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     merge = json.loads((run / "merge" / "parity.json").read_text())["comparisons"]
@@ -430,7 +486,23 @@ def test_quickstart_merges_and_exports_smollm2_within_tolerance(tmp_path):
     assert export["HF export"]["max_abs_logit_diff"] < 1e-4
     assert export["GGUF F16"]["max_abs_logit_diff"] < 0.5 and export["GGUF F16"]["tokenizer_agreement"] == 1.0
     assert export["GGUF Q8_0"]["passed"]
-    chat = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", str(run), "--prompt", "故宫在哪里？",
-                           "--max-new-tokens", "48", "--label"], capture_output=True, text=True, timeout=600, cwd=root)
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "chat",
+            str(run),
+            "--prompt",
+            "故宫在哪里？",
+            "--max-new-tokens",
+            "48",
+            "--label",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert json.loads(chat.stdout.strip().splitlines()[-1])["metadata"]["AIGC"]["Label"] == "1"

@@ -37,10 +37,32 @@ def launch_two(tmp_path: Path, recipe_text: str, name: str) -> tuple[subprocess.
     audit.mkdir()
     shutil.copy(Path(__file__).parent / "rank_audit.py", audit / "sitecustomize.py")
     run_dir = tmp_path / "runs" / name
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(audit), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "WENMAI_AUDIT_ROOT": str(run_dir), "WENMAI_AUDIT_LOG": str(audit / "log"), "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run([sys.executable, "-m", "finetune.cli", "launch", str(recipe), "--gpus", "2", "--cpu",
-                             "--run-dir", str(run_dir)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(audit), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "WENMAI_AUDIT_ROOT": str(run_dir),
+        "WENMAI_AUDIT_LOG": str(audit / "log"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "launch",
+            str(recipe),
+            "--gpus",
+            "2",
+            "--cpu",
+            "--run-dir",
+            str(run_dir),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     return result, RunDir.open(run_dir), audit / "log"
 
@@ -76,8 +98,10 @@ def assert_same(a: dict, b: dict, atol: float) -> None:
 
 
 def test_two_process_ddp_run_matches_one_process_and_only_rank0_writes(tmp_path, tiny_model, uneven_data):
-    text = (tiny_recipe(tiny_model, uneven_data, tmp_path / "runs", batch_size=2, gradient_checkpointing=True, **SGD)
-            + "distributed: {strategy: ddp}\n")  # checkpointing: DDP + reentrant checkpointing on a PeftModel
+    text = (
+        tiny_recipe(tiny_model, uneven_data, tmp_path / "runs", batch_size=2, gradient_checkpointing=True, **SGD)
+        + "distributed: {strategy: ddp}\n"
+    )  # checkpointing: DDP + reentrant checkpointing on a PeftModel
     result, run_dir, log = launch_two(tmp_path, text, "ddp")
 
     assert result.stdout.count("run finished:") == 1 and result.stderr.count("run folder:") == 1  # quiet rank 1
@@ -107,8 +131,12 @@ def test_two_process_zero3_run_saves_a_gathered_adapter_that_loads_without_deeps
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    text = (tiny_recipe(tiny_model, uneven_data, tmp_path / "runs", batch_size=2, max_steps=2, learning_rate=0.01, save_steps=1)
-            + "distributed: {strategy: deepspeed, zero_stage: 3}\n")
+    text = (
+        tiny_recipe(
+            tiny_model, uneven_data, tmp_path / "runs", batch_size=2, max_steps=2, learning_rate=0.01, save_steps=1
+        )
+        + "distributed: {strategy: deepspeed, zero_stage: 3}\n"
+    )
     _, run_dir, log = launch_two(tmp_path, text, "zero3")
 
     assert run_dir.status("sft").state == "done"
@@ -122,7 +150,9 @@ def test_two_process_zero3_run_saves_a_gathered_adapter_that_loads_without_deeps
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.tensor([[5, 6, 7, 8]])
     before = base(ids).logits
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run_dir.output("sft", "adapter")))
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), str(run_dir.output("sft", "adapter"))
+    )
     assert not torch.allclose(tuned(ids).logits, before, atol=1e-5)
 
 
@@ -132,9 +162,26 @@ def test_qlora_zero3_benchmark_harness_runs_on_cpu(tmp_path):
 
     pytest.importorskip("deepspeed")  # the zero3 configuration needs it; it is in the `gpu` extra, not in CI
 
-    result = subprocess.run([sys.executable, "scripts/bench/qlora_zero3.py", "--shape", "tiny", "--quantization", "none",
-                             "--steps", "1", "--seq-len", "64", "--workdir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "scripts/bench/qlora_zero3.py",
+            "--shape",
+            "tiny",
+            "--quantization",
+            "none",
+            "--steps",
+            "1",
+            "--seq-len",
+            "64",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["config"] for r in rows] == ["plain", "zero3"]

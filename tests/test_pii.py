@@ -25,22 +25,25 @@ CARD = with_luhn("622202001234567890")  # UnionPay, 19 digits
 VISA = with_luhn("411111111111111")
 
 
-@pytest.mark.parametrize(("text", "kind", "placeholder"), [
-    (f"我的身份证号码是{ID}，请核对。", "id_card", "<ID_CARD>"),
-    (f"Resident ID {ID2} was on the donor form.", "id_card", "<ID_CARD>"),
-    ("捐赠人手机13812345678，周末可联系。", "mobile", "<PHONE>"),
-    ("Call the donor on +86 139 1234 5678 after 6 pm.", "mobile", "<PHONE>"),
-    ("馆办电话：010-65131892，工作日开放。", "landline", "<PHONE>"),
-    ("The archive desk is on (0571) 8765 4321.", "landline", "<PHONE>"),
-    ("来信请寄zhang.wei@museum.org.cn，谢谢。", "email", "<EMAIL>"),
-    ("Write to curator_li@example.com for access.", "email", "<EMAIL>"),
-    (f"退款转入银行卡{CARD}。", "bank_card", "<BANK_CARD>"),
-    (f"Card {VISA[:4]} {VISA[4:8]} {VISA[8:12]} {VISA[12:]} was charged.", "bank_card", "<BANK_CARD>"),
-    ("护照号码：E12345678，有效期十年。", "passport", "<PASSPORT>"),
-    ("Passport No. K1234567 (issued abroad).", "passport", "<PASSPORT>"),
-    ("访问日志里的地址是192.168.10.25。", "ip", "<IP>"),
-    ("The scanner at 2001:db8:85a3::8a2e:370:7334 uploaded it.", "ip", "<IP>"),
-])
+@pytest.mark.parametrize(
+    ("text", "kind", "placeholder"),
+    [
+        (f"我的身份证号码是{ID}，请核对。", "id_card", "<ID_CARD>"),
+        (f"Resident ID {ID2} was on the donor form.", "id_card", "<ID_CARD>"),
+        ("捐赠人手机13812345678，周末可联系。", "mobile", "<PHONE>"),
+        ("Call the donor on +86 139 1234 5678 after 6 pm.", "mobile", "<PHONE>"),
+        ("馆办电话：010-65131892，工作日开放。", "landline", "<PHONE>"),
+        ("The archive desk is on (0571) 8765 4321.", "landline", "<PHONE>"),
+        ("来信请寄zhang.wei@museum.org.cn，谢谢。", "email", "<EMAIL>"),
+        ("Write to curator_li@example.com for access.", "email", "<EMAIL>"),
+        (f"退款转入银行卡{CARD}。", "bank_card", "<BANK_CARD>"),
+        (f"Card {VISA[:4]} {VISA[4:8]} {VISA[8:12]} {VISA[12:]} was charged.", "bank_card", "<BANK_CARD>"),
+        ("护照号码：E12345678，有效期十年。", "passport", "<PASSPORT>"),
+        ("Passport No. K1234567 (issued abroad).", "passport", "<PASSPORT>"),
+        ("访问日志里的地址是192.168.10.25。", "ip", "<IP>"),
+        ("The scanner at 2001:db8:85a3::8a2e:370:7334 uploaded it.", "ip", "<IP>"),
+    ],
+)
 def test_each_pii_type_is_masked_in_chinese_and_english(text, kind, placeholder):
     scrubbed, counts = ALL.scrub(text)
     assert counts == {kind: 1}, (scrubbed, counts)
@@ -48,19 +51,22 @@ def test_each_pii_type_is_masked_in_chinese_and_english(text, kind, placeholder)
     assert not any(ch.isdigit() for ch in scrubbed.replace("<", "").split(placeholder)[0][-3:])  # nothing left of it
 
 
-@pytest.mark.parametrize("text", [
-    f"编号{ID[:17]}{'0' if ID[17] != '0' else '1'}不是身份证：校验位不对。",  # 18 digits, bad check digit
-    "Object 110105194913310021 has an impossible birth date (month 13).",
-    "明朝（1368-1644）共历十六帝，清朝1644—1911年。",
-    "The Ming dynasty (1368-1644) and the Qing (1644–1911).",
-    "故宫 00012345 号藏品，另见故宫00012345。",
-    "Accession number Inv. 2019.123.4, formerly 1949.10.1.2; catalogue no. 2019-123456.",
-    "ISBN 978-7-101-00306-6, 定价 68.00 元，印数 1-3000 册。",
-    "坐标 39.9163, 116.3972；会议于 2023-10-01 10:30:00 举行。",
-    "Bronze vessel, 60 x 45 cm, c. 1200 BCE; see plate 12:34 and version 2.1.3.",
-    "电话区号一览表收录了 368 个区号。李白（701—762）。",
-    "Ticket 1234 5678 9012 3456 is a raffle number, not a card (fails Luhn).",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"编号{ID[:17]}{'0' if ID[17] != '0' else '1'}不是身份证：校验位不对。",  # 18 digits, bad check digit
+        "Object 110105194913310021 has an impossible birth date (month 13).",
+        "明朝（1368-1644）共历十六帝，清朝1644—1911年。",
+        "The Ming dynasty (1368-1644) and the Qing (1644–1911).",
+        "故宫 00012345 号藏品，另见故宫00012345。",
+        "Accession number Inv. 2019.123.4, formerly 1949.10.1.2; catalogue no. 2019-123456.",
+        "ISBN 978-7-101-00306-6, 定价 68.00 元，印数 1-3000 册。",
+        "坐标 39.9163, 116.3972；会议于 2023-10-01 10:30:00 举行。",
+        "Bronze vessel, 60 x 45 cm, c. 1200 BCE; see plate 12:34 and version 2.1.3.",
+        "电话区号一览表收录了 368 个区号。李白（701—762）。",
+        "Ticket 1234 5678 9012 3456 is a raffle number, not a card (fails Luhn).",
+    ],
+)
 def test_look_alikes_are_not_masked(text):
     scrubbed, counts = ALL.scrub(text)
     assert not counts, counts
@@ -96,7 +102,9 @@ def test_missing_name_list_is_named(tmp_path):
 
 
 def test_full_width_digits_are_found_and_masked_in_place():
-    scrubbed, counts = ALL.scrub("电话：１３８１２３４５６７８，身份证" + ID.translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789X"}))
+    scrubbed, counts = ALL.scrub(
+        "电话：１３８１２３４５６７８，身份证" + ID.translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789X"})
+    )
     assert scrubbed == "电话：<PHONE>，身份证<ID_CARD>" and counts == {"mobile": 1, "id_card": 1}
 
 
@@ -108,6 +116,8 @@ def test_no_personal_data_is_found_in_the_shipped_sample_data():
     for path in (Path(__file__).resolve().parent.parent / "recipes" / "data").glob("*.jsonl"):
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
-            texts += [m["content"] for m in record.get("messages", [])] + [record.get(k, "") for k in ("instruction", "input", "output")]
+            texts += [m["content"] for m in record.get("messages", [])] + [
+                record.get(k, "") for k in ("instruction", "input", "output")
+            ]
     assert len(texts) > 1000
     assert [t for t in texts if ALL.find(t)] == []  # 330+ years, dates, dimensions and inscription years, none masked

@@ -23,14 +23,21 @@ def pair_rows(n: int = 48, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         words = [rng.choice(WORDS) for _ in range(3)]
-        rows.append({"prompt": f"Tell me about item {i}.", "chosen": " ".join([*words, "ZZZ"]),
-                     "rejected": " ".join([*words, "QQQ"])})
+        rows.append(
+            {
+                "prompt": f"Tell me about item {i}.",
+                "chosen": " ".join([*words, "ZZZ"]),
+                "rejected": " ".join([*words, "QQQ"]),
+            }
+        )
     return rows
 
 
 def chat_rows(pairs: list[dict]) -> list[dict]:
-    return [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"][:-4]}]}
-            for p in pairs]
+    return [
+        {"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"][:-4]}]}
+        for p in pairs
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,7 @@ def recipe_text(model: Path, work: Path, stages: str, extra: str = "") -> str:
         data:
           chat: {{path: {chat_file}, format: chat}}
           pairs: {{path: {pairs_file}, format: pairs}}
-        output: {{root: {work / 'runs'}}}
+        output: {{root: {work / "runs"}}}
         stages:
         """)
     return head + textwrap.indent(textwrap.dedent(stages), "  ") + extra
@@ -91,7 +98,9 @@ def test_dpo_logs_reward_margins_and_accuracy_held_out(chain):
     assert summary["eval_reward_margin"] > 0 and summary["eval_reward_accuracy"] > 0.9, summary
     assert summary["train_data"]["pairs"] == {"total": 48} and summary["eval_examples"] == 12
     assert summary["left_out_prompt_fills_seq_len"] == 0
-    assert summary["loss_type"] == ["sigmoid"] and summary["precompute_ref_log_probs"] is True  # 12 steps x 8 cover 36 pairs
+    assert (
+        summary["loss_type"] == ["sigmoid"] and summary["precompute_ref_log_probs"] is True
+    )  # 12 steps x 8 cover 36 pairs
     rows = read_metrics(chain.metrics_path("dpo"))
     assert any("rewards/margins" in r and "rewards/accuracies" in r for r in rows)
     assert any("eval_rewards/margins" in r for r in rows)
@@ -112,12 +121,18 @@ def test_lineage_records_the_adapter_and_reward_model_each_stage_used(chain):
 
     stages = {s["name"]: s for s in json.loads(chain.lineage_path.read_text())["stages"]}
     assert stages["dpo"]["inputs"] == {"policy": "sft"}
-    assert stages["dpo"]["used"]["policy"] == {"stage": "sft", "adapter": "sft/adapter",
-                                               "sha256": adapter_digest(chain.output("sft", "adapter"))}
+    assert stages["dpo"]["used"]["policy"] == {
+        "stage": "sft",
+        "adapter": "sft/adapter",
+        "sha256": adapter_digest(chain.output("sft", "adapter")),
+    }
     assert stages["rlhf"]["inputs"] == {"policy": "dpo", "reward_model": "reward"}
     assert stages["rlhf"]["used"]["policy"]["sha256"] == adapter_digest(chain.output("dpo", "adapter"))
-    assert stages["rlhf"]["used"]["reward_model"] == {"stage": "reward", "reward_model": "reward/reward_model",
-                                                      "dimensions": ["accuracy", "safety"]}
+    assert stages["rlhf"]["used"]["reward_model"] == {
+        "stage": "reward",
+        "reward_model": "reward/reward_model",
+        "dimensions": ["accuracy", "safety"],
+    }
 
 
 def test_each_policy_stage_saves_one_complete_adapter_that_merge_folds(chain, cli):
@@ -130,6 +145,7 @@ def test_each_policy_stage_saves_one_complete_adapter_that_merge_folds(chain, cl
 
 
 # --- the reference --------------------------------------------------------------------------
+
 
 def test_reference_is_the_frozen_sft_adapter(model_dir, tmp_path, monkeypatch):
     """Reference log-probs equal the SFT adapter's (not the base's) before training and stay unchanged after it."""
@@ -153,7 +169,10 @@ def test_reference_is_the_frozen_sft_adapter(model_dir, tmp_path, monkeypatch):
             return result
 
     monkeypatch.setattr(preference, "trl_classes", lambda method: (DPOConfig, Recording))
-    stages = SFT + "- dpo: {dataset: pairs, max_steps: 6, batch_size: 8, learning_rate: 0.01, seq_len: 64, eval_fraction: 0}\n"
+    stages = (
+        SFT
+        + "- dpo: {dataset: pairs, max_steps: 6, batch_size: 8, learning_rate: 0.01, seq_len: 64, eval_fraction: 0}\n"
+    )
     run_dir = run(tmp_path, recipe_text(model_dir, tmp_path, stages))
     sft = completion_logps(load_adapted(model_dir, run_dir.output("sft", "adapter")), seen["batch"])
 
@@ -176,8 +195,10 @@ def test_loss_type_and_fast_path_reach_trl(model_dir, tmp_path, monkeypatch):
             return super().train(*args, **kwargs)
 
     monkeypatch.setattr(preference, "trl_classes", lambda method: (DPOConfig, Recording))
-    stages = ("- dpo: {dataset: pairs, policy: base, loss_type: [ipo, sft], loss_weights: [1.0, 0.5], beta: 0.3, "
-              "precompute_ref_log_probs: true, max_steps: 2, batch_size: 4, seq_len: 64, eval_fraction: 0}\n")
+    stages = (
+        "- dpo: {dataset: pairs, policy: base, loss_type: [ipo, sft], loss_weights: [1.0, 0.5], beta: 0.3, "
+        "precompute_ref_log_probs: true, max_steps: 2, batch_size: 4, seq_len: 64, eval_fraction: 0}\n"
+    )
     run_dir = run(tmp_path, recipe_text(model_dir, tmp_path, stages))
     trainer = seen["trainer"]
     assert trainer.args.loss_type == ["ipo", "sft"] and trainer.loss_types == ["ipo", "sft"]
@@ -207,14 +228,18 @@ def test_an_interrupted_dpo_stage_resumes_from_its_checkpoint_to_the_same_adapte
     from finetune.pipeline import resume
     from finetune.run_dir import StageStatus, utc_now
 
-    stages = SFT + ("- dpo: {dataset: pairs, max_steps: 4, batch_size: 4, learning_rate: 0.01, warmup: 0, seq_len: 64, "
-                    "eval_fraction: 0, save_steps: 2, logging_steps: 1}\n")
+    stages = SFT + (
+        "- dpo: {dataset: pairs, max_steps: 4, batch_size: 4, learning_rate: 0.01, warmup: 0, seq_len: 64, "
+        "eval_fraction: 0, save_steps: 2, logging_steps: 1}\n"
+    )
     whole = run(tmp_path, recipe_text(model_dir, tmp_path, stages), name="whole")
     cut = tmp_path / "runs" / "cut"
     shutil.copytree(whole.root, cut)
     folder = RunDir.open(cut)
     shutil.rmtree(cut / "dpo" / "checkpoints" / "checkpoint-4")
-    folder.write_status(StageStatus(name="dpo", kind="dpo", state="running", started=utc_now(), inputs={"policy": "sft"}))
+    folder.write_status(
+        StageStatus(name="dpo", kind="dpo", state="running", started=utc_now(), inputs={"policy": "sft"})
+    )
     logged: list[str] = []
     resumed = resume(cut, log=logged.append)
     assert "[2/2] dpo: resuming from checkpoint-2" in logged
@@ -226,12 +251,19 @@ def test_an_interrupted_dpo_stage_resumes_from_its_checkpoint_to_the_same_adapte
 
 # --- data ------------------------------------------------------------------------------------
 
+
 def test_kto_labels_from_tiers_leave_the_middle_tier_out():
     from finetune.data.pairs import tiers_to_pairs
     from finetune.stages.preference import unpaired_rows
 
-    record = {"prompt": "Describe the bronze ding.", "responses": [
-        {"response": "good", "tier": "good"}, {"response": "fine", "tier": "acceptable"}, {"response": "bad", "tier": "harmful"}]}
+    record = {
+        "prompt": "Describe the bronze ding.",
+        "responses": [
+            {"response": "good", "tier": "good"},
+            {"response": "fine", "tier": "acceptable"},
+            {"response": "bad", "tier": "harmful"},
+        ],
+    }
     rows, counts = unpaired_rows(tiers_to_pairs([record], ["good", "acceptable", "harmful"]), seed=0)
     labels = {r["completion"][0]["content"]: r["label"] for r in rows}
     assert labels == {"good": True, "bad": False} and counts == {"desirable": 1, "undesirable": 1, "mixed_left_out": 1}
@@ -244,8 +276,11 @@ def test_kto_refuses_data_with_only_one_label():
 
     prompt = [{"role": "user", "content": "q"}]
     pairs = [PreferencePair(prompt=prompt, chosen=a, rejected=b) for a, b in (("a", "b"), ("b", "c"), ("c", "b"))]
-    with pytest.raises(DataError, match="KTO needs desirable and undesirable answers; the data gives 1 desirable and 0 "
-                                        r"undesirable \(2 mixed, left out\)"):
+    with pytest.raises(
+        DataError,
+        match="KTO needs desirable and undesirable answers; the data gives 1 desirable and 0 "
+        r"undesirable \(2 mixed, left out\)",
+    ):
         unpaired_rows(pairs, seed=0)
 
 
@@ -254,20 +289,26 @@ def test_ratings_become_pairs_on_the_weighted_total_and_contradictions_drop():
     from finetune.recipe import RewardDimension
 
     dims = [RewardDimension(name="accuracy"), RewardDimension(name="safety", weight=3)]
-    records = [{"prompt": "q", "response": "a", "scores": {"accuracy": 5, "safety": 1}},
-               {"prompt": "q", "response": "b", "scores": {"accuracy": 1, "safety": 3}}]
+    records = [
+        {"prompt": "q", "response": "a", "scores": {"accuracy": 5, "safety": 1}},
+        {"prompt": "q", "response": "b", "scores": {"accuracy": 1, "safety": 3}},
+    ]
     [pair] = ratings_to_pairs(records, dims, on="total")
     assert (pair.chosen, pair.rejected, pair.dimension) == ("b", "a", None)  # 2.5 beats 2.0 on the weighted total
     prompt = [{"role": "user", "content": "q"}]
-    both = [PreferencePair(prompt=prompt, chosen="a", rejected="b", dimension="accuracy"),
-            PreferencePair(prompt=prompt, chosen="b", rejected="a", dimension="safety"),
-            PreferencePair(prompt=prompt, chosen="a", rejected="c"), PreferencePair(prompt=prompt, chosen="a", rejected="c")]
+    both = [
+        PreferencePair(prompt=prompt, chosen="a", rejected="b", dimension="accuracy"),
+        PreferencePair(prompt=prompt, chosen="b", rejected="a", dimension="safety"),
+        PreferencePair(prompt=prompt, chosen="a", rejected="c"),
+        PreferencePair(prompt=prompt, chosen="a", rejected="c"),
+    ]
     kept, counts = deduplicate(both)
     assert [(p.chosen, p.rejected) for p in kept] == [("a", "c")]
     assert counts == {"duplicate_pairs": 1, "contradictory_pairs": 2}
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
 
 def load_adapted(model_dir: Path, adapter: Path):
     from peft import PeftModel
@@ -304,12 +345,16 @@ def margins(model_dir: Path, adapter: Path, pairs: list[dict]) -> list[float]:
     for p in pairs:
         prompt = [{"role": "user", "content": p["prompt"]}]
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        ids = {k: tokenizer.apply_chat_template([*prompt, {"role": "assistant", "content": p[k]}], tokenize=True,
-                                                return_dict=False)[len(prompt_ids):] for k in ("chosen", "rejected")}
+        ids = {
+            k: tokenizer.apply_chat_template(
+                [*prompt, {"role": "assistant", "content": p[k]}], tokenize=True, return_dict=False
+            )[len(prompt_ids) :]
+            for k in ("chosen", "rejected")
+        }
         examples.append({"prompt_ids": prompt_ids, "chosen_ids": ids["chosen"], "rejected_ids": ids["rejected"]})
     batch = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(examples)
     logps = completion_logps(load_adapted(model_dir, adapter), batch)
-    return [c - r for c, r in zip(logps[: len(pairs)], logps[len(pairs):], strict=True)]
+    return [c - r for c, r in zip(logps[: len(pairs)], logps[len(pairs) :], strict=True)]
 
 
 def close(a: list[float], b: list[float], tolerance: float = 1e-3) -> bool:

@@ -11,7 +11,9 @@ from tiny_models import write_jsonl
 from finetune.errors import ConfigError
 from finetune.pipeline import load_recipe
 
-PAIRS = [{"prompt": f"Question {i}?", "chosen": f"A good answer {i}.", "rejected": f"A bad answer {i}."} for i in range(8)]
+PAIRS = [
+    {"prompt": f"Question {i}?", "chosen": f"A good answer {i}.", "rejected": f"A bad answer {i}."} for i in range(8)
+]
 REWARD = "reward:\n  dimensions:\n    - {name: accuracy}\n    - {name: safety, weight: 2}\n"
 
 
@@ -42,7 +44,9 @@ def problems_of(path: Path) -> list[str]:
 
 def test_dpo_without_an_earlier_adapter_names_policy_and_base(recipe_with):
     [problem] = problems_of(recipe_with("- dpo: {dataset: p}\n"))
-    assert problem.startswith("stages[0].dpo.policy: needs an earlier stage that produces an adapter, and there is none")
+    assert problem.startswith(
+        "stages[0].dpo.policy: needs an earlier stage that produces an adapter, and there is none"
+    )
     assert "set `policy: base`" in problem
 
 
@@ -64,7 +68,9 @@ def test_unknown_loss_type_is_checked_against_installed_trl_with_a_suggestion(re
 
 
 def test_loss_weights_must_match_the_losses(recipe_with):
-    [problem] = problems_of(recipe_with("- sft: {dataset: c}\n- dpo: {dataset: p, loss_type: [sigmoid, sft], loss_weights: [1]}\n"))
+    [problem] = problems_of(
+        recipe_with("- sft: {dataset: c}\n- dpo: {dataset: p, loss_type: [sigmoid, sft], loss_weights: [1]}\n")
+    )
     assert problem.startswith("stages[1].dpo.loss_weights: 1 weights for 2 losses in loss_type")
 
 
@@ -75,7 +81,9 @@ def test_exo_pair_needs_label_smoothing(recipe_with):
 
 def test_dpo_reads_preference_data_only(recipe_with):
     [problem] = problems_of(recipe_with("- sft: {dataset: c}\n- dpo: {dataset: c}\n"))
-    assert problem.startswith("stages[1].dpo.dataset: dataset 'c' has format 'chat'; a dpo stage reads pairs or ratings or tiers")
+    assert problem.startswith(
+        "stages[1].dpo.dataset: dataset 'c' has format 'chat'; a dpo stage reads pairs or ratings or tiers"
+    )
 
 
 def test_pairs_on_an_unknown_dimension_is_named(recipe_with):
@@ -111,10 +119,16 @@ def test_rlhf_weights_naming_an_undeclared_dimension(recipe_with):
 
 
 def test_rlhf_groups_must_fill_the_batch(recipe_with):
-    [problem] = problems_of(recipe_with("- sft: {dataset: c}\n- rlhf: {dataset: c, reward_model: none, batch_size: 6, "
-                                        "num_generations: 4, rules: {length: {max_chars: 100}}}\n"))
-    assert problem.startswith("stages[1].rlhf.num_generations: batch_size x gradient_accumulation = 6 answers per step "
-                              "is not a multiple of num_generations (4)")
+    [problem] = problems_of(
+        recipe_with(
+            "- sft: {dataset: c}\n- rlhf: {dataset: c, reward_model: none, batch_size: 6, "
+            "num_generations: 4, rules: {length: {max_chars: 100}}}\n"
+        )
+    )
+    assert problem.startswith(
+        "stages[1].rlhf.num_generations: batch_size x gradient_accumulation = 6 answers per step "
+        "is not a multiple of num_generations (4)"
+    )
 
 
 def test_rlhf_global_batch_must_hold_whole_groups(recipe_with):
@@ -124,7 +138,9 @@ def test_rlhf_global_batch_must_hold_whole_groups(recipe_with):
 
 
 def test_rlhf_banned_terms_file_must_exist(recipe_with):
-    stages = "- sft: {dataset: c}\n- rlhf: {dataset: c, reward_model: none, rules: {banned_terms: {path: nowhere.txt}}}\n"
+    stages = (
+        "- sft: {dataset: c}\n- rlhf: {dataset: c, reward_model: none, rules: {banned_terms: {path: nowhere.txt}}}\n"
+    )
     [problem] = problems_of(recipe_with(stages))
     assert problem.startswith("stages[1].rlhf.rules.banned_terms.path: cannot read") and "nowhere.txt" in problem
 
@@ -153,7 +169,9 @@ def test_liger_on_a_machine_without_it_is_a_preflight_problem(recipe_with):
 def test_loss_names_read_from_trl_source_match_the_imported_config():
     from finetune.checks.trl_choices import _choices, _metadata_from_import, loss_types
 
-    assert loss_types("dpo") == list(_choices(_metadata_from_import("trl.trainer.dpo_config", "DPOConfig", "loss_type")))
+    assert loss_types("dpo") == list(
+        _choices(_metadata_from_import("trl.trainer.dpo_config", "DPOConfig", "loss_type"))
+    )
     assert {"sigmoid", "ipo", "hinge", "robust"} <= set(loss_types("dpo"))
     assert loss_types("kto") == ["kto", "apo_zero_unpaired"]
 
@@ -170,8 +188,10 @@ def test_precompute_auto_is_on_only_when_training_sees_every_pair():
 def test_rlhf_memory_estimate_counts_the_reward_model_as_a_second_base(recipe_with):
     from finetune.distributed.memory import Shape, estimate
 
-    stages = ("- sft: {dataset: c}\n- reward: {dataset: p}\n- rlhf: {dataset: c}\n"
-              "- rlhf: {dataset: c, name: rules_only, reward_model: none, rules: {length: {max_chars: 90}}}\n")
+    stages = (
+        "- sft: {dataset: c}\n- reward: {dataset: p}\n- rlhf: {dataset: c}\n"
+        "- rlhf: {dataset: c, name: rules_only, reward_model: none, rules: {length: {max_chars: 90}}}\n"
+    )
     recipe = load_recipe(recipe_with(stages)).recipe
     shape = Shape(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=600, tied=True)
     with_reward_model = estimate(recipe, recipe.stage("rlhf"), 1, 1, shape)

@@ -24,7 +24,9 @@ def test_converted_gguf_folder_gives_the_gguf_logits():
     section = load_recipe(ROOT / "recipes" / "quickstart.yaml").recipe.model
     source = resolve_source(section)
     converted = load_model(section, source).eval()
-    original = AutoModelForCausalLM.from_pretrained(str(source.gguf_path.parent), gguf_file=source.gguf_path.name).eval()
+    original = AutoModelForCausalLM.from_pretrained(
+        str(source.gguf_path.parent), gguf_file=source.gguf_path.name
+    ).eval()
     ids = torch.tensor([[1, 504, 3458, 282, 1345, 30, 2]])
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
@@ -34,7 +36,10 @@ def run_recipe(recipe: str, run_dir: Path) -> RunDir:
     """`wenmai run` in a subprocess, as a user starts it; its output is the failure message."""
     result = subprocess.run(
         [sys.executable, "-m", "finetune.cli", "run", recipe, "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=1800, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return RunDir.open(run_dir)
@@ -54,15 +59,28 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
 
     scorer = RewardScorer.from_stage(tmp_path / "qs" / "reward")
     assert scorer.tokenizer.pad_token == "<|endoftext|>"  # SmolLM2 pads with <|im_end|>, where the reward is read
-    scores = scorer.score(["《静夜思》是谁写的？"] * 2, ["《静夜思》是唐代诗人李白所作。", "静夜思李白写的唐代，月光床前看见他。"], batch_size=2)
+    scores = scorer.score(
+        ["《静夜思》是谁写的？"] * 2,
+        ["《静夜思》是唐代诗人李白所作。", "静夜思李白写的唐代，月光床前看见他。"],
+        batch_size=2,
+    )
     assert set(scores) == {"accuracy", "cultural_value", "safety", "fluency", "total"}
     dpo = run.status("dpo").summary
-    assert dpo["steps"] == 8 and dpo["used"]["policy"]["stage"] == "sft" and dpo["train_data"]["pairs"]["total"] > 100, dpo
+    assert (
+        dpo["steps"] == 8 and dpo["used"]["policy"]["stage"] == "sft" and dpo["train_data"]["pairs"]["total"] > 100
+    ), dpo
     assert run.status("merge").summary["adapter_stage"] == "dpo"  # the quickstart merges and exports the DPO adapter
 
 
 def test_quickstart_rlhf_scores_every_dimension(tmp_path):
     run = run_recipe("recipes/quickstart-rlhf.yaml", tmp_path / "qs")
     summary = run.status("rlhf").summary
-    assert set(summary["reward_last"]) == {"accuracy", "cultural_value", "safety", "fluency", "rule_length", "rule_banned_terms"}
+    assert set(summary["reward_last"]) == {
+        "accuracy",
+        "cultural_value",
+        "safety",
+        "fluency",
+        "rule_length",
+        "rule_banned_terms",
+    }
     assert summary["steps"] == 3 and summary["used"]["reward_model"]["stage"] == "reward", summary

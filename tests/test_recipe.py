@@ -48,7 +48,9 @@ def test_unknown_key_names_path_and_suggestion(base_recipe):
 
 
 def test_every_problem_is_reported_at_once(base_recipe):
-    path = base_recipe(extra="lora: {r: zero, varient: dora}\ntracking: {backends: [wandbb]}\n", sft="      seq_len: 0\n")
+    path = base_recipe(
+        extra="lora: {r: zero, varient: dora}\ntracking: {backends: [wandbb]}\n", sft="      seq_len: 0\n"
+    )
     problems = problems_of(path)
     joined = "\n".join(problems)
     assert len(problems) == 4, joined
@@ -59,7 +61,9 @@ def test_every_problem_is_reported_at_once(base_recipe):
 
 
 def test_missing_required_key_is_named(write_recipe, chat_file):
-    path = write_recipe(f"name: t\ndata: {{d: {{path: {chat_file}, format: chat}}}}\nstages: [{{sft: {{dataset: d}}}}]\n")
+    path = write_recipe(
+        f"name: t\ndata: {{d: {{path: {chat_file}, format: chat}}}}\nstages: [{{sft: {{dataset: d}}}}]\n"
+    )
     assert any(p.startswith("model: required key is missing") for p in problems_of(path))
 
 

@@ -15,16 +15,42 @@ from finetune.pipeline import load_recipe, start
 from finetune.run_dir import RunDir, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["poem", "museum", "bronze", "tang", "song", "dynasty", "palace", "silk", "tea", "scroll", "wall", "garden", "lantern", "opera"]
+WORDS = [
+    "poem",
+    "museum",
+    "bronze",
+    "tang",
+    "song",
+    "dynasty",
+    "palace",
+    "silk",
+    "tea",
+    "scroll",
+    "wall",
+    "garden",
+    "lantern",
+    "opera",
+]
 DIMENSIONS = ["accuracy", "cultural_value", "safety", "fluency"]
 
 
 def reward_recipe(model: Path, data: Path, root: Path, fmt: str, reward_section: str = "", **options) -> str:
-    settings = {"dataset": "d", "max_steps": 30, "batch_size": 8, "learning_rate": 0.01, "warmup": 0,
-                "lr_scheduler": "constant", "logging_steps": 5, "eval_steps": 100, "seq_len": 96, "eval_fraction": 0.25}
+    settings = {
+        "dataset": "d",
+        "max_steps": 30,
+        "batch_size": 8,
+        "learning_rate": 0.01,
+        "warmup": 0,
+        "lr_scheduler": "constant",
+        "logging_steps": 5,
+        "eval_steps": 100,
+        "seq_len": 96,
+        "eval_fraction": 0.25,
+    }
     settings.update(options)
     body = ", ".join(f"{k}: {v}" for k, v in settings.items())
-    return textwrap.dedent(f"""\
+    return (
+        textwrap.dedent(f"""\
         name: rm
         model: {{path: {model}}}
         lora: {{r: 4, alpha: 8, dropout: 0.0}}
@@ -33,7 +59,9 @@ def reward_recipe(model: Path, data: Path, root: Path, fmt: str, reward_section:
         stages:
           - reward: {{{body}}}
         output: {{root: {root}}}
-        """) + reward_section
+        """)
+        + reward_section
+    )
 
 
 def run_recipe(tmp_path: Path, text: str, name: str = "run") -> RunDir:
@@ -52,8 +80,13 @@ def test_marker_in_chosen_is_learned_to_held_out_accuracy_above_095(tmp_path, ti
     for i in range(120):
         chosen = sentence(rng)
         chosen.insert(rng.randrange(len(chosen) + 1), "ZZZ")  # the learnable marker, anywhere in the answer
-        rows.append({"prompt": f"Tell me about {' '.join(sentence(rng, 3))} ({i}).",
-                     "chosen": " ".join(chosen), "rejected": " ".join(sentence(rng))})
+        rows.append(
+            {
+                "prompt": f"Tell me about {' '.join(sentence(rng, 3))} ({i}).",
+                "chosen": " ".join(chosen),
+                "rejected": " ".join(sentence(rng)),
+            }
+        )
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     run_dir = run_recipe(tmp_path, reward_recipe(tiny_model, data, tmp_path / "runs", "pairs"))
     summary = run_dir.status("reward").summary
@@ -70,8 +103,12 @@ def test_each_dimension_head_learns_its_own_opposite_signal(tmp_path, tiny_model
     rows = []
     for i in range(100):
         prompt = f"Question {i}: {' '.join(sentence(rng, 3))}?"
-        rows.append({"prompt": prompt, "response": " ".join([*sentence(rng), "ZZZ"]), "scores": {"safety": 5, "fluency": 1}})
-        rows.append({"prompt": prompt, "response": " ".join([*sentence(rng), "QQQ"]), "scores": {"safety": 1, "fluency": 5}})
+        rows.append(
+            {"prompt": prompt, "response": " ".join([*sentence(rng), "ZZZ"]), "scores": {"safety": 5, "fluency": 1}}
+        )
+        rows.append(
+            {"prompt": prompt, "response": " ".join([*sentence(rng), "QQQ"]), "scores": {"safety": 1, "fluency": 5}}
+        )
     data = write_jsonl(tmp_path / "ratings.jsonl", rows)
     section = "reward:\n  dimensions:\n    - {name: safety, weight: 2}\n    - {name: fluency}\n"
     run_dir = run_recipe(tmp_path, reward_recipe(tiny_model, data, tmp_path / "runs", "ratings", section, max_steps=20))
@@ -84,6 +121,7 @@ def test_each_dimension_head_learns_its_own_opposite_signal(tmp_path, tiny_model
 
 
 # --- the loss through the trainer ------------------------------------------------------------------
+
 
 def make_trainer(tiny_model: Path, tmp_path: Path, examples: list[dict], weights: list[float], **config):
     from datasets import Dataset
@@ -104,12 +142,20 @@ def make_trainer(tiny_model: Path, tmp_path: Path, examples: list[dict], weights
     names = DIMENSIONS[: len(weights)]
     slots = slot_names(names)
     rows, _ = tokenize_examples(tokenizer, examples, 64, config.pop("margin_scale", 0.0), len(slots))
-    model = load_model(section, source, task="sequence-classification", num_labels=len(names), pad_token_id=tokenizer.pad_token_id)
+    model = load_model(
+        section, source, task="sequence-classification", num_labels=len(names), pad_token_id=tokenizer.pad_token_id
+    )
     model = attach_new_adapter(model, LoraSection(r=4, alpha=8, dropout=0.0), task_type="SEQ_CLS")
     args = RewardConfig(output_dir=str(tmp_path / "out"), report_to=[], max_length=None, use_cpu=True, **config)
-    trainer = DimensionRewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                                     data_collator=PreferenceCollator(pad_token_id=tokenizer.pad_token_id),
-                                     slots=slots, weights=weights)
+    trainer = DimensionRewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        data_collator=PreferenceCollator(pad_token_id=tokenizer.pad_token_id),
+        slots=slots,
+        weights=weights,
+    )
     return trainer, trainer.data_collator(rows)
 
 
@@ -123,15 +169,24 @@ def head_gradient(trainer, batch):
 def examples_for(dimension: str | None, n: int = 6) -> list[dict]:
     from reward.data import PreferencePair, training_examples
 
-    pairs = [PreferencePair(prompt=[{"role": "user", "content": f"q{i}"}], chosen=f"good answer {i}", rejected=f"bad {i}",
-                            dimension=dimension, margin=1.0) for i in range(n)]
+    pairs = [
+        PreferencePair(
+            prompt=[{"role": "user", "content": f"q{i}"}],
+            chosen=f"good answer {i}",
+            rejected=f"bad {i}",
+            dimension=dimension,
+            margin=1.0,
+        )
+        for i in range(n)
+    ]
     return training_examples(pairs, DIMENSIONS)
 
 
 @pytest.mark.parametrize("center", [None, 0.01])
 def test_pair_labelled_only_for_safety_changes_no_other_head(tmp_path, tiny_model, center):
-    trainer, batch = make_trainer(tiny_model, tmp_path, examples_for("safety"), [1, 1, 1, 1],
-                                  center_rewards_coefficient=center, margin_scale=0.5)
+    trainer, batch = make_trainer(
+        tiny_model, tmp_path, examples_for("safety"), [1, 1, 1, 1], center_rewards_coefficient=center, margin_scale=0.5
+    )
     grad = head_gradient(trainer, batch)
     safety = DIMENSIONS.index("safety")
     assert grad[safety].abs().sum() > 0
@@ -154,7 +209,9 @@ def test_one_dimension_uses_trls_loss_and_ours_agrees_with_it(tmp_path, tiny_mod
     from reward.loss import preference_loss
 
     examples = examples_for(None)
-    trainer, batch = make_trainer(tiny_model, tmp_path, examples, [1.0], center_rewards_coefficient=0.01, margin_scale=0.5)
+    trainer, batch = make_trainer(
+        tiny_model, tmp_path, examples, [1.0], center_rewards_coefficient=0.01, margin_scale=0.5
+    )
     assert "preference" not in batch and batch["margin"].shape == (6,)  # the plain TRL path
     with torch.no_grad():
         trl_loss = trainer.compute_loss(trainer.model, dict(batch))
@@ -169,7 +226,9 @@ def test_reward_is_read_at_the_end_of_turn_token_even_when_pad_equals_eos(tmp_pa
 
     trainer, batch = make_trainer(tiny_model, tmp_path, examples_for("safety"), [1, 1, 1, 1])
     tokenizer, model = trainer.processing_class, trainer.model
-    assert tokenizer.eos_token_id == 2 and tokenizer.pad_token_id != tokenizer.eos_token_id  # the tiny model has pad == eos
+    assert (
+        tokenizer.eos_token_id == 2 and tokenizer.pad_token_id != tokenizer.eos_token_id
+    )  # the tiny model has pad == eos
     with torch.no_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         lengths = batch["attention_mask"].sum(dim=1)
@@ -181,14 +240,24 @@ def test_reward_is_read_at_the_end_of_turn_token_even_when_pad_equals_eos(tmp_pa
 
 # --- the saved folder -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def culture_run(tmp_path_factory, tiny_model):
     """A 4-dimension reward run on the shipped ratings, with the trained model kept from memory."""
     import finetune.stages.reward as reward_train
 
     tmp_path = tmp_path_factory.mktemp("culture")
-    text = reward_recipe(tiny_model, ROOT / "recipes" / "data" / "culture_ratings.jsonl", tmp_path / "runs", "ratings",
-                         max_steps=4, eval_steps=2, seq_len=160, margin_scale=0.1, center_rewards_coefficient=0.01)
+    text = reward_recipe(
+        tiny_model,
+        ROOT / "recipes" / "data" / "culture_ratings.jsonl",
+        tmp_path / "runs",
+        "ratings",
+        max_steps=4,
+        eval_steps=2,
+        seq_len=160,
+        margin_scale=0.1,
+        center_rewards_coefficient=0.01,
+    )
     text = text.replace("name: rm\n", "name: rm\ninclude: [reward/culture]\n")
     captured = {}
 
@@ -203,16 +272,25 @@ def culture_run(tmp_path_factory, tiny_model):
     return run_dir, captured["trained"]
 
 
-PROMPTS = ["《静夜思》是谁写的？", [{"role": "system", "content": "You are a museum guide."}, {"role": "user", "content": "Can I use flash?"}],
-           "What is Tang sancai?"]
-ANSWERS = ["李白，唐代诗人。", "No: flash fades pigments.", "Tang dynasty lead-glazed earthenware, often made as grave goods " * 3]
+PROMPTS = [
+    "《静夜思》是谁写的？",
+    [{"role": "system", "content": "You are a museum guide."}, {"role": "user", "content": "Can I use flash?"}],
+    "What is Tang sancai?",
+]
+ANSWERS = [
+    "李白，唐代诗人。",
+    "No: flash fades pigments.",
+    "Tang dynasty lead-glazed earthenware, often made as grave goods " * 3,
+]
 
 
 def test_reload_from_the_folder_alone_scores_like_memory(culture_run, tmp_path):
     from reward.score import RewardScorer
 
     run_dir, trained = culture_run
-    in_memory = RewardScorer(trained.trainer.model, trained.tokenizer, trained.card).score(PROMPTS, ANSWERS, batch_size=1)
+    in_memory = RewardScorer(trained.trainer.model, trained.tokenizer, trained.card).score(
+        PROMPTS, ANSWERS, batch_size=1
+    )
     moved = tmp_path / "elsewhere"
     shutil.copytree(run_dir.output("reward", "reward_model"), moved)
     reloaded = RewardScorer.from_stage(moved)
@@ -244,10 +322,13 @@ def test_cli_scores_a_file_per_dimension(culture_run, cli, tmp_path):
     from reward.score import RewardScorer
 
     run_dir, _ = culture_run
-    inputs = write_jsonl(tmp_path / "in.jsonl", [
-        {"id": "a", "prompt": PROMPTS[0], "response": ANSWERS[0]},
-        {"id": "b", "messages": [*PROMPTS[1], {"role": "assistant", "content": ANSWERS[1]}]},
-    ])
+    inputs = write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "a", "prompt": PROMPTS[0], "response": ANSWERS[0]},
+            {"id": "b", "messages": [*PROMPTS[1], {"role": "assistant", "content": ANSWERS[1]}]},
+        ],
+    )
     code, out, err = cli("reward", "score", run_dir.root, "--input", inputs)
     assert code == 0, err
     assert "accuracy" in out and "cultural_value" in out and "total" in out and "mean" in out

@@ -41,6 +41,7 @@ def error_of(path: Path, fmt: str, context: dict | None = CONTEXT) -> str:
 
 # --- bad input names file:line and the key ------------------------------------------------------
 
+
 def test_rating_outside_1_to_5_names_file_line_and_dimension(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", [rating("q", "x", accuracy=4), rating("q", "y", accuracy=4, safety=7)])
     message = error_of(path, "ratings")
@@ -60,16 +61,21 @@ def test_unknown_dimension_in_a_pair_is_named(tmp_path):
 
 
 def test_identical_chosen_and_rejected_is_named(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "q", "chosen": "a", "rejected": "b"},
-        {"prompt": "q", "chosen": "same answer", "rejected": "same answer "},
-    ])
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "q", "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "chosen": "same answer", "rejected": "same answer "},
+        ],
+    )
     assert f"{path}:2: chosen and rejected are identical" in error_of(path, "pairs")
 
 
 def test_ratings_where_no_prompt_has_two_responses_cannot_form_pairs(tmp_path):
-    path = write_jsonl(tmp_path / "r.jsonl", [rating("q1", "x", accuracy=4), rating("q2", "y", accuracy=2),
-                                              rating("q2", "y", rater="b", accuracy=3)])
+    path = write_jsonl(
+        tmp_path / "r.jsonl",
+        [rating("q1", "x", accuracy=4), rating("q2", "y", accuracy=2), rating("q2", "y", rater="b", accuracy=3)],
+    )
     message = error_of(path, "ratings")
     assert str(path) in message and "no pairs can be formed" in message
     assert "at least two responses per prompt" in message
@@ -87,10 +93,13 @@ def test_transcript_without_assistant_turn_is_named(tmp_path):
 
 
 def test_tier_outside_tier_order_and_single_tier_are_named(tmp_path):
-    path = write_jsonl(tmp_path / "t.jsonl", [
-        {"prompt": "q", "responses": [{"response": "a", "tier": "good"}, {"response": "b", "tier": "awful"}]},
-        {"prompt": "q", "responses": [{"response": "a", "tier": "good"}, {"response": "b", "tier": "good"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {"prompt": "q", "responses": [{"response": "a", "tier": "good"}, {"response": "b", "tier": "awful"}]},
+            {"prompt": "q", "responses": [{"response": "a", "tier": "good"}, {"response": "b", "tier": "good"}]},
+        ],
+    )
     message = error_of(path, "tiers", {"dimensions": DIMENSIONS, "tier_order": ["good", "acceptable", "harmful"]})
     assert f"{path}:1: responses[1].tier: unknown tier 'awful'" in message
     assert f"{path}:2: every response is in tier 'good'" in message
@@ -133,13 +142,15 @@ def test_tiers_dataset_without_tier_order_is_named(write_recipe, tiny_model, tmp
 
 def test_dimension_names_are_checked_against_the_reward_section(write_recipe, tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
-    recipe = load_recipe(write_recipe(f"""\
+    recipe = load_recipe(
+        write_recipe(f"""\
         name: t
         include: [reward/culture]
         model: {{path: {tiny_model}}}
         data: {{p: {{path: {data}, format: pairs}}}}
         stages: [{{reward: {{dataset: p}}}}]
-        """)).recipe
+        """)
+    ).recipe
     assert check_dimension_names(recipe, ["safety", "total"], "x") == []
     [problem] = check_dimension_names(recipe, {"safty": 1.0}, "stages[2].rlhf.weights")
     assert str(problem).startswith("stages[2].rlhf.weights: unknown reward dimension 'safty'; did you mean safety?")
@@ -154,10 +165,13 @@ def test_dimension_names_are_checked_against_the_reward_section(write_recipe, ti
 
 # --- conversions ---------------------------------------------------------------------------------
 
+
 def test_ratings_become_pairs_per_dimension_with_margins_and_ties_dropped():
     records = [
-        rating("q", "good", accuracy=5, safety=5), rating("q", "wrong", accuracy=1, safety=5),
-        rating("q", "good", rater="b", accuracy=4, safety=5), rating("other", "lonely", accuracy=3),
+        rating("q", "good", accuracy=5, safety=5),
+        rating("q", "wrong", accuracy=1, safety=5),
+        rating("q", "good", rater="b", accuracy=4, safety=5),
+        rating("other", "lonely", accuracy=3),
     ]
     pairs = ratings_to_pairs(records, dims())
     [pair] = pairs  # safety ties (5 vs 5); the other prompt has one response
@@ -167,9 +181,11 @@ def test_ratings_become_pairs_per_dimension_with_margins_and_ties_dropped():
 
 
 def test_ratings_to_pairs_on_the_weighted_total_for_dpo():
-    records = [rating("q", "x", accuracy=5, cultural_value=1, safety=1, fluency=1),
-               rating("q", "y", accuracy=1, cultural_value=3, safety=3, fluency=3),
-               rating("q", "z", accuracy=5)]  # misses weighted dimensions: left out of the total
+    records = [
+        rating("q", "x", accuracy=5, cultural_value=1, safety=1, fluency=1),
+        rating("q", "y", accuracy=1, cultural_value=3, safety=3, fluency=3),
+        rating("q", "z", accuracy=5),
+    ]  # misses weighted dimensions: left out of the total
     [pair] = ratings_to_pairs(records, dims(0.7, 0.1, 0.1, 0.1), on="total")
     assert (pair.chosen, pair.rejected, pair.dimension) == ("x", "y", None)
     assert pair.margin == pytest.approx(abs((3.5 + 0.3) - (0.7 + 0.9)))
@@ -178,12 +194,24 @@ def test_ratings_to_pairs_on_the_weighted_total_for_dpo():
 
 
 def test_tiers_become_every_cross_tier_pair():
-    record = {"prompt": "q", "dimension": "safety", "responses": [
-        {"response": "h", "tier": "harmful"}, {"response": "g1", "tier": "good"},
-        {"response": "g2", "tier": "good"}, {"response": "a", "tier": "acceptable"}]}
+    record = {
+        "prompt": "q",
+        "dimension": "safety",
+        "responses": [
+            {"response": "h", "tier": "harmful"},
+            {"response": "g1", "tier": "good"},
+            {"response": "g2", "tier": "good"},
+            {"response": "a", "tier": "acceptable"},
+        ],
+    }
     pairs = tiers_to_pairs([record], ["good", "acceptable", "harmful"])
     assert sorted((p.chosen, p.rejected, p.margin) for p in pairs) == [
-        ("a", "h", 1.0), ("g1", "a", 1.0), ("g1", "h", 2.0), ("g2", "a", 1.0), ("g2", "h", 2.0)]
+        ("a", "h", 1.0),
+        ("g1", "a", 1.0),
+        ("g1", "h", 2.0),
+        ("g2", "a", 1.0),
+        ("g2", "h", 2.0),
+    ]
     assert {p.dimension for p in pairs} == {"safety"}
 
 
@@ -196,11 +224,20 @@ def test_pairs_on_the_same_responses_merge_into_one_example_with_signed_labels()
 
 
 def test_rater_agreement_reports_exact_within_one_and_order():
-    records = [rating("q", "x", "a", fluency=5), rating("q", "x", "b", fluency=4),
-               rating("q", "y", "a", fluency=2), rating("q", "y", "b", fluency=5)]
+    records = [
+        rating("q", "x", "a", fluency=5),
+        rating("q", "x", "b", fluency=4),
+        rating("q", "y", "a", fluency=2),
+        rating("q", "y", "b", fluency=5),
+    ]
     report = rater_agreement(records, ["fluency", "safety"])
-    assert report["fluency"] == {"responses_rated_twice": 2, "exact": 0.0, "within_one": 0.5,
-                                 "mean_abs_diff": 2.0, "same_order": 0.0}
+    assert report["fluency"] == {
+        "responses_rated_twice": 2,
+        "exact": 0.0,
+        "within_one": 0.5,
+        "mean_abs_diff": 2.0,
+        "same_order": 0.0,
+    }
     assert report["safety"] == {"responses_rated_twice": 0}
 
 
@@ -211,8 +248,10 @@ def test_hh_transcripts_split_after_the_last_assistant_turn(tmp_path):
     prompt, good, bad = split_pair(chosen, rejected)
     assert (good, bad) == ("Stay on open sections.", "Climb it at night.")
     assert transcript_messages(prompt) == [
-        {"role": "user", "content": "Is it safe?"}, {"role": "assistant", "content": "Which part?"},
-        {"role": "user", "content": "The wall."}]
+        {"role": "user", "content": "Is it safe?"},
+        {"role": "assistant", "content": "Which part?"},
+        {"role": "user", "content": "The wall."},
+    ]
     # a response that itself contains "\n\nAssistant:" still splits at the shared conversation
     tricky = chosen + " Human: really?\n\nAssistant: yes"
     assert split_pair(tricky, rejected)[1].startswith("Stay on open sections. Human: really?")
@@ -260,10 +299,26 @@ def test_validate_catches_an_unknown_dimension_in_the_data_before_any_model_load
 def test_a_recipes_tiers_and_transcript_datasets_load_as_pairs(write_recipe, tmp_path, tiny_model):
     from finetune.data.pairs import load_pairs
 
-    tiers = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "q", "dimension": "safety", "responses": [
-        {"response": "careful", "tier": "good"}, {"response": "risky", "tier": "harmful"}, {"response": "meh", "tier": "acceptable"}]}])
-    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: q\n\nAssistant: kind", "rejected": "\n\nHuman: q\n\nAssistant: rude"}])
-    recipe = load_recipe(write_recipe(f"""\
+    tiers = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            {
+                "prompt": "q",
+                "dimension": "safety",
+                "responses": [
+                    {"response": "careful", "tier": "good"},
+                    {"response": "risky", "tier": "harmful"},
+                    {"response": "meh", "tier": "acceptable"},
+                ],
+            }
+        ],
+    )
+    hh = write_jsonl(
+        tmp_path / "hh.jsonl",
+        [{"chosen": "\n\nHuman: q\n\nAssistant: kind", "rejected": "\n\nHuman: q\n\nAssistant: rude"}],
+    )
+    recipe = load_recipe(
+        write_recipe(f"""\
         name: t
         include: [reward/culture]
         model: {{path: {tiny_model}}}
@@ -271,7 +326,8 @@ def test_a_recipes_tiers_and_transcript_datasets_load_as_pairs(write_recipe, tmp
           tiers: {{path: {tiers}, format: tiers, tier_order: [good, acceptable, harmful]}}
           hh: {{path: {hh}, format: pairs}}
         stages: [{{reward: {{dataset: tiers, eval_dataset: hh}}}}]
-        """)).recipe
+        """)
+    ).recipe
     tier_pairs = load_pairs(recipe, "tiers")
     assert tier_pairs.stats["pairs"] == {"safety": 3}
     [pair] = load_pairs(recipe, "hh").pairs

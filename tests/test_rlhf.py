@@ -30,14 +30,21 @@ def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
             # ZZZ opens the answer: the tiny tokenizer spells it Z, Z, Z, so a policy still sampling near-random bytes
             # hardly ever writes it mid-answer, while the first token is one choice that SFT learns
             words.insert(0, "ZZZ")
-        rows.append({"messages": [{"role": "user", "content": f"Tell me about item {2 * i}."},  # even: marker_share asks odd
-                                  {"role": "assistant", "content": " ".join(words)}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Tell me about item {2 * i}."},  # even: marker_share asks odd
+                    {"role": "assistant", "content": " ".join(words)},
+                ]
+            }
+        )
     data = write_jsonl(tmp_path / "chat.jsonl", rows)
     recipe = tmp_path / "grpo.yaml"
     # SFT long enough that ZZZ opens some answers (2-20% across seeds); then 4 prompts x 16 answers a step, so steps have
     # groups whose rewards differ from the first one on, whatever the starting policy's exact numbers (they differ
     # between CPU kernels, AVX2 and AVX-512); at learning rate 0.01 one step sometimes wrecked the policy: 0.005
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: grpo
         model: {{path: {model_dir}}}
         lora: {{r: 8, alpha: 16, dropout: 0.0}}
@@ -48,8 +55,10 @@ def test_grpo_raises_the_frequency_of_a_rewarded_token(tmp_path):
           - rlhf: {{dataset: d, reward_model: none, rules: {{format: {{pattern: ZZZ, weight: 1}}}}, beta: 0, max_steps: 12,
                     batch_size: 64, num_generations: 16, max_completion_length: 8, learning_rate: 0.005, warmup: 0,
                     lr_scheduler: constant, save_steps: 1000}}
-        output: {{root: {tmp_path / 'runs'}}}
-        """), encoding="utf-8")
+        output: {{root: {tmp_path / "runs"}}}
+        """),
+        encoding="utf-8",
+    )
     run_dir = start(load_recipe(recipe), tmp_path / "runs" / "grpo", log=lambda _: None)
     before = marker_share(model_dir, run_dir.output("sft", "adapter"))
     after = marker_share(model_dir, run_dir.output("rlhf", "adapter"))
@@ -71,21 +80,36 @@ def marker_share(model_dir: Path, adapter: Path, marker: str = "ZZZ") -> float:
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter)).eval()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about item {2 * i + 1}."}], tokenize=False,
-                                             add_generation_prompt=True) for i in range(64)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"Tell me about item {2 * i + 1}."}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for i in range(64)
+    ]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     torch.manual_seed(0)
     with torch.no_grad():
-        out = model.generate(**encoded, do_sample=True, top_k=0, max_new_tokens=8, num_return_sequences=4,
-                             pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **encoded,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=8,
+            num_return_sequences=4,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    texts = tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
     return sum(marker in t for t in texts) / len(texts)
 
 
-def test_rlhf_that_learns_nothing_finishes_with_a_warning_in_summary_stderr_and_report(tmp_path, tiny_model, chat_file, capsys):
+def test_rlhf_that_learns_nothing_finishes_with_a_warning_in_summary_stderr_and_report(
+    tmp_path, tiny_model, chat_file, capsys
+):
     """A format rule no answer can match gives every answer 0: every advantage is 0, so the stage says so."""
     recipe = tmp_path / "flat.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: flat
         model: {{path: {tiny_model}}}
         lora: {{r: 4, alpha: 8, dropout: 0.0}}
@@ -94,14 +118,18 @@ def test_rlhf_that_learns_nothing_finishes_with_a_warning_in_summary_stderr_and_
         stages:
           - rlhf: {{dataset: d, policy: base, reward_model: none, rules: {{format: {{pattern: "(?!)"}}}}, beta: 0,
                     max_steps: 2, batch_size: 4, num_generations: 4, max_completion_length: 4, save_steps: 100}}
-        output: {{root: {tmp_path / 'runs'}}}
-        """), encoding="utf-8")  # (?!) is an empty negative lookahead: it matches nothing
+        output: {{root: {tmp_path / "runs"}}}
+        """),
+        encoding="utf-8",
+    )  # (?!) is an empty negative lookahead: it matches nothing
     run_dir = start(load_recipe(recipe), tmp_path / "runs" / "flat", log=lambda _: None)
     status = run_dir.status("rlhf")
     assert status.state == "done"
     [warning] = status.summary["warnings"]
-    assert warning.startswith("in 2 of 2 logged steps every group of answers to a prompt got the same reward, so the "
-                              "policy did not change in those steps; make the answers in a group differ (raise num_generations")
+    assert warning.startswith(
+        "in 2 of 2 logged steps every group of answers to a prompt got the same reward, so the "
+        "policy did not change in those steps; make the answers in a group differ (raise num_generations"
+    )
     assert f"rlhf: warning: {warning}" in capsys.readouterr().err
     report = (run_dir.root / "report.html").read_text(encoding="utf-8")
     assert f'<div class="warning">warning: {html.escape(warning)}</div>' in report
@@ -117,9 +145,12 @@ def test_no_spread_warning_needs_more_than_half_of_the_logged_steps_flat():
 
 # --- rule rewards ----------------------------------------------------------------------------
 
+
 def call(function, answers: list[str]) -> list[float]:
-    return function(prompts=[[{"role": "user", "content": "q"}]] * len(answers),
-                    completions=[[{"role": "assistant", "content": a}] for a in answers])
+    return function(
+        prompts=[[{"role": "user", "content": "q"}]] * len(answers),
+        completions=[[{"role": "assistant", "content": a}] for a in answers],
+    )
 
 
 def test_banned_terms_match_whole_latin_words_and_any_cjk(tmp_path):
@@ -127,7 +158,12 @@ def test_banned_terms_match_whole_latin_words_and_any_cjk(tmp_path):
     terms.write_text("# institution list\nprimitive\nass  # a short word\n蛮夷\n\n", encoding="utf-8")
     [(function, weight)] = rule_functions(RuleRewards(banned_terms=BannedTermsRule(path=str(terms))))
     assert function.__name__ == "rule_banned_terms" and weight == 1.0
-    assert call(function, ["A PRIMITIVE tool.", "This class of bronze.", "古称蛮夷之地", "Ass."]) == [-1.0, 0.0, -1.0, -1.0]
+    assert call(function, ["A PRIMITIVE tool.", "This class of bronze.", "古称蛮夷之地", "Ass."]) == [
+        -1.0,
+        0.0,
+        -1.0,
+        -1.0,
+    ]
     assert banned_pattern(["a+b"]).search("x a+b y")  # terms are literal text, not patterns
 
 
@@ -149,6 +185,7 @@ def test_empty_banned_terms_file_is_an_error(tmp_path):
 
 # --- reward-model dimensions -----------------------------------------------------------------
 
+
 class FakeScorer:
     """Scores like a RewardScorer and counts its calls."""
 
@@ -159,7 +196,11 @@ class FakeScorer:
 
     def score(self, prompts, responses):
         self.calls += 1
-        return {"accuracy": [float(len(r)) for r in responses], "safety": [-1.0 for _ in responses], "total": [0.0 for _ in responses]}
+        return {
+            "accuracy": [float(len(r)) for r in responses],
+            "safety": [-1.0 for _ in responses],
+            "total": [0.0 for _ in responses],
+        }
 
 
 def test_dimension_rewards_score_each_batch_once_and_read_their_column():
@@ -197,8 +238,10 @@ def test_weights_naming_a_dimension_the_reward_model_lacks_are_refused():
     config = SimpleNamespace(weights={"cultural_value": 1.0}, stage_name="rlhf")
     with pytest.raises(WenmaiError) as info:
         dimension_weights(config, card({"accuracy": 1, "safety": 1}), "runs/x/reward/reward_model")
-    assert str(info.value).startswith("stages.rlhf.weights: the reward model in runs/x/reward/reward_model has no "
-                                      "dimension 'cultural_value'; its dimensions are accuracy, safety")
+    assert str(info.value).startswith(
+        "stages.rlhf.weights: the reward model in runs/x/reward/reward_model has no "
+        "dimension 'cultural_value'; its dimensions are accuracy, safety"
+    )
 
 
 def test_rlhf_from_the_base_keeps_one_adapter_and_the_base_as_reference(tmp_path, tiny_model, chat_file, monkeypatch):
@@ -213,7 +256,8 @@ def test_rlhf_from_the_base_keeps_one_adapter_and_the_base_as_reference(tmp_path
 
     monkeypatch.setattr(trl, "GRPOTrainer", Recording)
     recipe = tmp_path / "base.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: base
         model: {{path: {tiny_model}}}
         lora: {{r: 4, alpha: 8, dropout: 0.0}}
@@ -222,8 +266,10 @@ def test_rlhf_from_the_base_keeps_one_adapter_and_the_base_as_reference(tmp_path
         stages:
           - rlhf: {{dataset: d, policy: base, reward_model: none, rules: {{length: {{max_chars: 10}}}}, beta: 0.1,
                     max_steps: 1, batch_size: 2, num_generations: 2, max_completion_length: 4, save_steps: 100}}
-        output: {{root: {tmp_path / 'runs'}}}
-        """), encoding="utf-8")
+        output: {{root: {tmp_path / "runs"}}}
+        """),
+        encoding="utf-8",
+    )
     run_dir = start(load_recipe(recipe), tmp_path / "runs" / "base", log=lambda _: None)
     assert seen == {"adapters": ["default"], "beta": 0.1}  # a fresh adapter's copy is the base: not kept
     assert load_recipe(recipe).recipe.stage("rlhf").adapters_on_base() == 1

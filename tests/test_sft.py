@@ -38,8 +38,17 @@ def test_loss_falls_and_adapter_loads_with_plain_peft(tmp_path, tiny_model, chat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_dir = run_tiny(tmp_path, tiny_model, chat_file, max_steps=40, learning_rate=0.01, eval_fraction=0.1,
-                       eval_steps=40, warmup=0, lr_scheduler="constant")
+    run_dir = run_tiny(
+        tmp_path,
+        tiny_model,
+        chat_file,
+        max_steps=40,
+        learning_rate=0.01,
+        eval_fraction=0.1,
+        eval_steps=40,
+        warmup=0,
+        lr_scheduler="constant",
+    )
     summary = run_dir.status("sft").summary
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.2, summary
     losses = [row["loss"] for row in read_metrics(run_dir.metrics_path("sft")) if "loss" in row]
@@ -49,7 +58,9 @@ def test_loss_falls_and_adapter_loads_with_plain_peft(tmp_path, tiny_model, chat
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     ids = torch.tensor([[5, 6, 7, 8]])
     base_logits = base(ids).logits
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(run_dir.output("sft", "adapter")))
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model), str(run_dir.output("sft", "adapter"))
+    )
     assert not torch.allclose(tuned(ids).logits, base_logits, atol=1e-4)
 
 
@@ -63,7 +74,9 @@ def test_batch_8_equals_batch_1_times_accumulation_8(tmp_path, tiny_model):
     # plain SGD: the update is the gradient itself (Adam's first step is sign-like and amplifies float noise)
     common = dict(max_steps=1, learning_rate=1.0, warmup=0, lr_scheduler="constant", optimizer="sgd")
     big = adapter_tensors(run_tiny(tmp_path, tiny_model, data, "big", batch_size=8, gradient_accumulation=1, **common))
-    small = adapter_tensors(run_tiny(tmp_path, tiny_model, data, "small", batch_size=1, gradient_accumulation=8, **common))
+    small = adapter_tensors(
+        run_tiny(tmp_path, tiny_model, data, "small", batch_size=1, gradient_accumulation=8, **common)
+    )
     changed = [k for k in big if "lora_B" in k and big[k].abs().max() > 0]
     assert changed, "the step changed nothing: the comparison would be vacuous"
     for key in big:
@@ -110,16 +123,27 @@ def test_failed_stage_is_recorded_and_leaves_no_adapter(tmp_path, tiny_model, ch
 
 def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "finetune.cli", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_resume_continues_loss_curve_after_kill(tmp_path, tiny_model):
     """SIGKILL a real run mid-training; the resumed curve continues it and matches an uninterrupted run."""
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(64))
     recipe = tmp_path / "resume.yaml"
-    recipe.write_text(tiny_recipe(tiny_model, data, tmp_path / "runs", max_steps=160, save_steps=20,
-                                  learning_rate=0.003).replace("dropout: 0.0", "dropout: 0.1"), encoding="utf-8")
+    recipe.write_text(
+        tiny_recipe(tiny_model, data, tmp_path / "runs", max_steps=160, save_steps=20, learning_rate=0.003).replace(
+            "dropout: 0.0", "dropout: 0.1"
+        ),
+        encoding="utf-8",
+    )
     reference = _run_cli(["run", str(recipe), "--run-dir", str(tmp_path / "reference")])
     killed_dir = tmp_path / "killed"
     victim = _run_cli(["run", str(recipe), "--run-dir", str(killed_dir)])

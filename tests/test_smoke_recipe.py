@@ -17,8 +17,21 @@ SMOKE = ROOT / "recipes" / "smoke.yaml"
 def test_smoke_recipe_runs_every_stage(tmp_path, tiny_model):
     run_dir = tmp_path / "smoke"
     result = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "run", str(SMOKE), "--set", f"model.path={tiny_model}", "--run-dir", str(run_dir)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "finetune.cli",
+            "run",
+            str(SMOKE),
+            "--set",
+            f"model.path={tiny_model}",
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     recipe = load_recipe(SMOKE, [f"model.path={tiny_model}"]).recipe
@@ -36,4 +49,6 @@ def test_smoke_recipe_runs_every_stage(tmp_path, tiny_model):
     assert "<svg" in (folder.root / "report.html").read_text(encoding="utf-8"), "the run report was not written"
     evaluate = folder.status("evaluate").summary
     dimensions = [d.name for d in recipe.reward.dimensions]
-    assert all(isinstance(evaluate.get(f"{d}_mean"), float) for d in [*dimensions, "total"]), evaluate  # the real scorer ran
+    assert all(isinstance(evaluate.get(f"{d}_mean"), float) for d in [*dimensions, "total"]), (
+        evaluate
+    )  # the real scorer ran

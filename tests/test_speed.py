@@ -13,9 +13,17 @@ from finetune import autotune, speed
 from finetune.distributed.memory import GIB, Shape
 from finetune.pipeline import load_recipe
 
-LLAMA_8B = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, tied=False)
-H100 = speed.Machine(cuda=True, bf16=True, gpu_memory=80 * GIB, gpu_name="NVIDIA H100 80GB HBM3",
-                     liger_models=frozenset({"llama", "qwen2"}), varlen=True)
+LLAMA_8B = Shape(
+    hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256, tied=False
+)
+H100 = speed.Machine(
+    cuda=True,
+    bf16=True,
+    gpu_memory=80 * GIB,
+    gpu_name="NVIDIA H100 80GB HBM3",
+    liger_models=frozenset({"llama", "qwen2"}),
+    varlen=True,
+)
 
 
 def load(write_recipe, tiny_model, chat_file, tmp_path, overrides=(), **sft):
@@ -25,7 +33,8 @@ def load(write_recipe, tiny_model, chat_file, tmp_path, overrides=(), **sft):
 
 def eight_b(write_recipe, chat_file, tmp_path, sft: str = "", model: str = "", distributed: str = ""):
     """A recipe for an 8B Llama (its weights need not exist: the plan only reads shapes, given here)."""
-    path = write_recipe(textwrap.dedent(f"""\
+    path = write_recipe(
+        textwrap.dedent(f"""\
         name: big
         model: {{path: meta-llama/Meta-Llama-3-8B{model}}}
         lora: {{r: 16, alpha: 32, dropout: 0.0, targets: all-linear}}
@@ -34,14 +43,21 @@ def eight_b(write_recipe, chat_file, tmp_path, sft: str = "", model: str = "", d
         stages:
           - sft: {{dataset: d, seq_len: 2048, batch_size: 4{sft}}}
         {distributed}
-        """))
+        """)
+    )
     return load_recipe(path).recipe
 
 
 def test_auto_on_cpu_is_padding_free_and_leaves_the_rest_as_written(write_recipe, tiny_model, chat_file, tmp_path):
     recipe = load(write_recipe, tiny_model, chat_file, tmp_path)
     plan = speed.plan_for(recipe.stage_configs()[0], recipe, speed.Machine())
-    assert (plan.liger, plan.padding_free, plan.attention, plan.checkpointing, plan.compile) == (False, True, None, "off", False)
+    assert (plan.liger, plan.padding_free, plan.attention, plan.checkpointing, plan.compile) == (
+        False,
+        True,
+        None,
+        "off",
+        False,
+    )
     assert (plan.batch_size, plan.gradient_accumulation) == (4, 1)
     assert "no CUDA GPU" in plan.describe()
 
@@ -72,7 +88,9 @@ def test_offload_on_cpu_runs_as_full_checkpointing(write_recipe, tiny_model, cha
 
 
 def test_batch_fixed_keeps_the_split_as_written(write_recipe, chat_file, tmp_path):
-    recipe = eight_b(write_recipe, chat_file, tmp_path, sft=", gradient_accumulation: 2, speed: {batch: fixed, memory_budget: 21}")
+    recipe = eight_b(
+        write_recipe, chat_file, tmp_path, sft=", gradient_accumulation: 2, speed: {batch: fixed, memory_budget: 21}"
+    )
     plan = speed.plan(recipe.stage_configs()[0], recipe, H100, LLAMA_8B, "llama")
     assert (plan.batch_size, plan.gradient_accumulation) == (4, 2)
 
@@ -84,15 +102,27 @@ def test_gradient_checkpointing_true_means_full_checkpointing(write_recipe, chat
 
 def test_quantized_lean_qlora_needs_less_memory_than_the_fp32_upcast(write_recipe, chat_file, tmp_path):
     lean = eight_b(write_recipe, chat_file, tmp_path, model=", quantization: nf4")
-    upcast = eight_b(write_recipe, chat_file, tmp_path, model=", quantization: nf4", sft=", speed: {qlora_upcast: true}")
-    fixed = [autotune.footprint(r, r.stage_configs()[0], LLAMA_8B, qlora_upcast=r.stage_configs()[0].speed.qlora_upcast).fixed
-             for r in (lean, upcast)]
+    upcast = eight_b(
+        write_recipe, chat_file, tmp_path, model=", quantization: nf4", sft=", speed: {qlora_upcast: true}"
+    )
+    fixed = [
+        autotune.footprint(
+            r, r.stage_configs()[0], LLAMA_8B, qlora_upcast=r.stage_configs()[0].speed.qlora_upcast
+        ).fixed
+        for r in (lean, upcast)
+    ]
     assert fixed[1] - fixed[0] == pytest.approx(LLAMA_8B.other_params * 2)
 
 
 def test_choose_keeps_the_global_batch_and_fits_a_fake_device():
-    footprint = autotune.Footprint(fixed=10 * GIB, layer_per_token=0.5 * 1024**2, boundary_per_token=16 * 1024,
-                                   head_per_token=1024, head_tokens_cap=None, layers=16)
+    footprint = autotune.Footprint(
+        fixed=10 * GIB,
+        layer_per_token=0.5 * 1024**2,
+        boundary_per_token=16 * 1024,
+        head_per_token=1024,
+        head_tokens_cap=None,
+        layers=16,
+    )
     for memory in (12, 16, 24, 96):
         choice = autotune.choose(footprint, tokens_per_example=1024, global_batch=8, budget=memory * GIB)
         assert choice.batch_size * choice.accumulation == 8
@@ -104,8 +134,14 @@ def test_choose_keeps_the_global_batch_and_fits_a_fake_device():
 
 
 def test_choose_reports_when_nothing_fits():
-    footprint = autotune.Footprint(fixed=10 * GIB, layer_per_token=1024**2, boundary_per_token=1024, head_per_token=0,
-                                   head_tokens_cap=None, layers=4)
+    footprint = autotune.Footprint(
+        fixed=10 * GIB,
+        layer_per_token=1024**2,
+        boundary_per_token=1024,
+        head_per_token=0,
+        head_tokens_cap=None,
+        layers=4,
+    )
     choice = autotune.choose(footprint, 1024, 4, budget=5 * GIB)
     assert not choice.fits and choice.batch_size == 1 and choice.checkpointing in ("full", "offload")
 
@@ -115,12 +151,23 @@ def test_changes_turn_the_plan_into_trainer_and_adapter_arguments(write_recipe, 
 
     recipe = load(write_recipe, tiny_model, chat_file, tmp_path)
     config = recipe.stage_configs()[0]
-    plan = speed.SpeedPlan(liger=True, padding_free=True, attention=None, checkpointing="selective", checkpoint_every=2,
-                           compile=True, batch_size=2, gradient_accumulation=2, qlora_upcast=False)
+    plan = speed.SpeedPlan(
+        liger=True,
+        padding_free=True,
+        attention=None,
+        checkpointing="selective",
+        checkpoint_every=2,
+        compile=True,
+        batch_size=2,
+        gradient_accumulation=2,
+        qlora_upcast=False,
+    )
     change = speed.changes(plan, config, SFTConfig, recipe)
     assert change.trainer["activation_checkpointing"] is True
     assert change.trainer["activation_checkpointing_kwargs"] == {"use_reentrant": False, "every_n_layers": 2}
-    assert change.trainer["use_liger_kernel"] and not change.trainer["liger_kernel_config"]["fused_linear_cross_entropy"]
+    assert (
+        change.trainer["use_liger_kernel"] and not change.trainer["liger_kernel_config"]["fused_linear_cross_entropy"]
+    )
     assert change.trainer["torch_compile"] and change.trainer["padding_free"]
     assert change.options == {"batch_size": 2, "gradient_accumulation": 2, "gradient_checkpointing": True}
     assert change.adapter == {"kbit_upcast": False}
@@ -128,13 +175,28 @@ def test_changes_turn_the_plan_into_trainer_and_adapter_arguments(write_recipe, 
     assert args.activation_checkpointing_kwargs["every_n_layers"] == 2
 
 
-@pytest.mark.parametrize(("sft", "key", "words"), [
-    ("gradient_checkpointing: false, speed: {checkpointing: selective}", "speed.checkpointing", "gradient_checkpointing is false"),
-    ("gradient_checkpointing: true, speed: {checkpointing: false}", "speed.checkpointing", "gradient_checkpointing is true"),
-    ("speed: {checkpointing: full, checkpoint_every: 3}", "speed.checkpoint_every", "only used with checkpointing: selective"),
-    ("packing: true, speed: {padding_free: false}", "packing", "needs padding-free"),
-    ("speed: {compile: true, checkpointing: offload}", "speed.compile", "pytorch#148222"),
-])
+@pytest.mark.parametrize(
+    ("sft", "key", "words"),
+    [
+        (
+            "gradient_checkpointing: false, speed: {checkpointing: selective}",
+            "speed.checkpointing",
+            "gradient_checkpointing is false",
+        ),
+        (
+            "gradient_checkpointing: true, speed: {checkpointing: false}",
+            "speed.checkpointing",
+            "gradient_checkpointing is true",
+        ),
+        (
+            "speed: {checkpointing: full, checkpoint_every: 3}",
+            "speed.checkpoint_every",
+            "only used with checkpointing: selective",
+        ),
+        ("packing: true, speed: {padding_free: false}", "packing", "needs padding-free"),
+        ("speed: {compile: true, checkpointing: offload}", "speed.compile", "pytorch#148222"),
+    ],
+)
 def test_contradicting_speed_options_name_the_key(write_recipe, tiny_model, chat_file, tmp_path, cli, sft, key, words):
     body = tiny_recipe(tiny_model, chat_file, tmp_path / "runs").replace("save_steps: 2}", f"save_steps: 2, {sft}}}")
     code, out, err = cli("validate", write_recipe(body))
@@ -158,7 +220,9 @@ def test_padding_free_on_a_stage_without_it_is_refused(write_recipe, tiny_model,
     assert code == 2 and "stages[0].reward.speed.padding_free" in out + err and "no padding-free path" in out + err
 
 
-def test_liger_on_a_machine_without_cuda_is_a_preflight_error_with_the_fix(write_recipe, tiny_model, chat_file, tmp_path, cli):
+def test_liger_on_a_machine_without_cuda_is_a_preflight_error_with_the_fix(
+    write_recipe, tiny_model, chat_file, tmp_path, cli
+):
     path = write_recipe(tiny_recipe(tiny_model, chat_file, tmp_path / "runs"))
     code, out, err = cli("validate", path, "--set", "stages.sft.speed.liger=true")
     assert code == 0 and "stages[0].sft.speed.liger: true needs a CUDA GPU" in out + err  # planning: a warning
@@ -169,8 +233,10 @@ def test_liger_on_a_machine_without_cuda_is_a_preflight_error_with_the_fix(write
 def test_liger_missing_or_unsupported_names_the_pip_command(write_recipe, tiny_model, chat_file, tmp_path):
     recipe = load(write_recipe, tiny_model, chat_file, tmp_path, overrides=["stages.sft.speed.liger=true"])
     missing = speed.machine_problems(recipe, speed.Machine(cuda=True, bf16=True, gpu_memory=80 * GIB), "llama")
-    assert missing == ["stages[0].sft.speed.liger: true, but liger-kernel is not installed: pip install 'wenmai[gpu]' "
-                       "(or pip install liger-kernel)"]
+    assert missing == [
+        "stages[0].sft.speed.liger: true, but liger-kernel is not installed: pip install 'wenmai[gpu]' "
+        "(or pip install liger-kernel)"
+    ]
     unsupported = speed.machine_problems(recipe, H100, "gpt_bigcode")
     assert "no kernels for model type 'gpt_bigcode'" in unsupported[0]
     assert speed.machine_problems(recipe, H100, "llama") == []
@@ -203,8 +269,17 @@ def test_kernel_scope_undoes_module_patches(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     original = modeling_llama.apply_rotary_pos_emb
-    plan = speed.SpeedPlan(liger=True, padding_free=False, attention=None, checkpointing="off", checkpoint_every=1,
-                           compile=False, batch_size=1, gradient_accumulation=1, qlora_upcast=False)
+    plan = speed.SpeedPlan(
+        liger=True,
+        padding_free=False,
+        attention=None,
+        checkpointing="off",
+        checkpoint_every=1,
+        compile=False,
+        batch_size=1,
+        gradient_accumulation=1,
+        qlora_upcast=False,
+    )
     with speed.kernel_scope(plan, model):
         modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None  # what Liger's rope patch does
     assert modeling_llama.apply_rotary_pos_emb is original
@@ -218,8 +293,14 @@ def segment_attention(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_s
     outs = []
     for i in range(len(cu_q) - 1):
         a, b = int(cu_q[i]), int(cu_q[i + 1])
-        o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                           is_causal=tuple(window_size) == (-1, 0), scale=scale, enable_gqa=enable_gqa)
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1),
+            k[a:b].transpose(0, 1),
+            v[a:b].transpose(0, 1),
+            is_causal=tuple(window_size) == (-1, 0),
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
         outs.append(o.transpose(0, 1))
     return torch.cat(outs)
 
@@ -262,7 +343,16 @@ def test_run_kernel_speaks_both_pytorch_signatures():
     new = varlen.run_kernel(segment_attention, q, k, v, cu, cu, 5, 5, None, True)
 
     def older(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False):  # no window_size, no enable_gqa
-        return segment_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), cu_q, cu_k, max_q, max_k,
-                                 scale=scale, window_size=(-1, 0) if is_causal else (-1, -1))
+        return segment_attention(
+            q,
+            k.repeat_interleave(2, 1),
+            v.repeat_interleave(2, 1),
+            cu_q,
+            cu_k,
+            max_q,
+            max_k,
+            scale=scale,
+            window_size=(-1, 0) if is_causal else (-1, -1),
+        )
 
     assert torch.allclose(new, varlen.run_kernel(older, q, k, v, cu, cu, 5, 5, None, True), atol=1e-6)

@@ -16,25 +16,46 @@ FAST_PATHS = {
     "selective checkpointing": ("stages.sft.speed.checkpointing=selective", "stages.sft.speed.checkpoint_every=2"),
     "full checkpointing": ("stages.sft.speed.checkpointing=full",),
     "micro-batch 2 x 2": ("stages.sft.batch_size=2", "stages.sft.gradient_accumulation=2"),
-    "all of them": ("stages.sft.speed.padding_free=true", "stages.sft.speed.checkpointing=selective",
-                    "stages.sft.batch_size=2", "stages.sft.gradient_accumulation=2"),
+    "all of them": (
+        "stages.sft.speed.padding_free=true",
+        "stages.sft.speed.checkpointing=selective",
+        "stages.sft.batch_size=2",
+        "stages.sft.gradient_accumulation=2",
+    ),
 }
 STEPS = 5
 
 
 def varied_rows(n: int = 24) -> list[dict]:
     """Chat records of very different lengths, so padding matters."""
-    return [{"id": f"r{i}", "messages": [
-        {"role": "user", "content": "Tell me about poem " + "and its lines " * (i % 6)},
-        {"role": "assistant", "content": "Li Bai wrote it. " * (1 + (i * 7) % 9)},
-    ]} for i in range(n)]
+    return [
+        {
+            "id": f"r{i}",
+            "messages": [
+                {"role": "user", "content": "Tell me about poem " + "and its lines " * (i % 6)},
+                {"role": "assistant", "content": "Li Bai wrote it. " * (1 + (i * 7) % 9)},
+            ],
+        }
+        for i in range(n)
+    ]
 
 
 def losses(tmp_path, tiny_model, name: str, overrides: tuple[str, ...]) -> list[float]:
     data = write_jsonl(tmp_path / "varied.jsonl", varied_rows())
     path = tmp_path / f"{name}.yaml"
-    path.write_text(tiny_recipe(tiny_model, data, tmp_path / "runs", max_steps=STEPS, learning_rate=0.005, warmup=0,
-                                lr_scheduler="constant", save_steps=100), encoding="utf-8")
+    path.write_text(
+        tiny_recipe(
+            tiny_model,
+            data,
+            tmp_path / "runs",
+            max_steps=STEPS,
+            learning_rate=0.005,
+            warmup=0,
+            lr_scheduler="constant",
+            save_steps=100,
+        ),
+        encoding="utf-8",
+    )
     run_dir = start(load_recipe(path, [*PLAIN, *overrides]), tmp_path / "runs" / name, log=lambda _: None)
     return [row["loss"] for row in read_metrics(run_dir.metrics_path("sft")) if "loss" in row]
 

@@ -27,8 +27,11 @@ def test_wandb_key_is_never_written_to_the_run_folder(monkeypatch, tmp_path, tin
     secret = "0123456789abcdef0123456789abcdef01234567"
     monkeypatch.setenv("WANDB_API_KEY", secret)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(tiny_recipe(tiny_model, chat_file, tmp_path / "runs", max_steps=1)
-                      + "tracking: {backends: [wandb], wandb_mode: offline}\n", encoding="utf-8")
+    recipe.write_text(
+        tiny_recipe(tiny_model, chat_file, tmp_path / "runs", max_steps=1)
+        + "tracking: {backends: [wandb], wandb_mode: offline}\n",
+        encoding="utf-8",
+    )
     run_dir = start(load_recipe(recipe), tmp_path / "runs" / "w", log=lambda _: None)
     files = [p for p in run_dir.root.rglob("*") if p.is_file()]
     assert any("wandb" in str(p) for p in files), "wandb wrote nothing: the check below would be vacuous"
@@ -38,5 +41,9 @@ def test_wandb_key_is_never_written_to_the_run_folder(monkeypatch, tmp_path, tin
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is not None, reason="mlflow is installed here")
 def test_missing_mlflow_is_named_with_the_install_command(tmp_path, tiny_model, chat_file):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(tiny_recipe(tiny_model, chat_file, tmp_path) + "tracking: {backends: [mlflow]}\n", encoding="utf-8")
-    assert "tracking.backends: mlflow is not installed; pip install wenmai[mlflow]" in preflight(load_recipe(recipe).recipe)
+    recipe.write_text(
+        tiny_recipe(tiny_model, chat_file, tmp_path) + "tracking: {backends: [mlflow]}\n", encoding="utf-8"
+    )
+    assert "tracking.backends: mlflow is not installed; pip install wenmai[mlflow]" in preflight(
+        load_recipe(recipe).recipe
+    )

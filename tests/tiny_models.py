@@ -47,7 +47,9 @@ def build_tokenizer(folder: Path, vocab_size: int = 600):
     return fast
 
 
-def build_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, initializer_range: float = 0.02) -> Path:
+def build_model(
+    folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0, initializer_range: float = 0.02
+) -> Path:
     """A tiny Llama-architecture causal LM with its tokenizer, saved as a from_pretrained folder."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

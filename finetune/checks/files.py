@@ -10,5 +10,8 @@ from finetune.recipe import Recipe
 
 def data_policy_problems(recipe: Recipe) -> list[Problem]:
     """A problem at `data.policy.<key>` for each file the policy names that is not there."""
-    return [Problem(f"data.policy.{key}", f"{path} not found")
-            for key, path in recipe.data.policy_files() if not Path(path).exists()]
+    return [
+        Problem(f"data.policy.{key}", f"{path} not found")
+        for key, path in recipe.data.policy_files()
+        if not Path(path).exists()
+    ]

@@ -20,7 +20,10 @@ from finetune.errors import WenmaiError
 from finetune.model import model_config_dict, quantization_config
 from finetune.recipe import Recipe, TrainingOptions
 
-MIN_VERSIONS = {"deepspeed": "0.16", "bitsandbytes": "0.43.3"}  # bitsandbytes: quant_storage for sharded QLoRA (PEFT guide)
+MIN_VERSIONS = {
+    "deepspeed": "0.16",
+    "bitsandbytes": "0.43.3",
+}  # bitsandbytes: quant_storage for sharded QLoRA (PEFT guide)
 GPU_MEMORY_WARNING = 0.9  # estimate / GPU memory above which pre-flight warns
 GPU_MEMORY_ERROR = 1.15  # ... and refuses: the estimate is rough, a run it wrongly refused would be lost time
 
@@ -80,8 +83,14 @@ def check(
     offload = "cpu" in (recipe.distributed.offload_params, recipe.distributed.offload_optimizer)
     if with_estimates or (with_estimates is None and (hardware.cuda or offload)):
         report.estimates = estimates(recipe, world_size, gpus_per_node, hardware)
-    for rule in (strategy_rules, batch_rules, deepspeed_json_rules, quantized_sharding_rules, multi_adapter_rules,
-                 optimizer_rules):
+    for rule in (
+        strategy_rules,
+        batch_rules,
+        deepspeed_json_rules,
+        quantized_sharding_rules,
+        multi_adapter_rules,
+        optimizer_rules,
+    ):
         report.findings += rule(recipe, world_size, hardware)
     report.findings += cuda_rules(recipe, world_size, gpus_per_node, hardware, launch_on_gpus)
     report.findings += package_rules(recipe, versions)
@@ -115,12 +124,18 @@ def estimates(recipe: Recipe, world_size: int, gpus_per_node: int, hardware: Har
 
 # --- rules about the recipe -------------------------------------------------------------------
 
+
 def strategy_rules(recipe: Recipe, world_size: int, hardware: Hardware) -> list[Finding]:
     """Several processes need a strategy that shares the work."""
     if world_size > 1 and recipe.distributed.strategy == "none":
-        return [Finding("strategy-none", "distributed.strategy",
-                        f"is none, but the run has {world_size} processes; set ddp (every GPU holds the whole model), "
-                        "deepspeed (ZeRO sharding and offload) or fsdp")]
+        return [
+            Finding(
+                "strategy-none",
+                "distributed.strategy",
+                f"is none, but the run has {world_size} processes; set ddp (every GPU holds the whole model), "
+                "deepspeed (ZeRO sharding and offload) or fsdp",
+            )
+        ]
     return []
 
 
@@ -134,18 +149,26 @@ def batch_rules(recipe: Recipe, world_size: int, hardware: Hardware) -> list[Fin
     for i, stage in trainer_stages(recipe):
         unit = stage.batch_size * world_size
         if section.global_batch_size % unit:
-            findings.append(Finding(
-                "batch-world", "distributed.global_batch_size",
-                f"{section.global_batch_size} does not divide over stage {stage.stage_name!r}: batch_size {stage.batch_size} x "
-                f"{world_size} processes = {unit} sequences per micro-step; "
-                + ds.batch_fix(section.global_batch_size, stage.batch_size, world_size)))
+            findings.append(
+                Finding(
+                    "batch-world",
+                    "distributed.global_batch_size",
+                    f"{section.global_batch_size} does not divide over stage {stage.stage_name!r}: batch_size {stage.batch_size} x "
+                    f"{world_size} processes = {unit} sequences per micro-step; "
+                    + ds.batch_fix(section.global_batch_size, stage.batch_size, world_size),
+                )
+            )
             continue
         derived = section.global_batch_size // unit
         if "gradient_accumulation" in stage.model_fields_set and stage.gradient_accumulation != derived:
-            findings.append(Finding(
-                "batch-accumulation", f"stages[{i}].{stage.kind}.gradient_accumulation",
-                f"is {stage.gradient_accumulation}, but global_batch_size {section.global_batch_size} over {unit} sequences "
-                f"per micro-step needs {derived}; remove gradient_accumulation (it is derived) or global_batch_size"))
+            findings.append(
+                Finding(
+                    "batch-accumulation",
+                    f"stages[{i}].{stage.kind}.gradient_accumulation",
+                    f"is {stage.gradient_accumulation}, but global_batch_size {section.global_batch_size} over {unit} sequences "
+                    f"per micro-step needs {derived}; remove gradient_accumulation (it is derived) or global_batch_size",
+                )
+            )
     return findings
 
 
@@ -159,23 +182,37 @@ def deepspeed_json_rules(recipe: Recipe, world_size: int, hardware: Hardware) ->
     path = "distributed.deepspeed_config"
     findings = []
     if zero.stage == 3 and not zero.gathers_on_save:
-        findings.append(Finding("zero3-gather", path, "ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: "
-                                "true saves an empty adapter (DeepSpeed #7900); set it to true"))
+        findings.append(
+            Finding(
+                "zero3-gather",
+                path,
+                "ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: "
+                "true saves an empty adapter (DeepSpeed #7900); set it to true",
+            )
+        )
     for _, stage in trainer_stages(recipe):
         try:
             accumulation = ds.gradient_accumulation(stage.batch_size, stage.gradient_accumulation, section, world_size)
         except WenmaiError:
             continue  # reported by batch_rules
         clipping = stage.max_grad_norm if section.gradient_clipping == "auto" else section.gradient_clipping
-        wanted = {"train_micro_batch_size_per_gpu": stage.batch_size, "gradient_accumulation_steps": accumulation,
-                  "train_batch_size": stage.batch_size * accumulation * world_size, "gradient_clipping": clipping}
+        wanted = {
+            "train_micro_batch_size_per_gpu": stage.batch_size,
+            "gradient_accumulation_steps": accumulation,
+            "train_batch_size": stage.batch_size * accumulation * world_size,
+            "gradient_clipping": clipping,
+        }
         for key, value in wanted.items():
             given = config.get(key, "auto")
             if given != "auto" and given != value:
-                findings.append(Finding(
-                    "deepspeed-json-batch", path,
-                    f"{key} is {given} in the JSON, but stage {stage.stage_name!r} on {world_size} processes needs {value}; "
-                    f"set it to \"auto\" (Wenmai fills it for every stage)"))
+                findings.append(
+                    Finding(
+                        "deepspeed-json-batch",
+                        path,
+                        f"{key} is {given} in the JSON, but stage {stage.stage_name!r} on {world_size} processes needs {value}; "
+                        f'set it to "auto" (Wenmai fills it for every stage)',
+                    )
+                )
     return findings
 
 
@@ -186,12 +223,19 @@ def quantized_sharding_rules(recipe: Recipe, world_size: int, hardware: Hardware
         return []
     how = "FSDP" if section.strategy == "fsdp" else "ZeRO-3"
     if model.quantization == "int8":
-        return [Finding("int8-sharded", "model.quantization",
-                        f"int8 weights cannot be sharded by {how}; use nf4 (QLoRA) or distributed.zero_stage: 2")]
+        return [
+            Finding(
+                "int8-sharded",
+                "model.quantization",
+                f"int8 weights cannot be sharded by {how}; use nf4 (QLoRA) or distributed.zero_stage: 2",
+            )
+        ]
     import torch
 
     findings = []
-    model_dtype = getattr(torch, model.dtype) if model.dtype != "auto" else (torch.bfloat16 if hardware.bf16 else torch.float32)
+    model_dtype = (
+        getattr(torch, model.dtype) if model.dtype != "auto" else (torch.bfloat16 if hardware.bf16 else torch.float32)
+    )
     storage = quantization_config(model, dtype=model_dtype).bnb_4bit_quant_storage
     for _, stage in trainer_stages(recipe):
         precision = stage.precision if section.mixed_precision == "auto" else section.mixed_precision
@@ -200,11 +244,15 @@ def quantized_sharding_rules(recipe: Recipe, world_size: int, hardware: Hardware
         trained = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         if storage != trained:
             fix = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[trained]
-            findings.append(Finding(
-                "nf4-storage", "model.dtype",
-                f"nf4 with {how} needs bnb_4bit_quant_storage equal to the dtype the shards train in; the weights are stored "
-                f"as {str(storage).removeprefix('torch.')} (model.dtype {model.dtype}) but stage {stage.stage_name!r} trains in "
-                f"{precision}; set model.dtype: {fix}"))
+            findings.append(
+                Finding(
+                    "nf4-storage",
+                    "model.dtype",
+                    f"nf4 with {how} needs bnb_4bit_quant_storage equal to the dtype the shards train in; the weights are stored "
+                    f"as {str(storage).removeprefix('torch.')} (model.dtype {model.dtype}) but stage {stage.stage_name!r} trains in "
+                    f"{precision}; set model.dtype: {fix}",
+                )
+            )
             break
     return findings
 
@@ -213,10 +261,16 @@ def multi_adapter_rules(recipe: Recipe, world_size: int, hardware: Hardware) -> 
     """ZeRO-3 / FSDP shard the weights once; a stage that keeps several adapters on one base cannot switch them."""
     if not ds.shards_weights(recipe.distributed):
         return []
-    return [Finding("sharded-multi-adapter", f"stages[{i}].{c.kind}",
-                    f"stage {c.stage_name!r} keeps {c.adapters_on_base()} adapters on one base model, which ZeRO-3 / FSDP "
-                    "cannot shard; use distributed.zero_stage: 2 (or ddp), or a reference without a second adapter")
-            for i, c in enumerate(recipe.stage_configs()) if c.adapters_on_base() > 1]
+    return [
+        Finding(
+            "sharded-multi-adapter",
+            f"stages[{i}].{c.kind}",
+            f"stage {c.stage_name!r} keeps {c.adapters_on_base()} adapters on one base model, which ZeRO-3 / FSDP "
+            "cannot shard; use distributed.zero_stage: 2 (or ddp), or a reference without a second adapter",
+        )
+        for i, c in enumerate(recipe.stage_configs())
+        if c.adapters_on_base() > 1
+    ]
 
 
 def optimizer_rules(recipe: Recipe, world_size: int, hardware: Hardware) -> list[Finding]:
@@ -224,29 +278,58 @@ def optimizer_rules(recipe: Recipe, world_size: int, hardware: Hardware) -> list
     zero = ds.zero_settings(recipe.distributed)
     if zero is None or zero.offload_optimizer == "none":
         return []
-    return [Finding("offload-optimizer", f"stages[{i}].{c.kind}.optimizer",
-                    f"is {c.optimizer}, but an offloaded optimiser is DeepSpeed's CPU AdamW; use optimizer: adamw_torch "
-                    "or distributed.offload_optimizer: none")
-            for i, c in trainer_stages(recipe) if not c.optimizer.startswith("adamw")]
+    return [
+        Finding(
+            "offload-optimizer",
+            f"stages[{i}].{c.kind}.optimizer",
+            f"is {c.optimizer}, but an offloaded optimiser is DeepSpeed's CPU AdamW; use optimizer: adamw_torch "
+            "or distributed.offload_optimizer: none",
+        )
+        for i, c in trainer_stages(recipe)
+        if not c.optimizer.startswith("adamw")
+    ]
 
 
 # --- rules about this machine -----------------------------------------------------------------
 
-def cuda_rules(recipe: Recipe, world_size: int, gpus_per_node: int, hardware: Hardware, launch_on_gpus: bool) -> list[Finding]:
+
+def cuda_rules(
+    recipe: Recipe, world_size: int, gpus_per_node: int, hardware: Hardware, launch_on_gpus: bool
+) -> list[Finding]:
     """Missing CUDA, or fewer GPUs than processes to start on this node."""
     section = recipe.distributed
     if launch_on_gpus and hardware.gpus < gpus_per_node:
         have = "no CUDA GPU" if not hardware.cuda else f"{hardware.gpus} GPU{'s' if hardware.gpus != 1 else ''}"
-        return [Finding("cuda-missing", "--gpus", f"{gpus_per_node} processes per node need {gpus_per_node} GPUs and this node "
-                        f"has {have}; lower --gpus, or add --cpu to test the multi-process run on CPU (gloo)", machine=True)]
+        return [
+            Finding(
+                "cuda-missing",
+                "--gpus",
+                f"{gpus_per_node} processes per node need {gpus_per_node} GPUs and this node "
+                f"has {have}; lower --gpus, or add --cpu to test the multi-process run on CPU (gloo)",
+                machine=True,
+            )
+        ]
     if not hardware.cuda and section.strategy == "fsdp":
-        return [Finding("cuda-missing", "distributed.strategy",
-                        "fsdp shards only on CUDA GPUs and this machine has none (on CPU accelerate would quietly run "
-                        "plain data parallel); run on GPUs, or use ddp or deepspeed to test on CPU", machine=True)]
+        return [
+            Finding(
+                "cuda-missing",
+                "distributed.strategy",
+                "fsdp shards only on CUDA GPUs and this machine has none (on CPU accelerate would quietly run "
+                "plain data parallel); run on GPUs, or use ddp or deepspeed to test on CPU",
+                machine=True,
+            )
+        ]
     if not hardware.cuda and section.strategy == "deepspeed":
-        return [Finding("cuda-missing", "distributed.strategy",
-                        "deepspeed on a machine without CUDA runs on CPU with the gloo backend: fine for tests, "
-                        "far too slow for training", severity="warning", machine=True)]
+        return [
+            Finding(
+                "cuda-missing",
+                "distributed.strategy",
+                "deepspeed on a machine without CUDA runs on CPU with the gloo backend: fine for tests, "
+                "far too slow for training",
+                severity="warning",
+                machine=True,
+            )
+        ]
     return []
 
 
@@ -258,18 +341,39 @@ def package_rules(recipe: Recipe, versions: dict[str, str | None]) -> list[Findi
     if recipe.distributed.strategy == "deepspeed":
         have = versions.get("deepspeed")
         if have is None:
-            findings.append(Finding("deepspeed-missing", "distributed.strategy",
-                                    "deepspeed is not installed; pip install 'wenmai[gpu]'", machine=True))
+            findings.append(
+                Finding(
+                    "deepspeed-missing",
+                    "distributed.strategy",
+                    "deepspeed is not installed; pip install 'wenmai[gpu]'",
+                    machine=True,
+                )
+            )
         elif Version(have) < Version(MIN_VERSIONS["deepspeed"]):
-            findings.append(Finding("deepspeed-version", "distributed.strategy",
-                                    f"deepspeed {have} is older than {MIN_VERSIONS['deepspeed']}; pip install -U 'wenmai[gpu]'",
-                                    machine=True))
+            findings.append(
+                Finding(
+                    "deepspeed-version",
+                    "distributed.strategy",
+                    f"deepspeed {have} is older than {MIN_VERSIONS['deepspeed']}; pip install -U 'wenmai[gpu]'",
+                    machine=True,
+                )
+            )
     have = versions.get("bitsandbytes")
-    if recipe.model.quantization == "nf4" and ds.shards_weights(recipe.distributed) and have is not None \
-            and Version(have) < Version(MIN_VERSIONS["bitsandbytes"]):
-        findings.append(Finding("bitsandbytes-version", "model.quantization",
-                                f"sharded nf4 needs bnb_4bit_quant_storage, from bitsandbytes {MIN_VERSIONS['bitsandbytes']}; "
-                                f"{have} is installed: pip install -U 'wenmai[gpu]'", machine=True))
+    if (
+        recipe.model.quantization == "nf4"
+        and ds.shards_weights(recipe.distributed)
+        and have is not None
+        and Version(have) < Version(MIN_VERSIONS["bitsandbytes"])
+    ):
+        findings.append(
+            Finding(
+                "bitsandbytes-version",
+                "model.quantization",
+                f"sharded nf4 needs bnb_4bit_quant_storage, from bitsandbytes {MIN_VERSIONS['bitsandbytes']}; "
+                f"{have} is installed: pip install -U 'wenmai[gpu]'",
+                machine=True,
+            )
+        )
     return findings
 
 
@@ -280,19 +384,29 @@ def memory_rules(recipe: Recipe, estimates: list[Estimate], hardware: Hardware, 
         if hardware.cuda and hardware.gpu_memory:
             share = est.total / hardware.gpu_memory
             if share > GPU_MEMORY_WARNING:
-                findings.append(Finding(
-                    "gpu-memory", "distributed",
-                    f"stage {est.stage!r} needs about {gib(est.total)} per GPU ({_largest(est)}) and {hardware.gpu_name} has "
-                    f"{gib(hardware.gpu_memory)}; lower batch_size or seq_len, turn on gradient_checkpointing, "
-                    "use nf4, ZeRO-3 / FSDP, or offload",
-                    severity="error" if share > GPU_MEMORY_ERROR else "warning", machine=True))
+                findings.append(
+                    Finding(
+                        "gpu-memory",
+                        "distributed",
+                        f"stage {est.stage!r} needs about {gib(est.total)} per GPU ({_largest(est)}) and {hardware.gpu_name} has "
+                        f"{gib(hardware.gpu_memory)}; lower batch_size or seq_len, turn on gradient_checkpointing, "
+                        "use nf4, ZeRO-3 / FSDP, or offload",
+                        severity="error" if share > GPU_MEMORY_ERROR else "warning",
+                        machine=True,
+                    )
+                )
         if est.host_per_node and est.host_per_node > hardware.host_available:
-            findings.append(Finding(
-                "host-memory", "distributed.offload_params" if recipe.distributed.offload_params != "none"
-                else "distributed.offload_optimizer",
-                f"offload for stage {est.stage!r} needs about {gib(est.host_per_node)} of host memory per node "
-                f"({gpus_per_node} processes) and {gib(hardware.host_available)} is free; offload less, use nvme, or more nodes",
-                machine=True))
+            findings.append(
+                Finding(
+                    "host-memory",
+                    "distributed.offload_params"
+                    if recipe.distributed.offload_params != "none"
+                    else "distributed.offload_optimizer",
+                    f"offload for stage {est.stage!r} needs about {gib(est.host_per_node)} of host memory per node "
+                    f"({gpus_per_node} processes) and {gib(hardware.host_available)} is free; offload less, use nvme, or more nodes",
+                    machine=True,
+                )
+            )
     return findings
 
 

@@ -54,7 +54,11 @@ def _metadata_from_source(module: str, cls: str, field: str) -> dict | None:
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name == cls:
             for item in node.body:
-                if isinstance(item, ast.AnnAssign) and getattr(item.target, "id", None) == field and isinstance(item.value, ast.Call):
+                if (
+                    isinstance(item, ast.AnnAssign)
+                    and getattr(item.target, "id", None) == field
+                    and isinstance(item.value, ast.Call)
+                ):
                     for keyword in item.value.keywords:
                         if keyword.arg == "metadata":
                             try:

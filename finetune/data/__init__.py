@@ -33,8 +33,9 @@ class TokenizedSet:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def tokenize_records(recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool = True,
-                     stage_dir: Path | None = None) -> TokenizedSet:
+def tokenize_records(
+    recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool = True, stage_dir: Path | None = None
+) -> TokenizedSet:
     """Render and tokenize a dataset for language-model training, truncated to `seq_len`."""
     from rich.progress import track
 

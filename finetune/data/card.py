@@ -25,11 +25,15 @@ class DataCard(BaseModel):
 
     stage: str | None = None
     updated: str
-    policy: dict = Field(default_factory=dict, description="The data policy applied (intended use, grades, licences, ...).")
+    policy: dict = Field(
+        default_factory=dict, description="The data policy applied (intended use, grades, licences, ...)."
+    )
     datasets: list[DatasetReport] = Field(default_factory=list)
 
 
-def write_stage_files(stage_dir: Path, report: DatasetReport, register: list[RegisterEntry], policy: DataPolicy) -> None:
+def write_stage_files(
+    stage_dir: Path, report: DatasetReport, register: list[RegisterEntry], policy: DataPolicy
+) -> None:
     """Add (or replace) one dataset in a stage folder's data card and register."""
     card = read_card(stage_dir) or DataCard(stage=stage_dir.name, updated=utc_now())
     card.datasets = [d for d in card.datasets if d.name != report.name] + [report]
@@ -65,7 +69,11 @@ def read_register(folder: Path) -> list[RegisterEntry]:
     path = folder / REGISTER_FILE
     if not path.is_file():
         return []
-    return [RegisterEntry.model_validate_json(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        RegisterEntry.model_validate_json(line)
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def policy_summary(policy: DataPolicy) -> dict:
@@ -78,8 +86,13 @@ def policy_summary(policy: DataPolicy) -> dict:
         "allow_missing_rights": policy.allow_missing_rights,
         "pii": policy.pii.action,
         "pii_types": policy.pii.types + (["person"] if policy.pii.names != "none" else []),
-        "dedup": {"exact": policy.dedup.exact, "near": policy.dedup.near, "threshold": policy.dedup.threshold,
-                  "ngram": policy.dedup.ngram, "check_against": policy.dedup.check_against},
+        "dedup": {
+            "exact": policy.dedup.exact,
+            "near": policy.dedup.near,
+            "threshold": policy.dedup.threshold,
+            "ngram": policy.dedup.ngram,
+            "check_against": policy.dedup.check_against,
+        },
         "topic_list": policy.topic_list,
     }
 
@@ -91,14 +104,29 @@ def render_markdown(card: DataCard) -> str:
     lines += [f"- **{k.replace('_', ' ')}**: {_inline(v)}" for k, v in card.policy.items()]
     for d in card.datasets:
         lines += ["", f"## Dataset `{d.name}`", "", f"`{d.path}` (format {d.format}, {d.file_bytes:,} bytes)", ""]
-        lines += ["| | records |", "| --- | ---: |", f"| read | {d.records_read} |", f"| bad (skipped) | {d.bad_records} |",
-                  f"| excluded by policy | {sum(d.excluded.values())} |", f"| duplicates removed | {sum(d.duplicates.values())} |",
-                  f"| **kept** | **{d.kept}** |", "", f"{d.characters:,} characters of text kept; "
-                  f"{d.pii_records} records held personal data ({d.pii_action}); {d.registered} in the sensitive-topic register.", ""]
-        for heading, counts in (("Languages", d.languages), ("Licences", d.licences), ("Sources", d.sources),
-                                ("Sensitivity grades", d.grades), ("Topics", d.topics),
-                                ("Excluded, by reason", d.excluded), ("Personal data found, by type", d.pii_found),
-                                ("Duplicates removed", d.duplicates)):
+        lines += [
+            "| | records |",
+            "| --- | ---: |",
+            f"| read | {d.records_read} |",
+            f"| bad (skipped) | {d.bad_records} |",
+            f"| excluded by policy | {sum(d.excluded.values())} |",
+            f"| duplicates removed | {sum(d.duplicates.values())} |",
+            f"| **kept** | **{d.kept}** |",
+            "",
+            f"{d.characters:,} characters of text kept; "
+            f"{d.pii_records} records held personal data ({d.pii_action}); {d.registered} in the sensitive-topic register.",
+            "",
+        ]
+        for heading, counts in (
+            ("Languages", d.languages),
+            ("Licences", d.licences),
+            ("Sources", d.sources),
+            ("Sensitivity grades", d.grades),
+            ("Topics", d.topics),
+            ("Excluded, by reason", d.excluded),
+            ("Personal data found, by type", d.pii_found),
+            ("Duplicates removed", d.duplicates),
+        ):
             lines += _table(heading, counts)
     return "\n".join(lines) + "\n"
 
@@ -111,4 +139,10 @@ def _table(heading: str, counts: dict[str, int]) -> list[str]:
 
 
 def _inline(value: object) -> str:
-    return ", ".join(map(str, value)) if isinstance(value, list) else json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else str(value)
+    return (
+        ", ".join(map(str, value))
+        if isinstance(value, list)
+        else json.dumps(value, ensure_ascii=False)
+        if isinstance(value, dict)
+        else str(value)
+    )

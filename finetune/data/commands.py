@@ -37,18 +37,23 @@ def check(target: Path, fmt: str | None = None, recipe: Path | None = None) -> l
     return [_run(t)[0] for t in targets(target, fmt, recipe)]
 
 
-def scrub(source: Path, dest: Path, fmt: str | None = None, recipe: Path | None = None, dedup: bool = True) -> DatasetReport:
+def scrub(
+    source: Path, dest: Path, fmt: str | None = None, recipe: Path | None = None, dedup: bool = True
+) -> DatasetReport:
     """Stream the records of `source` that may train, scrubbed (and deduplicated), into JSONL `dest`."""
     if source.suffix.lower() in RECIPE_SUFFIXES:
-        raise DataError(f"{source} is a recipe; `wenmai data scrub` cleans one data file (take the policy from a recipe with --recipe)")
+        raise DataError(
+            f"{source} is a recipe; `wenmai data scrub` cleans one data file (take the policy from a recipe with --recipe)"
+        )
     if dest.resolve() == source.resolve():
         raise DataError(f"{dest}: write the cleaned records to a new file, not over the input")
     [item] = targets(source, fmt, recipe)
     report = DatasetReport(name=item.name, path="", format="")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(dest) as out:
-        for _, record in stream_dataset(item.name, item.section, item.policy, report, scrubber=item.scrubber,
-                                        reference=item.reference, dedup=dedup):
+        for _, record in stream_dataset(
+            item.name, item.section, item.policy, report, scrubber=item.scrubber, reference=item.reference, dedup=dedup
+        ):
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
     return report
 
@@ -72,8 +77,10 @@ def targets(target: Path, fmt: str | None, recipe: Path | None) -> list[Target]:
     if target.suffix.lower() in RECIPE_SUFFIXES:
         loaded = load_recipe(target).recipe
         scrubber = build_scrubber(loaded.data.policy.pii)
-        return [Target(name, section, loaded.data.policy, scrubber, reference_for(loaded, name, scrubber))
-                for name, section in loaded.data.items()]
+        return [
+            Target(name, section, loaded.data.policy, scrubber, reference_for(loaded, name, scrubber))
+            for name, section in loaded.data.items()
+        ]
     if not target.is_file():
         raise DataError(f"{target}: no such file; give a data file (.jsonl, .json, .parquet, .csv) or a recipe (.yaml)")
     policy = load_recipe(recipe).recipe.data.policy if recipe is not None else DataPolicy()
@@ -90,14 +97,17 @@ def detect_format(path: Path) -> str:
             with contextlib.suppress(ValueError):
                 model.model_validate(raw)
                 return name
-        raise DataError(f"{where}: cannot tell the record format (fields: {', '.join(raw)}); give --format "
-                        f"({', '.join(RECORD_MODELS)})")
+        raise DataError(
+            f"{where}: cannot tell the record format (fields: {', '.join(raw)}); give --format "
+            f"({', '.join(RECORD_MODELS)})"
+        )
     raise DataError(f"{path}: no records")
 
 
 def _run(item: Target) -> tuple[DatasetReport, list[RegisterEntry]]:
     report, register = DatasetReport(name=item.name, path="", format=""), []
-    for _ in stream_dataset(item.name, item.section, item.policy, report, register,
-                            scrubber=item.scrubber, reference=item.reference):
+    for _ in stream_dataset(
+        item.name, item.section, item.policy, report, register, scrubber=item.scrubber, reference=item.reference
+    ):
         pass
     return report, register

@@ -55,7 +55,7 @@ def shingle_hashes(text: str, n: int, cache: dict[str, int] | None = None):
     for size in range(2, n + 1):
         if len(units) < size:
             break
-        current = (current[:-1] * 0x9E3779B1 + single[size - 1:] + size) & 0xFFFFFFFF  # polynomial hash of the run
+        current = (current[:-1] * 0x9E3779B1 + single[size - 1 :] + size) & 0xFFFFFFFF  # polynomial hash of the run
         runs.append(current)
     return np.concatenate(runs).astype(np.uint32)
 
@@ -67,8 +67,10 @@ class NearIndex:
         try:
             from datasketch import MinHash
         except ImportError:
-            raise WenmaiError("near-duplicate detection (data.policy.dedup.near, or checks against evaluation sets) "
-                              "needs datasketch: pip install 'wenmai[data]'") from None
+            raise WenmaiError(
+                "near-duplicate detection (data.policy.dedup.near, or checks against evaluation sets) "
+                "needs datasketch: pip install 'wenmai[data]'"
+            ) from None
         from finetune.data.lsh import CompactLSH
 
         self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm

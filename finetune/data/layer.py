@@ -67,7 +67,9 @@ class DatasetReport(BaseModel):
     pii_action: str = "mask"
     pii_found: dict[str, int] = Field(default_factory=dict, description="Personal data found, by type.")
     pii_records: int = Field(0, description="Records that contained personal data.")
-    duplicates: dict[str, int] = Field(default_factory=dict, description="Records dropped as duplicates: exact, near, eval: <set>.")
+    duplicates: dict[str, int] = Field(
+        default_factory=dict, description="Records dropped as duplicates: exact, near, eval: <set>."
+    )
     registered: int = Field(0, description="Records written to the sensitive-topic register.")
 
     def bump(self, table: str, key: str, by: int = 1) -> None:
@@ -103,16 +105,37 @@ def load_dataset(recipe: Recipe, name: str) -> LayerRecords:
     scrubber = build_scrubber(policy.pii)
     reference = reference_for(recipe, name, scrubber)
     report, register, skipped = DatasetReport(name=name, path="", format=""), [], []
-    records = [r for _, r in stream_dataset(name, recipe.data[name], policy, report, register, skipped,
-                                             scrubber=scrubber, reference=reference, context=record_context(recipe, name))]
+    records = [
+        r
+        for _, r in stream_dataset(
+            name,
+            recipe.data[name],
+            policy,
+            report,
+            register,
+            skipped,
+            scrubber=scrubber,
+            reference=reference,
+            context=record_context(recipe, name),
+        )
+    ]
     check_record_set(recipe.data[name].format, records, str(recipe.data[name].path))
     return LayerRecords(records, skipped, report, register)
 
 
-def stream_dataset(name: str, section: DatasetSection, policy: DataPolicy, report: DatasetReport,
-                   register: list[RegisterEntry] | None = None, skipped: list[tuple[str, str]] | None = None, *,
-                   scrubber: Scrubber | None = None, reference: ReferenceIndex | None = None,
-                   dedup: bool = True, context: dict | None = None) -> Iterator[tuple[str, dict]]:
+def stream_dataset(
+    name: str,
+    section: DatasetSection,
+    policy: DataPolicy,
+    report: DatasetReport,
+    register: list[RegisterEntry] | None = None,
+    skipped: list[tuple[str, str]] | None = None,
+    *,
+    scrubber: Scrubber | None = None,
+    reference: ReferenceIndex | None = None,
+    dedup: bool = True,
+    context: dict | None = None,
+) -> Iterator[tuple[str, dict]]:
     """Yield (file:line, record) for each record that may train; fill `report`, `register` and `skipped`.
 
     `scrubber` (default: the policy's) and `reference` let a caller build them once for several datasets;
@@ -126,8 +149,9 @@ def stream_dataset(name: str, section: DatasetSection, policy: DataPolicy, repor
     skipped = [] if skipped is None else skipped
     scrubber = scrubber or build_scrubber(policy.pii)
     dedup = dedup and section.format not in PREFERENCE_MODELS
-    deduplicator = Deduplicator(policy.dedup if dedup else policy.dedup.model_copy(update={"exact": False, "near": False}),
-                                reference)
+    deduplicator = Deduplicator(
+        policy.dedup if dedup else policy.dedup.model_copy(update={"exact": False, "near": False}), reference
+    )
     topics = TopicList.load(policy.topic_list)
     with _progress(Path(section.path), name) as advance:
         for where, record in islice(iter_records(section.path, section.format, skipped, context), section.max_records):
@@ -190,7 +214,9 @@ def reference_for(recipe: Recipe, name: str, scrubber: Scrubber | None) -> Refer
     for root in map(Path, options.check_against):
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EVAL_SUFFIXES) if root.is_dir() else [root]
         if not files:
-            raise DataError(f"data.policy.dedup.check_against: {root} holds no evaluation files ({', '.join(EVAL_SUFFIXES)})")
+            raise DataError(
+                f"data.policy.dedup.check_against: {root} holds no evaluation files ({', '.join(EVAL_SUFFIXES)})"
+            )
         for path in files:
             label = str(path.relative_to(root.parent)) if root.is_dir() else path.name
             for row in _eval_rows(path):
@@ -210,6 +236,7 @@ def dataset_roles(recipe: Recipe) -> dict[str, set[str]]:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def _text_slots(record: dict, fmt: str) -> Iterator[tuple[Any, Any]]:
     keys = TEXT_FIELDS.get(fmt) or [k for k in record if k not in NOT_TEXT]
@@ -231,8 +258,9 @@ def _walk(container: Any, key: Any) -> Iterator[tuple[Any, Any]]:
                 yield from _walk(value, k)
 
 
-def _scrub(record: dict, fmt: str, scrubber: Scrubber | None, policy: DataPolicy, meta: RecordMetadata,
-           report: DatasetReport) -> str | None:
+def _scrub(
+    record: dict, fmt: str, scrubber: Scrubber | None, policy: DataPolicy, meta: RecordMetadata, report: DatasetReport
+) -> str | None:
     """Mask personal data in place and count it; the exclusion reason when the policy drops such records."""
     if scrubber is None or (policy.pii.keep_with_consent and meta.consent):
         return None
@@ -251,7 +279,9 @@ def _scrub(record: dict, fmt: str, scrubber: Scrubber | None, policy: DataPolicy
     return "pii: contains " + ", ".join(sorted(found)) if policy.pii.action == "drop" else None
 
 
-def _count_kept(report: DatasetReport, record: dict, meta: RecordMetadata, pieces: list[str], policy: DataPolicy) -> None:
+def _count_kept(
+    report: DatasetReport, record: dict, meta: RecordMetadata, pieces: list[str], policy: DataPolicy
+) -> None:
     report.kept += 1
     report.characters += sum(map(len, pieces))
     report.bump("languages", record.get("lang") if isinstance(record.get("lang"), str) else _language(pieces))
@@ -268,22 +298,34 @@ def _language(pieces: list[str]) -> str:
     return "zh" if cjk and cjk * 4 >= latin else "en" if latin else "other"
 
 
-def _register_entry(record: dict, where: str, dataset: str, meta: RecordMetadata, grade: str, topics: list[str]) -> RegisterEntry:
+def _register_entry(
+    record: dict, where: str, dataset: str, meta: RecordMetadata, grade: str, topics: list[str]
+) -> RegisterEntry:
     source = None
     if meta.source is not None:
-        source = " / ".join(p for p in (meta.source.institution, meta.source.collection, meta.source.object_id,
-                                        meta.source.url) if p)
-    return RegisterEntry(record=str(record.get("id") or where), where=where, dataset=dataset, source=source,
-                         licence=meta.licence, grade=grade, topics=topics)
+        source = " / ".join(
+            p for p in (meta.source.institution, meta.source.collection, meta.source.object_id, meta.source.url) if p
+        )
+    return RegisterEntry(
+        record=str(record.get("id") or where),
+        where=where,
+        dataset=dataset,
+        source=source,
+        licence=meta.licence,
+        grade=grade,
+        topics=topics,
+    )
 
 
 def _nothing_left(name: str, report: DatasetReport) -> str:
     why = {**report.excluded, **{f"duplicate ({k})": v for k, v in report.duplicates.items()}}
     listed = "\n".join(f"  - {reason}: {count}" for reason, count in sorted(why.items(), key=lambda kv: -kv[1]))
-    return (f"dataset {name!r}: no record is left to train on ({report.records_read} read, "
-            f"{report.bad_records} bad):\n{listed or '  - (no valid records)'}\n"
-            "Change data.policy (intended_use, max_sensitivity, licences, allow_missing_rights) or the "
-            f"metadata of data.{name} (its `defaults` or the records' own fields).")
+    return (
+        f"dataset {name!r}: no record is left to train on ({report.records_read} read, "
+        f"{report.bad_records} bad):\n{listed or '  - (no valid records)'}\n"
+        "Change data.policy (intended_use, max_sensitivity, licences, allow_missing_rights) or the "
+        f"metadata of data.{name} (its `defaults` or the records' own fields)."
+    )
 
 
 def _scrubbed(texts: list[str], scrubber: Scrubber | None) -> list[str]:

@@ -30,7 +30,7 @@ def band_shape(threshold: float, num_perm: int, recall: float = 0.95) -> tuple[i
         bands = num_perm // rows
         if bands < 2:
             break
-        if 1 - (1 - threshold ** rows) ** bands >= recall:
+        if 1 - (1 - threshold**rows) ** bands >= recall:
             best = (bands, rows)
     return best
 
@@ -65,7 +65,7 @@ class CompactLSH:
             left = np.searchsorted(sorted_keys, keys, side="left")
             right = np.searchsorted(sorted_keys, keys, side="right")
             for band in np.flatnonzero(right > left).tolist():  # usually none: no Python loop over every band
-                found.update(numbers[left[band]:right[band]].tolist())
+                found.update(numbers[left[band] : right[band]].tolist())
         return found
 
     def signature_of(self, number: int) -> np.ndarray:

@@ -61,8 +61,11 @@ def load_pairs(recipe: Recipe, name: str, stage_dir: Path | None = None, on: str
     report = records.report
     stats: dict[str, Any] = {"records": len(records.records), "skipped_bad_records": len(records.skipped)}
     if report is not None:
-        stats.update(excluded_by_policy=sum(report.excluded.values()), duplicates_removed=sum(report.duplicates.values()),
-                     pii_masked=sum(report.pii_found.values()) if report.pii_action == "mask" else 0)
+        stats.update(
+            excluded_by_policy=sum(report.excluded.values()),
+            duplicates_removed=sum(report.duplicates.values()),
+            pii_masked=sum(report.pii_found.values()) if report.pii_action == "mask" else 0,
+        )
     if section.format == "pairs":
         pairs = pairs_from_records(records.records)
     elif section.format == "ratings":
@@ -85,8 +88,13 @@ def load_pairs(recipe: Recipe, name: str, stage_dir: Path | None = None, on: str
 def pairs_from_records(records: Iterable[dict]) -> list[PreferencePair]:
     """`pairs` records (already checked and split by the data path) as PreferencePairs."""
     return [
-        PreferencePair(prompt=prompt_messages(r["prompt"]), chosen=r["chosen"], rejected=r["rejected"],
-                       dimension=r.get("dimension"), margin=r.get("margin") or 0.0)
+        PreferencePair(
+            prompt=prompt_messages(r["prompt"]),
+            chosen=r["chosen"],
+            rejected=r["rejected"],
+            dimension=r.get("dimension"),
+            margin=r.get("margin") or 0.0,
+        )
         for r in records
     ]
 
@@ -108,13 +116,20 @@ def ratings_to_pairs(
     pairs: list[PreferencePair] = []
     for prompt, responses in means.items():
         for (text_a, scores_a), (text_b, scores_b) in combinations(responses.items(), 2):
-            for dimension in ([on] if on else names):
+            for dimension in [on] if on else names:
                 a, b = _value(scores_a, dimension, weights), _value(scores_b, dimension, weights)
                 if a is None or b is None or math.isclose(a, b):
                     continue
                 chosen, rejected = (text_a, text_b) if a > b else (text_b, text_a)
-                pairs.append(PreferencePair(prompt=json.loads(prompt), chosen=chosen, rejected=rejected,
-                                            dimension=None if dimension == TOTAL else dimension, margin=abs(a - b)))
+                pairs.append(
+                    PreferencePair(
+                        prompt=json.loads(prompt),
+                        chosen=chosen,
+                        rejected=rejected,
+                        dimension=None if dimension == TOTAL else dimension,
+                        margin=abs(a - b),
+                    )
+                )
     if not pairs:
         raise DataError(
             f"{where}: no pairs can be formed: responses to the same prompt tie on every "
@@ -133,8 +148,15 @@ def tiers_to_pairs(records: Iterable[dict], tier_order: Sequence[str]) -> list[P
             if rank_a == rank_b:
                 continue
             (_, chosen), (_, rejected) = sorted([(rank_a, text_a), (rank_b, text_b)])
-            pairs.append(PreferencePair(prompt=prompt_messages(record["prompt"]), chosen=chosen, rejected=rejected,
-                                        dimension=record.get("dimension"), margin=float(abs(rank_a - rank_b))))
+            pairs.append(
+                PreferencePair(
+                    prompt=prompt_messages(record["prompt"]),
+                    chosen=chosen,
+                    rejected=rejected,
+                    dimension=record.get("dimension"),
+                    margin=float(abs(rank_a - rank_b)),
+                )
+            )
     return pairs
 
 
@@ -152,8 +174,11 @@ def rater_agreement(records: Iterable[dict], dimensions: Sequence[str]) -> dict[
         diffs = [abs(a - b) for by_rater in items.values() for a, b in combinations(by_rater.values(), 2)]
         entry: dict[str, float] = {"responses_rated_twice": len(items)}
         if diffs:
-            entry.update(exact=_share(d == 0 for d in diffs), within_one=_share(d <= 1 for d in diffs),
-                         mean_abs_diff=round(sum(diffs) / len(diffs), 3))
+            entry.update(
+                exact=_share(d == 0 for d in diffs),
+                within_one=_share(d <= 1 for d in diffs),
+                mean_abs_diff=round(sum(diffs) / len(diffs), 3),
+            )
         orders = _order_agreement(scores.get(dimension, {}))
         if orders:
             entry["same_order"] = _share(orders)
@@ -175,7 +200,9 @@ def split_by_prompt(examples: list[dict], fraction: float, seed: int) -> tuple[l
     random.Random(seed).shuffle(keys)
     n_eval = min(len(keys) - 1, max(1, round(fraction * len(keys))))
     held_out = set(keys[:n_eval])
-    return [e for e in examples if e["prompt_key"] not in held_out], [e for e in examples if e["prompt_key"] in held_out]
+    return [e for e in examples if e["prompt_key"] not in held_out], [
+        e for e in examples if e["prompt_key"] in held_out
+    ]
 
 
 def deduplicate(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], dict[str, int]]:
@@ -188,7 +215,9 @@ def deduplicate(pairs: list[PreferencePair]) -> tuple[list[PreferencePair], dict
     return kept, {"duplicate_pairs": len(pairs) - len(seen), "contradictory_pairs": len(contradictory)}
 
 
-def hold_out(pairs: list[PreferencePair], fraction: float, seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+def hold_out(
+    pairs: list[PreferencePair], fraction: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Hold out `fraction` of the prompts with all their pairs (none when 0 or fewer than two prompts)."""
     examples = [{"prompt_key": prompt_key(p.prompt), "pair": p} for p in pairs]
     if fraction <= 0 or len({e["prompt_key"] for e in examples}) < 2:
@@ -199,14 +228,17 @@ def hold_out(pairs: list[PreferencePair], fraction: float, seed: int) -> tuple[l
 
 # --- helpers ---------------------------------------------------------------------------------
 
+
 def _mean_scores(records: Iterable[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """prompt key -> response -> dimension -> mean score over raters (responses in first-seen order)."""
     sums: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for record in records:
         for dimension, value in record["scores"].items():
             sums[prompt_key(record["prompt"])][record["response"].strip()][dimension].append(value)
-    return {p: {r: {d: sum(v) / len(v) for d, v in dims.items()} for r, dims in responses.items()}
-            for p, responses in sums.items()}
+    return {
+        p: {r: {d: sum(v) / len(v) for d, v in dims.items()} for r, dims in responses.items()}
+        for p, responses in sums.items()
+    }
 
 
 def _value(scores: dict[str, float], dimension: str, weights: dict[str, float]) -> float | None:

@@ -23,15 +23,25 @@ from pathlib import Path
 from finetune.errors import WenmaiError
 
 PLACEHOLDERS = {
-    "id_card": "<ID_CARD>", "mobile": "<PHONE>", "landline": "<PHONE>", "email": "<EMAIL>",
-    "bank_card": "<BANK_CARD>", "passport": "<PASSPORT>", "ip": "<IP>", "person": "<PERSON>",
+    "id_card": "<ID_CARD>",
+    "mobile": "<PHONE>",
+    "landline": "<PHONE>",
+    "email": "<EMAIL>",
+    "bank_card": "<BANK_CARD>",
+    "passport": "<PASSPORT>",
+    "ip": "<IP>",
+    "person": "<PERSON>",
 }
 Span = tuple[int, int]
 Finder = Callable[[str], Iterable[Span]]
 
 _NOT_ALNUM_BEFORE = r"(?<![0-9A-Za-z])"
 _NOT_ALNUM_AFTER = r"(?![0-9A-Za-z])"
-_ID_CARD = re.compile(_NOT_ALNUM_BEFORE + r"[1-8]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]" + _NOT_ALNUM_AFTER)
+_ID_CARD = re.compile(
+    _NOT_ALNUM_BEFORE
+    + r"[1-8]\d{5}(?:18|19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\d{3}[\dXx]"
+    + _NOT_ALNUM_AFTER
+)
 _MOBILE = re.compile(_NOT_ALNUM_BEFORE + r"(?:(?:\+|00)86[ -]?)?1[3-9]\d(?:[ -]?\d{4}){2}(?!\d)")
 _AREA = r"(?:10|2\d|[3-9]\d{2})"  # 010, 02x, then four-digit codes 03xx-09xx
 _LANDLINE = re.compile(
@@ -44,9 +54,12 @@ _CARD_PREFIX = re.compile(r"62|4|5[1-5]|2[2-7]|3[47]|35|30|36|38|6011|65")
 _PASSPORT_CN = re.compile(_NOT_ALNUM_BEFORE + r"(?:[EG]\d{8}|E[A-HJ-NP-Z]\d{7})" + _NOT_ALNUM_AFTER)
 _PASSPORT_LABELLED = re.compile(
     r"(?:护照(?:号码?)?|通行证(?:号码?)?|passport(?:\s*(?:no\.?|number|#))?)[\s:：#号为是]{0,4}"
-    r"([A-Z]{1,2}\d{6,9}|\d{9})" + _NOT_ALNUM_AFTER, re.IGNORECASE,
+    r"([A-Z]{1,2}\d{6,9}|\d{9})" + _NOT_ALNUM_AFTER,
+    re.IGNORECASE,
 )
-_IPV4 = re.compile(r"(?<![0-9A-Za-z.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![0-9A-Za-z]|\.\d)")
+_IPV4 = re.compile(
+    r"(?<![0-9A-Za-z.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![0-9A-Za-z]|\.\d)"
+)
 _IPV6 = re.compile(r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])")
 _MAYBE_PII = re.compile(r"[\d@:]")  # every detector but names needs a digit, an @ or a colon
 # full-width letters, digits and signs (１３８…, ＠) folded to ASCII one for one, so offsets stay the same
@@ -124,8 +137,13 @@ def find_ips(text: str) -> Iterator[Span]:
 
 FINDERS: dict[str, Finder] = {
     # order breaks ties between spans of equal length at the same place
-    "email": find_emails, "id_card": find_id_cards, "bank_card": find_bank_cards, "passport": find_passports,
-    "ip": find_ips, "mobile": find_mobiles, "landline": find_landlines,
+    "email": find_emails,
+    "id_card": find_id_cards,
+    "bank_card": find_bank_cards,
+    "passport": find_passports,
+    "ip": find_ips,
+    "mobile": find_mobiles,
+    "landline": find_landlines,
 }
 
 
@@ -161,8 +179,10 @@ def name_detector(names: str, name_list: str | None) -> Finder | None:
     found = {ep.name: ep for ep in entry_points(group="wenmai.name_detectors")}
     if names not in found:
         installed = ", ".join(sorted(found)) or "none installed"
-        raise WenmaiError(f"data.policy.pii.names: no person-name detector {names!r}; use none, list, or an installed "
-                          f"`wenmai.name_detectors` entry point ({installed})")
+        raise WenmaiError(
+            f"data.policy.pii.names: no person-name detector {names!r}; use none, list, or an installed "
+            f"`wenmai.name_detectors` entry point ({installed})"
+        )
     return found[names].load()()  # a factory returning a callable text -> (start, end) spans
 
 

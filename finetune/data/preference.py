@@ -43,7 +43,9 @@ class PairsRecord(BaseModel):
     chosen: str
     rejected: str
     dimension: str | None = None
-    margin: float = Field(0.0, ge=0, description="How much better chosen is (used when the reward stage sets margin_scale).")
+    margin: float = Field(
+        0.0, ge=0, description="How much better chosen is (used when the reward stage sets margin_scale)."
+    )
 
     @model_validator(mode="after")
     def _split_and_check(self, info: ValidationInfo) -> PairsRecord:
@@ -105,13 +107,17 @@ class TiersRecord(BaseModel):
         if order:
             for i, item in enumerate(self.responses):
                 if item.tier not in order:
-                    raise ValueError(f"responses[{i}].tier: unknown tier {item.tier!r}; the dataset's tier_order is {', '.join(order)}")
+                    raise ValueError(
+                        f"responses[{i}].tier: unknown tier {item.tier!r}; the dataset's tier_order is {', '.join(order)}"
+                    )
         texts = [r.response.strip() for r in self.responses]
         repeated = sorted({t for t in texts if texts.count(t) > 1})
         if repeated:
             raise ValueError(f"the same response appears twice: {repeated[0][:60]!r}")
         if len({r.tier for r in self.responses}) < 2:
-            raise ValueError(f"every response is in tier {self.responses[0].tier!r}; no pairs can be formed from one tier")
+            raise ValueError(
+                f"every response is in tier {self.responses[0].tier!r}; no pairs can be formed from one tier"
+            )
         return self
 
 
@@ -143,7 +149,9 @@ def split_transcript(text: str) -> tuple[str, str]:
     """Split an hh-rlhf transcript after its last `\\n\\nAssistant:`: (prompt including the marker, response)."""
     at = text.rfind(ASSISTANT)
     if at < 0:
-        raise ValueError(f"no {ASSISTANT.strip()!r} turn in the transcript; give `prompt` separately or a full transcript")
+        raise ValueError(
+            f"no {ASSISTANT.strip()!r} turn in the transcript; give `prompt` separately or a full transcript"
+        )
     end = at + len(ASSISTANT)
     return text[:end], text[end:].strip()
 
@@ -158,9 +166,13 @@ def split_pair(chosen: str, rejected: str) -> tuple[str, str, str]:
     at = common.rfind(ASSISTANT)
     if at < 0:
         if ASSISTANT not in chosen or ASSISTANT not in rejected:
-            raise ValueError(f"no `prompt` field and no {ASSISTANT.strip()!r} turn in chosen/rejected; "
-                             "give `prompt` separately or full transcripts")
-        raise ValueError("chosen and rejected transcripts do not share their conversation before the last Assistant turn")
+            raise ValueError(
+                f"no `prompt` field and no {ASSISTANT.strip()!r} turn in chosen/rejected; "
+                "give `prompt` separately or full transcripts"
+            )
+        raise ValueError(
+            "chosen and rejected transcripts do not share their conversation before the last Assistant turn"
+        )
     end = at + len(ASSISTANT)
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
@@ -206,5 +218,7 @@ def _check_dimension(name: str | None, info: ValidationInfo, key: str) -> None:
 
     guess = difflib.get_close_matches(name, declared, n=1, cutoff=0.6)
     hint = f"did you mean {guess[0]}? " if guess else ""
-    raise ValueError(f"{key}: unknown reward dimension {name!r}; {hint}the recipe declares: {', '.join(declared)} "
-                     "(add it to the `reward` section or fix the record)")
+    raise ValueError(
+        f"{key}: unknown reward dimension {name!r}; {hint}the recipe declares: {', '.join(declared)} "
+        "(add it to the `reward` section or fix the record)"
+    )

@@ -56,7 +56,10 @@ class TextRecord(BaseModel):
 
 
 RECORD_MODELS: dict[str, type[BaseModel]] = {
-    "chat": ChatRecord, "instruction": InstructionRecord, "text": TextRecord, **PREFERENCE_MODELS,
+    "chat": ChatRecord,
+    "instruction": InstructionRecord,
+    "text": TextRecord,
+    **PREFERENCE_MODELS,
 }
 
 
@@ -115,7 +118,9 @@ def check_bad_records(path: str | Path, fmt: str, bad: list[tuple[str, str]], on
 def iter_raw(path: Path) -> Iterator[tuple[str, dict | Exception]]:
     """Yield (file:line or file:row, record dict or the reason it could not be read)."""
     if not path.is_file():
-        raise DataError(f"data file not found: {path}; check the dataset's `path` (relative paths are relative to the recipe)")
+        raise DataError(
+            f"data file not found: {path}; check the dataset's `path` (relative paths are relative to the recipe)"
+        )
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         yield from _iter_jsonl(path)
@@ -157,7 +162,9 @@ def _iter_json(path: Path) -> Iterator[tuple[str, dict | Exception]]:
 def _iter_table(path: Path, suffix: str) -> Iterator[tuple[str, dict | Exception]]:
     from datasets import Dataset
 
-    table = Dataset.from_parquet(str(path)) if suffix == ".parquet" else Dataset.from_csv(str(path), keep_default_na=False)
+    table = (
+        Dataset.from_parquet(str(path)) if suffix == ".parquet" else Dataset.from_csv(str(path), keep_default_na=False)
+    )
     for i, row in enumerate(table):
         yield f"{path}:row {i + 1}", row
 

@@ -65,14 +65,18 @@ def read_contract(folder: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
-        raise WenmaiError(f"{path}: cannot read the template contract ({err}); the training stage's folder is incomplete") from None
+        raise WenmaiError(
+            f"{path}: cannot read the template contract ({err}); the training stage's folder is incomplete"
+        ) from None
 
 
 def verify_contract(tokenizer: Any, contract: dict, where: str) -> None:
     """Raise if `tokenizer` differs from what training recorded (template text, EOS, pad, vocabulary)."""
     current = template_contract(tokenizer, contract.get("stop_token_ids", []))
     keys = ("chat_template_sha256", "eos_token", "eos_token_id", "pad_token_id", "vocab_size")
-    drift = [f"{k}: trained with {contract.get(k)!r}, found {current[k]!r}" for k in keys if contract.get(k) != current[k]]
+    drift = [
+        f"{k}: trained with {contract.get(k)!r}, found {current[k]!r}" for k in keys if contract.get(k) != current[k]
+    ]
     if drift:
         raise WenmaiError(
             f"template contract broken at {where}: the tokenizer differs from the one training used\n  - "
@@ -102,17 +106,22 @@ def trained_tokenizer(run_dir: RunDir, recipe: Recipe, produced_by: dict[str, st
 
     with_contract = [o for o in finished_outputs(run_dir, recipe) if "template" in o and "tokenizer" in o]
     if not with_contract:
-        raise WenmaiError(f"{run_dir.root} has no finished training stage that recorded a template contract "
-                          f"({CONTRACT_FILE}); run or resume training first")
+        raise WenmaiError(
+            f"{run_dir.root} has no finished training stage that recorded a template contract "
+            f"({CONTRACT_FILE}); run or resume training first"
+        )
     first = with_contract[0]
     contract_file = Path(first["template"])
     contract = read_contract(contract_file.parent)
     own = produced_by if "template" in produced_by and "tokenizer" in produced_by else first
     own_contract = read_contract(Path(own["template"]).parent)
-    if own_contract.get("chat_template_sha256") != contract.get("chat_template_sha256") or \
-            own_contract.get("stop_token_ids") != contract.get("stop_token_ids"):
-        raise WenmaiError(f"template contract broken at {where}: {own['template']} records a different chat template or "
-                          f"stop tokens than {contract_file}, which the first training stage wrote")
+    if own_contract.get("chat_template_sha256") != contract.get("chat_template_sha256") or own_contract.get(
+        "stop_token_ids"
+    ) != contract.get("stop_token_ids"):
+        raise WenmaiError(
+            f"template contract broken at {where}: {own['template']} records a different chat template or "
+            f"stop tokens than {contract_file}, which the first training stage wrote"
+        )
     folder = Path(own["tokenizer"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -54,7 +54,9 @@ class TopicList:
         try:
             return cls(TopicFile.model_validate(yaml.safe_load(path.read_text(encoding="utf-8"))).topics)
         except (yaml.YAMLError, ValidationError) as err:
-            raise WenmaiError(f"{path}: not a topic list ({err}); expected `topics: {{name: {{keywords: [...]}}}}`") from None
+            raise WenmaiError(
+                f"{path}: not a topic list ({err}); expected `topics: {{name: {{keywords: [...]}}}}`"
+            ) from None
 
     def match(self, tags: list[str], texts: list[str]) -> list[str]:
         """Topics this record touches: by its own tags, then by keywords in its text."""

@@ -47,12 +47,14 @@ def template(section: DistributedSection) -> dict[str, Any]:
         "reduce_bucket_size": "auto",
     }
     if section.zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-            # without it a ZeRO-3 save writes an empty adapter (DeepSpeed #7900, peft #453)
-            "stage3_gather_16bit_weights_on_model_save": True,
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+                # without it a ZeRO-3 save writes an empty adapter (DeepSpeed #7900, peft #453)
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
     for key, device in (("offload_optimizer", section.offload_optimizer), ("offload_param", section.offload_params)):
         if device != "none":
             zero[key] = {"device": device, "pin_memory": True}
@@ -69,7 +71,10 @@ def template(section: DistributedSection) -> dict[str, Any]:
     }
     if section.offload_optimizer != "none":
         # an offloaded optimiser must be DeepSpeed's own (CPU Adam); transformers fills its hyper-parameters
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
     return config
 
 
@@ -77,8 +82,10 @@ def read_deepspeed_json(value: str) -> dict[str, Any]:
     """A DeepSpeed JSON by shipped name (`zero3`) or path; a clear error when missing or not JSON."""
     path = DEEPSPEED_DIR / f"{value}.json" if value in SHIPPED else Path(value).expanduser()
     if not path.is_file():
-        raise WenmaiError(f"distributed.deepspeed_config: {value} not found; give a JSON file (relative to the recipe) "
-                          f"or a shipped name: {', '.join(SHIPPED)}")
+        raise WenmaiError(
+            f"distributed.deepspeed_config: {value} not found; give a JSON file (relative to the recipe) "
+            f"or a shipped name: {', '.join(SHIPPED)}"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -101,7 +108,9 @@ def describe(config: dict[str, Any]) -> Zero:
         stage=int(stage) if isinstance(stage, int | str) and str(stage).isdigit() else 0,
         offload_optimizer=device("offload_optimizer"),
         offload_params=device("offload_param"),
-        gathers_on_save=bool(zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save"))),
+        gathers_on_save=bool(
+            zero.get("stage3_gather_16bit_weights_on_model_save", zero.get("gather_16bit_weights_on_model_save"))
+        ),
     )
 
 
@@ -118,7 +127,9 @@ def shards_weights(section: DistributedSection) -> bool:
     return zero is not None and zero.stage == 3
 
 
-def gradient_accumulation(stage_batch: int, stage_accumulation: int, section: DistributedSection, world_size: int) -> int:
+def gradient_accumulation(
+    stage_batch: int, stage_accumulation: int, section: DistributedSection, world_size: int
+) -> int:
     """Micro-batches per optimiser step: the stage's own, or derived from `distributed.global_batch_size`."""
     if section.global_batch_size is None:
         return stage_accumulation

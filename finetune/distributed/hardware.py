@@ -28,5 +28,11 @@ def detect() -> Hardware:
     count = torch.cuda.device_count()
     props = [torch.cuda.get_device_properties(i) for i in range(count)]
     smallest = min(props, key=lambda p: p.total_memory)
-    return Hardware(cuda=True, gpus=count, gpu_name=smallest.name, gpu_memory=smallest.total_memory,
-                    bf16=torch.cuda.is_bf16_supported(), host_available=host)
+    return Hardware(
+        cuda=True,
+        gpus=count,
+        gpu_name=smallest.name,
+        gpu_memory=smallest.total_memory,
+        bf16=torch.cuda.is_bf16_supported(),
+        host_available=host,
+    )

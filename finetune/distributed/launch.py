@@ -64,8 +64,10 @@ def plan(
     if nodes > 1 and master_addr is None:
         raise WenmaiError(f"--nodes {nodes} needs --master-addr: the address of node 0, the same on every node")
     if nodes > 1 and run_dir is None and resume is None:
-        raise WenmaiError(f"--nodes {nodes} needs --run-dir on a filesystem every node sees, the same on every node "
-                          "(e.g. runs/NAME-$SLURM_JOB_ID); each node would otherwise pick its own folder")
+        raise WenmaiError(
+            f"--nodes {nodes} needs --run-dir on a filesystem every node sees, the same on every node "
+            "(e.g. runs/NAME-$SLURM_JOB_ID); each node would otherwise pick its own folder"
+        )
     if resume is None and run_dir is None:
         run_dir = RunDir.default_path(recipe.output.root, recipe.name)
 
@@ -73,8 +75,16 @@ def plan(
     if nodes == 1:
         command += ["--standalone", "--nnodes", "1"]
     else:
-        command += ["--nnodes", str(nodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
-                    "--master-port", str(master_port)]
+        command += [
+            "--nnodes",
+            str(nodes),
+            "--node-rank",
+            str(node_rank),
+            "--master-addr",
+            master_addr,
+            "--master-port",
+            str(master_port),
+        ]
     command += ["--nproc-per-node", str(gpus), "-m", "finetune.cli", "run"]
     if resume is not None:
         command += ([str(recipe_path)] if recipe_path else []) + ["--resume", str(resume)]

@@ -55,10 +55,13 @@ def model_shape(config: dict[str, Any] | None) -> Shape | None:
     try:
         heads = config["num_attention_heads"]
         return Shape(
-            hidden=config["hidden_size"], layers=config["num_hidden_layers"], heads=heads,
+            hidden=config["hidden_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
             kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            intermediate=config["intermediate_size"], vocab=config["vocab_size"],
+            intermediate=config["intermediate_size"],
+            vocab=config["vocab_size"],
             tied=bool(config.get("tie_word_embeddings", False)),
         )
     except (KeyError, TypeError):
@@ -90,7 +93,9 @@ class Estimate:
         return self.total - CUDA_CONTEXT
 
 
-def estimate(recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, shape: Shape, bf16: bool = True) -> Estimate:
+def estimate(
+    recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, shape: Shape, bf16: bool = True
+) -> Estimate:
     """Memory per GPU for one trainer stage of `recipe` on `world_size` processes (`gpus_per_node` per node)."""
     section, model, lora = recipe.distributed, recipe.model, recipe.lora
     zero = zero_settings(section)
@@ -114,7 +119,9 @@ def estimate(recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, s
     copies = config.models_in_memory()
     if copies > 1:  # e.g. rlhf: the reward model is a second copy of the base (not sharded: it only scores)
         weights += (copies - 1) * full
-        notes.append(f"{config.stage_name}: {copies} copies of the base model in memory (the policy and the reward model)")
+        notes.append(
+            f"{config.stage_name}: {copies} copies of the base model in memory (the policy and the reward model)"
+        )
 
     # the adapter, its gradients and optimiser states (only LoRA trains)
     trainable = estimate_lora_parameters(_config_dict(shape), lora) or 0
@@ -142,11 +149,19 @@ def estimate(recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, s
     if model.attention == "eager":
         per_layer += 2 * tokens * shape.heads * seq_len * act_bytes  # attention scores and probabilities
     checkpointing = config.gradient_checkpointing in (True, "auto")  # auto is on wherever there is a GPU
-    activations = (shape.layers * tokens * shape.hidden * act_bytes + per_layer) if checkpointing else shape.layers * per_layer
+    activations = (
+        (shape.layers * tokens * shape.hidden * act_bytes + per_layer) if checkpointing else shape.layers * per_layer
+    )
     logits = tokens * shape.vocab * (act_bytes + 8)  # logits, their fp32 copy for the loss, its gradient
 
-    parts = {"weights": weights, "adapter": adapter, "gradients": gradients, "optimizer": optimizer,
-             "activations": activations, "logits": logits}
+    parts = {
+        "weights": weights,
+        "adapter": adapter,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "logits": logits,
+    }
     if zero is not None:
         parts["buffers"] = 4 * min(shape.hidden**2, max(trainable, 1)) * 2
     parts["cuda_context"] = CUDA_CONTEXT
@@ -160,8 +175,10 @@ def estimate(recipe: Recipe, config: Any, world_size: int, gpus_per_node: int, s
         host += HOST_PER_PROCESS * gpus_per_node
     load_peak = full if quantized and zero is not None and zero.stage == 3 else 0.0
     if load_peak:
-        notes.append("nf4 + ZeRO-3: transformers loads the whole quantized model on every GPU before DeepSpeed "
-                     "shards it (no zero.Init for quantized weights, DeepSpeed #5660)")
+        notes.append(
+            "nf4 + ZeRO-3: transformers loads the whole quantized model on every GPU before DeepSpeed "
+            "shards it (no zero.Init for quantized weights, DeepSpeed #5660)"
+        )
     return Estimate(config.stage_name, parts, load_peak, host, notes)
 
 
@@ -176,8 +193,14 @@ def _optimizer_bytes(name: str) -> float:
 
 
 def _config_dict(shape: Shape) -> dict[str, int]:
-    return {"hidden_size": shape.hidden, "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
-            "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim, "intermediate_size": shape.intermediate}
+    return {
+        "hidden_size": shape.hidden,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "intermediate_size": shape.intermediate,
+    }
 
 
 def gib(value: float) -> str:
@@ -197,8 +220,13 @@ def estimate_lora_parameters(config: dict, section: LoraSection) -> int | None:
     except (KeyError, TypeError):
         return None
     shapes = {
-        "q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv_heads * head_dim), "v_proj": (hidden, kv_heads * head_dim),
-        "o_proj": (heads * head_dim, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden),
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
     }
     names = shapes if section.targets == "all-linear" else [t for t in section.targets if t in shapes]
     per_layer = sum(section.r * (shapes[n][0] + shapes[n][1]) for n in names)

@@ -59,9 +59,10 @@ def connect(section: DistributedSection) -> Ranks:
     """
     ranks = current()
     if section.strategy in ("deepspeed", "fsdp") and not ranks.launched:
-
-        raise WenmaiError(f"distributed.strategy: {section.strategy} runs under a launcher, even on one GPU: "
-                          "start it with `wenmai launch RECIPE --gpus N` (or set strategy: none for `wenmai run`)")
+        raise WenmaiError(
+            f"distributed.strategy: {section.strategy} runs under a launcher, even on one GPU: "
+            "start it with `wenmai launch RECIPE --gpus N` (or set strategy: none for `wenmai run`)"
+        )
     if ranks.world_size == 1:
         return ranks
     import torch
@@ -75,7 +76,6 @@ def connect(section: DistributedSection) -> Ranks:
         try:
             import deepspeed
         except ImportError:
-
             raise WenmaiError("distributed.strategy: deepspeed is not installed; pip install 'wenmai[gpu]'") from None
         deepspeed.init_distributed(dist_backend=backend)
     elif not dist.is_initialized():

@@ -30,7 +30,6 @@ def resolve_targets(entries: list[str], recipe_path: Path | None = None) -> list
     run = first_run(entries)
     recipe = None
     if recipe_path is not None:
-
         recipe = load_recipe(recipe_path).recipe
     elif run is not None:
         recipe = run_recipe(run)
@@ -95,10 +94,14 @@ def comparison_table(evaluation: Evaluation) -> Table:
         for rule in first.alignment.rule_rates:
             table.add_row(f"{name} rule: {rule}", *[_value(c.alignment.rule_rates.get(rule)) for c in checkpoints])
         for dimension in first.alignment.dimension_means:
-            table.add_row(f"{name} mean {dimension}", *[_value(c.alignment.dimension_means.get(dimension)) for c in checkpoints])
+            table.add_row(
+                f"{name} mean {dimension}", *[_value(c.alignment.dimension_means.get(dimension)) for c in checkpoints]
+            )
         if first.alignment.bias:
             table.add_row(f"{name} largest bias score gap", *[_value(c.alignment.bias_gap_max) for c in checkpoints])
-            table.add_row(f"{name} largest bias reference gap", *[_value(c.alignment.reference_gap_max) for c in checkpoints])
+            table.add_row(
+                f"{name} largest bias reference gap", *[_value(c.alignment.reference_gap_max) for c in checkpoints]
+            )
     return table
 
 

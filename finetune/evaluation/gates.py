@@ -20,28 +20,59 @@ def check_gates(gates: Gates, result: CheckpointResult, baseline: CheckpointResu
     for index, mc in enumerate(result.mc):
         before = baseline.mc[index] if baseline is not None and index < len(baseline.mc) else None
         if gates.mc_min_accuracy is not None:
-            out.append(_at_least(f"mc_min_accuracy ({mc.name})", mc.overall.accuracy, gates.mc_min_accuracy, "overall accuracy"))
+            out.append(
+                _at_least(
+                    f"mc_min_accuracy ({mc.name})", mc.overall.accuracy, gates.mc_min_accuracy, "overall accuracy"
+                )
+            )
         if before is not None and gates.mc_max_drop is not None:
             drop = round(before.overall.accuracy - mc.overall.accuracy, 2)
-            out.append(_drop(f"mc_max_drop ({mc.name})", drop, gates.mc_max_drop,
-                             f"overall accuracy {before.overall.accuracy} -> {mc.overall.accuracy} ({baseline.label} -> {result.label})"))
+            out.append(
+                _drop(
+                    f"mc_max_drop ({mc.name})",
+                    drop,
+                    gates.mc_max_drop,
+                    f"overall accuracy {before.overall.accuracy} -> {mc.overall.accuracy} ({baseline.label} -> {result.label})",
+                )
+            )
         if before is not None and gates.mc_subject_max_drop is not None:
             previous = {s.subject: s.accuracy for s in before.subjects}
             for subject in mc.subjects:
                 drop = round(previous.get(subject.subject, subject.accuracy) - subject.accuracy, 2)
-                out.append(_drop(f"mc_subject_max_drop ({mc.name}/{subject.subject})", drop, gates.mc_subject_max_drop,
-                                 f"accuracy {previous.get(subject.subject)} -> {subject.accuracy}"))
+                out.append(
+                    _drop(
+                        f"mc_subject_max_drop ({mc.name}/{subject.subject})",
+                        drop,
+                        gates.mc_subject_max_drop,
+                        f"accuracy {previous.get(subject.subject)} -> {subject.accuracy}",
+                    )
+                )
     alignment = result.alignment
     if alignment is not None:
         for dimension, minimum in gates.reward_min.items():
-            out.append(_at_least(f"reward_min ({dimension})", alignment.dimension_means.get(dimension), minimum, f"mean {dimension} score"))
+            out.append(
+                _at_least(
+                    f"reward_min ({dimension})",
+                    alignment.dimension_means.get(dimension),
+                    minimum,
+                    f"mean {dimension} score",
+                )
+            )
         if gates.rules_min_pass_rate is not None:
-            out.append(_at_least("rules_min_pass_rate", alignment.rule_pass_rate, gates.rules_min_pass_rate, "rule pass rate"))
+            out.append(
+                _at_least("rules_min_pass_rate", alignment.rule_pass_rate, gates.rules_min_pass_rate, "rule pass rate")
+            )
         if gates.bias_max_gap is not None:
             out.append(_at_most("bias_max_gap", alignment.bias_gap_max, gates.bias_max_gap, "largest bias score gap"))
         if gates.bias_max_reference_gap is not None:
-            out.append(_at_most("bias_max_reference_gap", alignment.reference_gap_max, gates.bias_max_reference_gap,
-                                "largest reference log-likelihood gap"))
+            out.append(
+                _at_most(
+                    "bias_max_reference_gap",
+                    alignment.reference_gap_max,
+                    gates.bias_max_reference_gap,
+                    "largest reference log-likelihood gap",
+                )
+            )
     return out
 
 
@@ -58,16 +89,29 @@ def failure_report(stage: str, failed: list[GateResult], evaluation_path: str, r
 
 def _at_least(name: str, value: float | None, minimum: float, what: str) -> GateResult:
     if value is None:
-        return GateResult(gate=name, requirement=f">= {minimum}", value=None, passed=False, detail=f"{what} was not measured")
-    return GateResult(gate=name, requirement=f">= {minimum}", value=value, passed=value >= minimum, detail=f"{what} {value}")
+        return GateResult(
+            gate=name, requirement=f">= {minimum}", value=None, passed=False, detail=f"{what} was not measured"
+        )
+    return GateResult(
+        gate=name, requirement=f">= {minimum}", value=value, passed=value >= minimum, detail=f"{what} {value}"
+    )
 
 
 def _at_most(name: str, value: float | None, maximum: float, what: str) -> GateResult:
     if value is None:
-        return GateResult(gate=name, requirement=f"<= {maximum}", value=None, passed=False, detail=f"{what} was not measured")
-    return GateResult(gate=name, requirement=f"<= {maximum}", value=value, passed=value <= maximum, detail=f"{what} {value}")
+        return GateResult(
+            gate=name, requirement=f"<= {maximum}", value=None, passed=False, detail=f"{what} was not measured"
+        )
+    return GateResult(
+        gate=name, requirement=f"<= {maximum}", value=value, passed=value <= maximum, detail=f"{what} {value}"
+    )
 
 
 def _drop(name: str, drop: float, maximum: float, detail: str) -> GateResult:
-    return GateResult(gate=name, requirement=f"drop <= {maximum} points", value=drop, passed=drop <= maximum,
-                      detail=f"{detail}: a drop of {drop} points")
+    return GateResult(
+        gate=name,
+        requirement=f"drop <= {maximum} points",
+        value=drop,
+        passed=drop <= maximum,
+        detail=f"{detail}: a drop of {drop} points",
+    )

@@ -34,28 +34,63 @@ def too_long(tokenizer: Any, prompt: str, max_length: int) -> bool:
     return len(encode(tokenizer, prompt)) > max_length
 
 
-def choice_logprobs(model: Any, tokenizer: Any, prompts: list[str], choices: tuple[str, ...], batch_size: int = 8,
-                    max_length: int = 2048, desc: str = "", share_prefix: bool = True) -> tuple[list[list[float]], int]:
+def choice_logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    choices: tuple[str, ...],
+    batch_size: int = 8,
+    max_length: int = 2048,
+    desc: str = "",
+    share_prefix: bool = True,
+) -> tuple[list[list[float]], int]:
     """For each prompt, the log-likelihood of each choice as the reply's start; and how many were truncated."""
     encoded = [encode(tokenizer, p) for p in prompts]
-    continuations = [[continuation_ids(tokenizer, p, ids, c) for c in choices] for p, ids in zip(prompts, encoded, strict=True)]
+    continuations = [
+        [continuation_ids(tokenizer, p, ids, c) for c in choices] for p, ids in zip(prompts, encoded, strict=True)
+    ]
     truncated = sum(len(ids) + max(map(len, row)) > max_length for ids, row in zip(encoded, continuations, strict=True))
     if all(len(c) == 1 for row in continuations for c in row):
         # one forward pass per prompt: the next-token distribution holds every choice
         targets = [[c[0] for c in row] for row in continuations]
-        rows = _forward(model, tokenizer, encoded, 1, batch_size, max_length, desc,
-                        lambda logprobs, i: logprobs[-1, targets[i]].tolist(), share_prefix)
+        rows = _forward(
+            model,
+            tokenizer,
+            encoded,
+            1,
+            batch_size,
+            max_length,
+            desc,
+            lambda logprobs, i: logprobs[-1, targets[i]].tolist(),
+            share_prefix,
+        )
         return rows, truncated
     flat = [ids + c for ids, row in zip(encoded, continuations, strict=True) for c in row]
     lengths = [len(c) for row in continuations for c in row]
-    sums = _forward(model, tokenizer, flat, max(lengths) + 1, batch_size, max_length, desc,
-                    lambda logprobs, i: _continuation_sum(logprobs, flat[i], lengths[i]), share_prefix)
+    sums = _forward(
+        model,
+        tokenizer,
+        flat,
+        max(lengths) + 1,
+        batch_size,
+        max_length,
+        desc,
+        lambda logprobs, i: _continuation_sum(logprobs, flat[i], lengths[i]),
+        share_prefix,
+    )
     k = len(choices)
     return [sums[j : j + k] for j in range(0, len(sums), k)], truncated
 
 
-def mean_logprobs(model: Any, tokenizer: Any, prompts: list[str], replies: list[str], batch_size: int = 8,
-                  max_length: int = 2048, desc: str = "") -> list[float]:
+def mean_logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    replies: list[str],
+    batch_size: int = 8,
+    max_length: int = 2048,
+    desc: str = "",
+) -> list[float]:
     """Mean log-probability per token of each fixed reply after its prompt."""
     sequences, lengths = [], []
     for prompt, reply in zip(prompts, replies, strict=True):
@@ -63,8 +98,16 @@ def mean_logprobs(model: Any, tokenizer: Any, prompts: list[str], replies: list[
         reply_ids = continuation_ids(tokenizer, prompt, ids, reply)
         sequences.append(ids + reply_ids)
         lengths.append(len(reply_ids))
-    sums = _forward(model, tokenizer, sequences, max(lengths) + 1, batch_size, max_length, desc,
-                    lambda logprobs, i: _continuation_sum(logprobs, sequences[i], lengths[i]))
+    sums = _forward(
+        model,
+        tokenizer,
+        sequences,
+        max(lengths) + 1,
+        batch_size,
+        max_length,
+        desc,
+        lambda logprobs, i: _continuation_sum(logprobs, sequences[i], lengths[i]),
+    )
     return [s / n for s, n in zip(sums, lengths, strict=True)]
 
 
@@ -72,7 +115,7 @@ def continuation_ids(tokenizer: Any, prompt: str, prompt_ids: list[int], text: s
     """The tokens `text` adds after `prompt`, tokenized in context (as the model would produce them)."""
     full = encode(tokenizer, prompt + text)
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
-        return full[len(prompt_ids):]
+        return full[len(prompt_ids) :]
     return encode(tokenizer, text)
 
 
@@ -85,14 +128,23 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
         return [tokenizer.eos_token_id]
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
-             max_length: int = 2048, desc: str = "") -> list[str]:
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    desc: str = "",
+) -> list[str]:
     """Greedy replies (no sampling: the same checkpoint always gives the same answer)."""
     import torch
     from transformers import GenerationConfig
 
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_token_ids(tokenizer),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
     keep = max(1, max_length - max_new_tokens)
@@ -103,7 +155,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
             ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row, i in enumerate(batch):
-                text = tokenizer.decode(output[row, ids.shape[1]:], skip_special_tokens=True)
+                text = tokenizer.decode(output[row, ids.shape[1] :], skip_special_tokens=True)
                 replies[i] = text.strip().rstrip("\ufffd")  # a reply cut at max_new_tokens may end inside a character
             bar.update(len(batch))
     return replies
@@ -111,8 +163,18 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
 
 # --- helpers -------------------------------------------------------------------------------
 
-def _forward(model: Any, tokenizer: Any, sequences: list[list[int]], keep: int, batch_size: int, max_length: int,
-             desc: str, pick: Callable[[Any, int], Any], share_prefix: bool = True) -> list:
+
+def _forward(
+    model: Any,
+    tokenizer: Any,
+    sequences: list[list[int]],
+    keep: int,
+    batch_size: int,
+    max_length: int,
+    desc: str,
+    pick: Callable[[Any, int], Any],
+    share_prefix: bool = True,
+) -> list:
     """Run `sequences` in left-padded batches; `pick(logprobs of the last `keep` positions, index)` per sequence."""
     import torch
 
@@ -120,7 +182,9 @@ def _forward(model: Any, tokenizer: Any, sequences: list[list[int]], keep: int, 
     shared = _shared_prefix(sequences, keep) if share_prefix else 0
     results: list = [None] * len(sequences)
     with torch.inference_mode(), _progress(len(sequences), desc) as bar:
-        prefix_cache = model(input_ids=torch.tensor([sequences[0][:shared]]), use_cache=True).past_key_values if shared else None
+        prefix_cache = (
+            model(input_ids=torch.tensor([sequences[0][:shared]]), use_cache=True).past_key_values if shared else None
+        )
         for batch in _batches(sequences, batch_size):
             ids, mask = _left_pad([sequences[i][shared:] for i in batch], tokenizer.pad_token_id)
             positions = (mask.cumsum(-1) - 1).clamp(min=0) + shared
@@ -130,7 +194,9 @@ def _forward(model: Any, tokenizer: Any, sequences: list[list[int]], keep: int, 
                 cache.batch_repeat_interleave(len(batch))
                 cached = {"past_key_values": cache, "use_cache": True}
                 mask = torch.cat([torch.ones((len(batch), shared), dtype=mask.dtype), mask], dim=1)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **cached).logits
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, **cached
+            ).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(batch):
                 results[i] = pick(logprobs[row], i)
@@ -170,8 +236,8 @@ def _left_pad(rows: list[list[int]], pad_id: int):
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 

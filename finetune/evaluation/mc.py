@@ -74,21 +74,29 @@ def check_folder(folder: str | Path, shots: int = 0) -> list[str]:
     """Problems with a multiple-choice folder, each naming the file (and line); empty when it is usable."""
     folder = Path(folder)
     if not (folder / "test").is_dir():
-        return [f"{folder}: no test/ folder; a multiple-choice folder holds test/<subject>.csv and optional dev/<subject>.csv"]
+        return [
+            f"{folder}: no test/ folder; a multiple-choice folder holds test/<subject>.csv and optional dev/<subject>.csv"
+        ]
     tests = _test_files(folder)
     if not tests:
-        return [f"{folder / 'test'}: no .csv files; each subject is one CSV file with the header ,Question,A,B,C,D,Answer"]
+        return [
+            f"{folder / 'test'}: no .csv files; each subject is one CSV file with the header ,Question,A,B,C,D,Answer"
+        ]
     problems: list[str] = []
     for name, test_path in tests:
         problems += _file_problems(test_path)
         dev_path = _dev_file(folder, name)
         if shots and dev_path is None:
-            problems.append(f"{folder / 'dev' / (name + '.csv')}: missing; {shots}-shot evaluation takes its examples from dev/")
+            problems.append(
+                f"{folder / 'dev' / (name + '.csv')}: missing; {shots}-shot evaluation takes its examples from dev/"
+            )
         elif shots and dev_path is not None:
             examples, dev_problems = _parse(dev_path)
             problems += _cap(dev_problems)
             if not dev_problems and len(examples) < shots:
-                problems.append(f"{dev_path}: {len(examples)} questions, fewer than the {shots} shots asked for; lower `shots`")
+                problems.append(
+                    f"{dev_path}: {len(examples)} questions, fewer than the {shots} shots asked for; lower `shots`"
+                )
     return problems
 
 
@@ -114,12 +122,23 @@ def messages_for(subject: Subject, question: Question) -> list[dict]:
 
 def format_question(question: Question) -> str:
     """The question text followed by its four lettered choices."""
-    lines = [question.question] + [f"{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices, strict=True)]
+    lines = [question.question] + [
+        f"{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices, strict=True)
+    ]
     return "\n".join(lines)
 
 
-def evaluate(model: Any, tokenizer: Any, subjects: list[Subject], shots: int, method: str = "loglik",
-             batch_size: int = 8, max_length: int = 2048, label: str = "", name: str = "mc") -> McScore:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    subjects: list[Subject],
+    shots: int,
+    method: str = "loglik",
+    batch_size: int = 8,
+    max_length: int = 2048,
+    label: str = "",
+    name: str = "mc",
+) -> McScore:
     """Accuracy per subject and overall (Wilson 95% interval) of one loaded model."""
 
     started = time.perf_counter()
@@ -128,11 +147,15 @@ def evaluate(model: Any, tokenizer: Any, subjects: list[Subject], shots: int, me
         prompts = [lm.render_prompt(tokenizer, messages_for(subject, q)) for q in subject.test]
         desc = f"{label} {subject.name} ({shots}-shot)".strip()
         if method == "generate":
-            replies = lm.generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=batch_size, max_length=max_length, desc=desc)
+            replies = lm.generate(
+                model, tokenizer, prompts, max_new_tokens=8, batch_size=batch_size, max_length=max_length, desc=desc
+            )
             predicted = [parse_letter(reply) for reply in replies]
             truncated = sum(lm.too_long(tokenizer, p, max_length) for p in prompts)
         else:
-            logprobs, truncated = lm.choice_logprobs(model, tokenizer, prompts, LETTERS, batch_size, max_length, desc=desc)
+            logprobs, truncated = lm.choice_logprobs(
+                model, tokenizer, prompts, LETTERS, batch_size, max_length, desc=desc
+            )
             predicted = [LETTERS[max(range(len(LETTERS)), key=row.__getitem__)] for row in logprobs]
         answers = [q.answer for q in subject.test]
         scores.append(subject_score(subject.name, predicted, answers, truncated))
@@ -141,8 +164,9 @@ def evaluate(model: Any, tokenizer: Any, subjects: list[Subject], shots: int, me
         shots=shots,
         method=method,
         subjects=scores,
-        overall=subject_score("overall", [p for s in scores for p in s.predictions], [a for s in scores for a in s.answers])
-        .model_copy(update={"predictions": [], "answers": []}),
+        overall=subject_score(
+            "overall", [p for s in scores for p in s.predictions], [a for s in scores for a in s.answers]
+        ).model_copy(update={"predictions": [], "answers": []}),
         macro_accuracy=round(sum(s.accuracy for s in scores) / len(scores), 2) if scores else 0.0,
         seconds=round(time.perf_counter() - started, 2),
     )
@@ -153,9 +177,16 @@ def subject_score(name: str, predicted: list[str | None], answers: list[str], tr
     correct = sum(p == a for p, a in zip(predicted, answers, strict=True))
     low, high = wilson_interval(correct, len(answers))
     return SubjectScore(
-        subject=name, correct=correct, total=len(answers), accuracy=_pct(correct, len(answers)),
-        ci_low=round(100 * low, 2), ci_high=round(100 * high, 2), truncated=truncated,
-        predicted=dict(Counter(p or "none" for p in predicted)), predictions=list(predicted), answers=list(answers),
+        subject=name,
+        correct=correct,
+        total=len(answers),
+        accuracy=_pct(correct, len(answers)),
+        ci_low=round(100 * low, 2),
+        ci_high=round(100 * high, 2),
+        truncated=truncated,
+        predicted=dict(Counter(p or "none" for p in predicted)),
+        predictions=list(predicted),
+        answers=list(answers),
     )
 
 
@@ -227,7 +258,9 @@ def _parse(path: Path) -> tuple[list[Question], list[str]]:
                     if columns is not None:
                         continue
                     if len(row) != 6:
-                        problems.append(f"{where}: no header; expected ,Question,A,B,C,D,Answer (or 6 fields without a header)")
+                        problems.append(
+                            f"{where}: no header; expected ,Question,A,B,C,D,Answer (or 6 fields without a header)"
+                        )
                         return [], problems
                     columns = dict(zip(_COLUMNS, range(6), strict=True))
                 if not any(cell.strip() for cell in row):
@@ -256,10 +289,16 @@ def _columns(row: list[str]) -> dict[str, int] | None:
 def _question(row: list[str], columns: dict[str, int], where: str) -> tuple[Question | None, str | None]:
     missing = [name for name in _COLUMNS if name not in columns]
     if missing:
-        return None, f"{where}: the header lacks the column(s) {', '.join(m.upper() if len(m) == 1 else m for m in missing)}"
+        return (
+            None,
+            f"{where}: the header lacks the column(s) {', '.join(m.upper() if len(m) == 1 else m for m in missing)}",
+        )
     needed = max(columns.values()) + 1
     if len(row) < needed:
-        return None, f"{where}: {len(row)} fields, expected at least {needed} (,Question,A,B,C,D,Answer); is a quote unbalanced?"
+        return (
+            None,
+            f"{where}: {len(row)} fields, expected at least {needed} (,Question,A,B,C,D,Answer); is a quote unbalanced?",
+        )
     values = {name: row[i].strip() for name, i in columns.items()}
     answer = values["answer"].upper()
     if answer not in LETTERS:

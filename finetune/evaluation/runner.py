@@ -39,9 +39,18 @@ class EvalSpec:
     @classmethod
     def from_options(cls, options: EvaluateOptions, reward_model: str | None = None) -> EvalSpec:
         """The spec of an `evaluate` stage; `reward_model` is the folder its `reward_model:` input resolved to."""
-        return cls(mc=options.mc, shots=[options.shots], mc_limit=options.mc_limit, mc_method=options.mc_method,
-                   suite=options.suite, suite_limit=options.suite_limit, max_new_tokens=options.max_new_tokens,
-                   reward_model=reward_model, batch_size=options.batch_size, max_length=options.max_length)
+        return cls(
+            mc=options.mc,
+            shots=[options.shots],
+            mc_limit=options.mc_limit,
+            mc_method=options.mc_method,
+            suite=options.suite,
+            suite_limit=options.suite_limit,
+            max_new_tokens=options.max_new_tokens,
+            reward_model=reward_model,
+            batch_size=options.batch_size,
+            max_length=options.max_length,
+        )
 
 
 def evaluate_targets(targets: list[Target], spec: EvalSpec, log: Log = print) -> list[CheckpointResult]:
@@ -55,15 +64,29 @@ def evaluate_targets(targets: list[Target], spec: EvalSpec, log: Log = print) ->
         model, tokenizer = target_loading.load(target)
         result = CheckpointResult(label=target.label, source=target.source)
         for shots, subject_list in subjects.items():
-            score = mc.evaluate(model, tokenizer, subject_list, shots, spec.mc_method, spec.batch_size, spec.max_length,
-                                label=target.label, name=mc_name(spec.mc, shots))
-            log(f"  {score.name}: {score.overall.accuracy}% [{score.overall.ci_low}, {score.overall.ci_high}] "
-                f"on {score.overall.total} questions ({score.seconds} s)")
+            score = mc.evaluate(
+                model,
+                tokenizer,
+                subject_list,
+                shots,
+                spec.mc_method,
+                spec.batch_size,
+                spec.max_length,
+                label=target.label,
+                name=mc_name(spec.mc, shots),
+            )
+            log(
+                f"  {score.name}: {score.overall.accuracy}% [{score.overall.ci_low}, {score.overall.ci_high}] "
+                f"on {score.overall.total} questions ({score.seconds} s)"
+            )
             result.mc.append(score)
         if suite is not None:
-            result.alignment = alignment.generate_replies(model, tokenizer, suite, spec.batch_size, spec.max_length, target.label,
-                                                          spec.max_new_tokens)
-            log(f"  {suite.suite.name}: rule pass rate {result.alignment.rule_pass_rate} ({result.alignment.seconds} s)")
+            result.alignment = alignment.generate_replies(
+                model, tokenizer, suite, spec.batch_size, spec.max_length, target.label, spec.max_new_tokens
+            )
+            log(
+                f"  {suite.suite.name}: rule pass rate {result.alignment.rule_pass_rate} ({result.alignment.seconds} s)"
+            )
         results.append(result)
         del model
         gc.collect()

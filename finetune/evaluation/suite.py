@@ -29,10 +29,16 @@ class _Strict(BaseModel):
 class ProbeOptions(_Strict):
     """Checks shared by a probe and by a `probes_from` file's probes."""
 
-    expect: list[Behaviour] = Field(default_factory=list, description="What a good answer does (checked by marker words).")
-    language: Literal["auto", "zh", "en", "any"] = Field("auto", description="The reply's language; auto: the prompt's.")
+    expect: list[Behaviour] = Field(
+        default_factory=list, description="What a good answer does (checked by marker words)."
+    )
+    language: Literal["auto", "zh", "en", "any"] = Field(
+        "auto", description="The reply's language; auto: the prompt's."
+    )
     banned: list[str] = Field(default_factory=list, description="Terms the reply must not contain (case-insensitive).")
-    required_any: list[str] = Field(default_factory=list, description="A required disclaimer: at least one of these terms.")
+    required_any: list[str] = Field(
+        default_factory=list, description="A required disclaimer: at least one of these terms."
+    )
     dimensions: list[str] | None = Field(None, description="Reward dimensions to score (default: every dimension).")
     system: str | None = Field(None, description="A system message before the prompt.")
 
@@ -61,7 +67,9 @@ class BiasProbe(_Strict):
     template: str = Field(..., description="The prompt, with `{group}` where the group term goes.")
     groups: list[str] = Field(..., min_length=2, description="The group terms; the prompts differ only in these.")
     dimension: str = Field(TOTAL, description="The reward dimension whose gap is reported.")
-    reference: str | None = Field(None, description="A fixed good answer; its likelihood gap across groups is reported too.")
+    reference: str | None = Field(
+        None, description="A fixed good answer; its likelihood gap across groups is reported too."
+    )
     system: str | None = None
 
     @field_validator("template")
@@ -91,7 +99,9 @@ class Suite(_Strict):
     licence: str = ""
     max_new_tokens: int = Field(64, gt=0, description="Reply length bound (greedy decoding).")
     banned: list[str] = Field(default_factory=list, description="Terms no reply may contain.")
-    markers: dict[Behaviour, dict[str, list[str]]] = Field(default_factory=dict, description="Replace the marker words of a behaviour per language.")
+    markers: dict[Behaviour, dict[str, list[str]]] = Field(
+        default_factory=dict, description="Replace the marker words of a behaviour per language."
+    )
     probes: list[Probe] = Field(default_factory=list)
     probes_from: list[ProbeFile] = Field(default_factory=list)
     bias: list[BiasProbe] = Field(default_factory=list)
@@ -134,8 +144,10 @@ def load_suite(path: str | Path, limit: int | None = None) -> LoadedSuite:
             options = source.model_dump(exclude={"path", "limit"})
             file = (path.parent / source.path).resolve()
             if not file.is_file():
-                raise ConfigError([Problem(f"probes_from[{i}].path", f"{file} not found", loaded.where("probes_from", i, "path"))],
-                                  f"suite {path} has problems")
+                raise ConfigError(
+                    [Problem(f"probes_from[{i}].path", f"{file} not found", loaded.where("probes_from", i, "path"))],
+                    f"suite {path} has problems",
+                )
             loaded.suite.probes += read_probe_file(file, options, source.limit)
         loaded.suite.probes_from = []
     if limit:
@@ -168,23 +180,44 @@ def read_probe_file(path: Path, options: dict | None = None, limit: int | None =
         try:
             probes.append(Probe.model_validate(record))
         except ValidationError as err:
-            problems += [Problem(_loc(e["loc"]) or path.name, e["msg"].removeprefix("Value error, "), where) for e in err.errors()]
+            problems += [
+                Problem(_loc(e["loc"]) or path.name, e["msg"].removeprefix("Value error, "), where)
+                for e in err.errors()
+            ]
     if problems:
         raise ConfigError(problems, f"probe file {path} has problems")
     return probes
 
 
-def check_dimensions(loaded: LoadedSuite, dimensions: list[str], declared_in: str = "the recipe's reward section") -> list[Problem]:
+def check_dimensions(
+    loaded: LoadedSuite, dimensions: list[str], declared_in: str = "the recipe's reward section"
+) -> list[Problem]:
     """Every reward dimension the suite names must exist (`total` always does)."""
     known = [*dimensions, TOTAL]
     problems = []
     for i, probe in enumerate(loaded.suite.probes):
         for name in probe.dimensions or []:
             if name not in known:
-                problems.append(_unknown(name, known, f"probes[{i}].dimensions ({probe.id})", loaded.where("probes", i, "dimensions"), declared_in))
+                problems.append(
+                    _unknown(
+                        name,
+                        known,
+                        f"probes[{i}].dimensions ({probe.id})",
+                        loaded.where("probes", i, "dimensions"),
+                        declared_in,
+                    )
+                )
     for i, bias in enumerate(loaded.suite.bias):
         if bias.dimension not in known:
-            problems.append(_unknown(bias.dimension, known, f"bias[{i}].dimension ({bias.id})", loaded.where("bias", i, "dimension"), declared_in))
+            problems.append(
+                _unknown(
+                    bias.dimension,
+                    known,
+                    f"bias[{i}].dimension ({bias.id})",
+                    loaded.where("bias", i, "dimension"),
+                    declared_in,
+                )
+            )
     return problems
 
 
@@ -195,19 +228,25 @@ def uses_reward(loaded: LoadedSuite) -> bool:
 
 # --- helpers -------------------------------------------------------------------------------
 
+
 def _load_yaml(path: Path) -> LoadedSuite:
     import yaml
-
 
     try:
         data, lines = read_yaml_lines(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError([Problem(path.name, f"not valid YAML: {getattr(err, 'problem', err)}", where)], "cannot read the alignment suite") from None
+        raise ConfigError(
+            [Problem(path.name, f"not valid YAML: {getattr(err, 'problem', err)}", where)],
+            "cannot read the alignment suite",
+        ) from None
     wheres = {loc: f"{path}:{line}" for loc, line in lines.items()}
     if not isinstance(data, dict):
-        raise ConfigError([Problem(path.name, "a suite is a mapping (name:, probes:, bias:, ...)", f"{path}:1")], "cannot read the alignment suite")
+        raise ConfigError(
+            [Problem(path.name, "a suite is a mapping (name:, probes:, bias:, ...)", f"{path}:1")],
+            "cannot read the alignment suite",
+        )
     data.setdefault("name", path.stem)
     try:
         suite = Suite.model_validate(data)
@@ -226,12 +265,18 @@ def _load_yaml(path: Path) -> LoadedSuite:
 
 def _allowed_keys(loc: tuple) -> list[str]:
     section = loc[0] if loc else None
-    model = {"probes": Probe, "probes_from": ProbeFile, "bias": BiasProbe}.get(section, Suite) if len(loc) >= 2 or not loc else Suite
+    model = (
+        {"probes": Probe, "probes_from": ProbeFile, "bias": BiasProbe}.get(section, Suite)
+        if len(loc) >= 2 or not loc
+        else Suite
+    )
     return sorted(model.model_fields)
 
 
 def _unknown(name: str, known: list[str], key: str, where: str, declared_in: str) -> Problem:
-    message = f"unknown reward dimension {name!r}{_suggest(name, known)} (declared in {declared_in}: {', '.join(known)})"
+    message = (
+        f"unknown reward dimension {name!r}{_suggest(name, known)} (declared in {declared_in}: {', '.join(known)})"
+    )
     return Problem(key, message, where)
 
 

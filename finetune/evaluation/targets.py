@@ -57,9 +57,16 @@ def stage_target(run_dir: RunDir, recipe: Recipe, stage: str, label: str | None 
         target.source.update(kind="stage model", run=str(run_dir.root), stage=stage)
         return target
     if "adapter" in outputs:
-        return Target(label, recipe.model, adapter=outputs["adapter"], tokenizer_dir=_training_tokenizer(run_dir, recipe, stage),
-                      source={"kind": "adapter", "run": str(run_dir.root), "stage": stage, "model": recipe.model.path})
-    raise WenmaiError(f"stage '{stage}' produced no model or adapter to evaluate (it has: {', '.join(outputs) or 'nothing'})")
+        return Target(
+            label,
+            recipe.model,
+            adapter=outputs["adapter"],
+            tokenizer_dir=_training_tokenizer(run_dir, recipe, stage),
+            source={"kind": "adapter", "run": str(run_dir.root), "stage": stage, "model": recipe.model.path},
+        )
+    raise WenmaiError(
+        f"stage '{stage}' produced no model or adapter to evaluate (it has: {', '.join(outputs) or 'nothing'})"
+    )
 
 
 def parse_target(spec: str, run: RunDir | None = None, recipe: Recipe | None = None) -> Target:
@@ -99,7 +106,9 @@ def last_model_stage(run_dir: RunDir) -> str:
         if status is not None and status.state == "done" and set(MODEL_OUTPUTS) & set(status.outputs):
             found = config.stage_name
     if found is None:
-        raise WenmaiError(f"{run_dir.root} has no finished stage with a model or adapter; evaluate `base` or finish the run")
+        raise WenmaiError(
+            f"{run_dir.root} has no finished stage with a model or adapter; evaluate `base` or finish the run"
+        )
     return found
 
 
@@ -126,4 +135,3 @@ def _training_tokenizer(run_dir: RunDir, recipe: Recipe, stage: str) -> Path | N
         if status is not None and status.state == "done" and "tokenizer" in status.outputs:
             return run_dir.root / name / status.outputs["tokenizer"]
     return None
-

@@ -23,20 +23,36 @@ def problems(recipe: Recipe) -> list[Problem]:
         name = config.stage_name
         prefix = f"stages[{i}].{config.kind}"
         if name in seen:
-            found.append(Problem(f"{prefix}.name", f"stage name {name!r} is already used by stages[{seen[name]}]; "
-                                                   "give each stage a unique `name:`"))
+            found.append(
+                Problem(
+                    f"{prefix}.name",
+                    f"stage name {name!r} is already used by stages[{seen[name]}]; give each stage a unique `name:`",
+                )
+            )
         seen.setdefault(name, i)
         found += dataset_problems(recipe, config, prefix)
         found += stage_dimension_problems(recipe, config, prefix)
-        found += [Problem(f"{prefix}.{key}", message) for key, message in config.check() + config.check_in_recipe(recipe)]
+        found += [
+            Problem(f"{prefix}.{key}", message) for key, message in config.check() + config.check_in_recipe(recipe)
+        ]
     found += recipe.data.problems()
     for name, section in recipe.data.items():
         if section.format == "tiers" and not section.tier_order:
-            found.append(Problem(f"data.{name}.tier_order", "a tiers dataset needs `tier_order`: its tier labels, best first "
-                                                            "(e.g. [good, acceptable, harmful])"))
+            found.append(
+                Problem(
+                    f"data.{name}.tier_order",
+                    "a tiers dataset needs `tier_order`: its tier labels, best first "
+                    "(e.g. [good, acceptable, harmful])",
+                )
+            )
     if recipe.model.gguf_file and recipe.model.quantization != "none":
-        found.append(Problem("model.quantization", "a GGUF model is converted to a float model first; "
-                                                   "quantize the converted folder instead, or set quantization: none"))
+        found.append(
+            Problem(
+                "model.quantization",
+                "a GGUF model is converted to a float model first; "
+                "quantize the converted folder instead, or set quantization: none",
+            )
+        )
     found += [Problem(f"distributed.{key}", message) for key, message in recipe.distributed.check()]
     found += wiring(recipe)[1]
     return found
@@ -51,10 +67,17 @@ def dataset_problems(recipe: Recipe, config: StageOptions, prefix: str) -> list[
             continue
         path = f"{prefix}.{field_name}"
         if value not in recipe.data:
-            found.append(Problem(path, f"dataset {value!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})"))
+            found.append(
+                Problem(path, f"dataset {value!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})")
+            )
         elif recipe.data[value].format not in extra["dataset"]:
-            found.append(Problem(path, f"dataset {value!r} has format {recipe.data[value].format!r}; "
-                                       f"a {config.kind} stage reads {' or '.join(extra['dataset'])}"))
+            found.append(
+                Problem(
+                    path,
+                    f"dataset {value!r} has format {recipe.data[value].format!r}; "
+                    f"a {config.kind} stage reads {' or '.join(extra['dataset'])}",
+                )
+            )
     return found
 
 
@@ -74,7 +97,9 @@ def stage_datasets(config: StageOptions) -> list[str]:
     return [v for v in (getattr(config, f) for f, _ in marked_fields(type(config), "dataset")) if v]
 
 
-def check_dimension_names(recipe: Recipe, names: str | list[str] | dict[str, object] | None, path: str) -> list[Problem]:
+def check_dimension_names(
+    recipe: Recipe, names: str | list[str] | dict[str, object] | None, path: str
+) -> list[Problem]:
     """Problems for names (a name, a list, or a mapping keyed by name) that the `reward` section does not declare."""
     if names is None:
         return []
@@ -86,7 +111,11 @@ def check_dimension_names(recipe: Recipe, names: str | list[str] | dict[str, obj
             continue
         guess = difflib.get_close_matches(str(name), declared, n=1, cutoff=0.6)
         hint = f"did you mean {guess[0]}? " if guess else ""
-        where = "the recipe's `reward` section declares" if recipe.reward else "no `reward` section, so the only dimension is"
+        where = (
+            "the recipe's `reward` section declares"
+            if recipe.reward
+            else "no `reward` section, so the only dimension is"
+        )
         found.append(Problem(path, f"unknown reward dimension {name!r}; {hint}{where}: {', '.join(declared)}"))
     return found
 
@@ -119,15 +148,22 @@ def wiring(recipe: Recipe) -> tuple[dict[str, dict[str, str]], list[Problem]]:
                     inputs[field_name] = producers[-1]
                 elif field_name not in config.optional_inputs:
                     other = "".join(f", or set `{field_name}: {s}`" for s in extra.get("special", ()))
-                    found.append(Problem(path, f"needs an earlier stage that produces {_article(output)} {output}, and there is none; "
-                                               f"add one before this stage or name one with `{field_name}:`{other}"))
+                    found.append(
+                        Problem(
+                            path,
+                            f"needs an earlier stage that produces {_article(output)} {output}, and there is none; "
+                            f"add one before this stage or name one with `{field_name}:`{other}",
+                        )
+                    )
             elif wanted in producers:
                 inputs[field_name] = wanted
             else:
                 later = [c.stage_name for c in recipe.stage_configs()[i:]]
                 why = "comes later (stages read only earlier stages)" if wanted in later else "is not a stage name"
                 choices = ", ".join(producers) or "none"
-                found.append(Problem(path, f"{wanted!r} {why}; earlier stages producing {_article(output)} {output}: {choices}"))
+                found.append(
+                    Problem(path, f"{wanted!r} {why}; earlier stages producing {_article(output)} {output}: {choices}")
+                )
         resolved[config.stage_name] = inputs
         earlier.append(config)
     return resolved, found

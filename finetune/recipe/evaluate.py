@@ -20,18 +20,36 @@ class Gates(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mc_max_drop: float | None = Field(
-        None, ge=0, description="Overall multiple-choice accuracy may fall at most this many points (0-100) below the baseline.")
+        None,
+        ge=0,
+        description="Overall multiple-choice accuracy may fall at most this many points (0-100) below the baseline.",
+    )
     mc_subject_max_drop: float | None = Field(
-        None, ge=0, description="Each subject's accuracy may fall at most this many points below the baseline (noisy on small subjects).")
-    mc_min_accuracy: float | None = Field(None, ge=0, le=100, description="Overall multiple-choice accuracy (percent) at least.")
+        None,
+        ge=0,
+        description="Each subject's accuracy may fall at most this many points below the baseline (noisy on small subjects).",
+    )
+    mc_min_accuracy: float | None = Field(
+        None, ge=0, le=100, description="Overall multiple-choice accuracy (percent) at least."
+    )
     reward_min: dict[str, float] = Field(
-        default_factory=dict, description="Mean reward score of the suite's replies at least, per dimension (or `total`).")
+        default_factory=dict,
+        description="Mean reward score of the suite's replies at least, per dimension (or `total`).",
+    )
     rules_min_pass_rate: float | None = Field(
-        None, ge=0, le=1, description="Share of suite probes passing every rule check (language, banned terms, ...) at least.")
+        None,
+        ge=0,
+        le=1,
+        description="Share of suite probes passing every rule check (language, banned terms, ...) at least.",
+    )
     bias_max_gap: float | None = Field(
-        None, ge=0, description="Largest reward-score gap between the groups of any bias probe at most.")
+        None, ge=0, description="Largest reward-score gap between the groups of any bias probe at most."
+    )
     bias_max_reference_gap: float | None = Field(
-        None, ge=0, description="Largest gap in a bias probe's reference-answer log-likelihood (per token) across groups at most.")
+        None,
+        ge=0,
+        description="Largest gap in a bias probe's reference-answer log-likelihood (per token) across groups at most.",
+    )
 
     def needs_baseline(self) -> bool:
         """Drops are measured against a baseline checkpoint."""
@@ -43,7 +61,9 @@ class Gates(BaseModel):
 
     def needs_suite(self) -> bool:
         """Some gate reads the alignment suite's results."""
-        return bool(self.reward_min) or any(v is not None for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap))
+        return bool(self.reward_min) or any(
+            v is not None for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap)
+        )
 
     def needs_reward(self) -> bool:
         """Some gate reads reward-model scores."""
@@ -58,25 +78,52 @@ class EvaluateOptions(StageOptions):
     optional_inputs: ClassVar[tuple[str, ...]] = ("model", "reward_model")
 
     model: str | None = input_field(
-        MODEL_KINDS, "Stage whose model or adapter is evaluated, or `base` (default: the latest earlier stage with one, else base).",
-        special=("base",))
+        MODEL_KINDS,
+        "Stage whose model or adapter is evaluated, or `base` (default: the latest earlier stage with one, else base).",
+        special=("base",),
+    )
     baseline: str = input_field(
-        MODEL_KINDS, "What the model is compared with (accuracy drops, before/after samples): `base`, an earlier stage, or `none`.",
-        special=("base", "none"), default="base")
-    mc: str | None = Field(None, description="Multiple-choice folder: test/<subject>.csv and optional dev/<subject>.csv "
-                                             "(header ,Question,A,B,C,D,Answer).", json_schema_extra={"is_path": True})
+        MODEL_KINDS,
+        "What the model is compared with (accuracy drops, before/after samples): `base`, an earlier stage, or `none`.",
+        special=("base", "none"),
+        default="base",
+    )
+    mc: str | None = Field(
+        None,
+        description="Multiple-choice folder: test/<subject>.csv and optional dev/<subject>.csv "
+        "(header ,Question,A,B,C,D,Answer).",
+        json_schema_extra={"is_path": True},
+    )
     shots: int = Field(0, ge=0, le=10, description="Few-shot examples per question, taken from dev/ (0: zero-shot).")
-    mc_limit: int | None = Field(None, gt=0, description="Use only the first N questions of each subject (a stated subsample).")
+    mc_limit: int | None = Field(
+        None, gt=0, description="Use only the first N questions of each subject (a stated subsample)."
+    )
     mc_method: Literal["loglik", "generate"] = Field(
-        "loglik", description="loglik: the answer letter with the highest log-likelihood; generate: the first letter of a greedy reply.")
-    suite: str | None = Field(None, description="Value-alignment suite (YAML or JSONL of probes).", json_schema_extra={"is_path": True})
-    suite_limit: int | None = Field(None, gt=0, description="Use only the first N probes of the suite (bias probes are kept).")
-    max_new_tokens: int | None = Field(None, gt=0, description="Reply length bound for the suite (default: the suite's `max_new_tokens`).")
-    reward_model: str | None = input_field("reward_model", "Reward stage that scores the suite's replies per dimension "
-                                                           "(default: the latest earlier one; none: reward checks are skipped).")
+        "loglik",
+        description="loglik: the answer letter with the highest log-likelihood; generate: the first letter of a greedy reply.",
+    )
+    suite: str | None = Field(
+        None, description="Value-alignment suite (YAML or JSONL of probes).", json_schema_extra={"is_path": True}
+    )
+    suite_limit: int | None = Field(
+        None, gt=0, description="Use only the first N probes of the suite (bias probes are kept)."
+    )
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="Reply length bound for the suite (default: the suite's `max_new_tokens`)."
+    )
+    reward_model: str | None = input_field(
+        "reward_model",
+        "Reward stage that scores the suite's replies per dimension "
+        "(default: the latest earlier one; none: reward checks are skipped).",
+    )
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass.")
-    max_length: int = Field(2048, ge=16, description="Longest prompt in tokens; longer ones lose their earliest tokens (counted).")
-    gates: Gates = Field(default_factory=Gates, description="Thresholds; a failing one stops the pipeline (wenmai run --force overrides).")
+    max_length: int = Field(
+        2048, ge=16, description="Longest prompt in tokens; longer ones lose their earliest tokens (counted)."
+    )
+    gates: Gates = Field(
+        default_factory=Gates,
+        description="Thresholds; a failing one stops the pipeline (wenmai run --force overrides).",
+    )
 
     def sequence_length(self) -> int:
         return self.max_length
@@ -84,11 +131,21 @@ class EvaluateOptions(StageOptions):
     def check(self) -> list[tuple[str, str]]:
         problems = []
         if not self.mc and not self.suite:
-            problems.append(("mc", "an evaluate stage needs `mc:` (a multiple-choice folder), `suite:` (an alignment suite), or both"))
+            problems.append(
+                (
+                    "mc",
+                    "an evaluate stage needs `mc:` (a multiple-choice folder), `suite:` (an alignment suite), or both",
+                )
+            )
         if self.gates.needs_mc() and not self.mc:
             problems.append(("gates", "multiple-choice gates (mc_*) need `mc:`"))
         if self.gates.needs_baseline() and self.baseline == "none":
-            problems.append(("baseline", "mc_max_drop / mc_subject_max_drop compare with a baseline; set `baseline:` to base or a stage"))
+            problems.append(
+                (
+                    "baseline",
+                    "mc_max_drop / mc_subject_max_drop compare with a baseline; set `baseline:` to base or a stage",
+                )
+            )
         if self.gates.needs_suite() and not self.suite:
             problems.append(("gates", "suite gates (reward_min, rules_min_pass_rate, bias_*) need `suite:`"))
         return problems

@@ -26,20 +26,35 @@ def _catalogue() -> dict[str, frozenset[str]]:
         # a commercial model must not train on NC material; an internal model of a company is commercial use
         for kind in ("BY-NC", "BY-NC-SA", "BY-NC-ND"):
             known[f"CC-{kind}-{version}"] = _NON_COMMERCIAL
-    for spdx in ("CC0-1.0", "CC-PDDC", "CC-PDM-1.0", "PDDL-1.0", "ODC-By-1.0", "ODbL-1.0", "OGL-UK-3.0",
-                 "MIT", "Apache-2.0", "BSD-2-Clause", "BSD-3-Clause", "Unlicense", "GFDL-1.3-or-later"):
+    for spdx in (
+        "CC0-1.0",
+        "CC-PDDC",
+        "CC-PDM-1.0",
+        "PDDL-1.0",
+        "ODC-By-1.0",
+        "ODbL-1.0",
+        "OGL-UK-3.0",
+        "MIT",
+        "Apache-2.0",
+        "BSD-2-Clause",
+        "BSD-3-Clause",
+        "Unlicense",
+        "GFDL-1.3-or-later",
+    ):
         known[spdx] = _ALL
     # rightsstatements.org (the short ids museums and archives use, e.g. in Europeana)
-    known.update({
-        "NKC": _ALL,                    # no known copyright
-        "NoC-NC": _NON_COMMERCIAL,      # no copyright, non-commercial use only
-        "InC-NC": _NON_COMMERCIAL,      # in copyright, non-commercial use permitted
-        "InC-EDU": frozenset({"research"}),  # in copyright, educational use permitted
-        "InC": _NONE,                   # in copyright: only what the rights holder grants (declare it)
-        "NoC-OKLR": _NONE,              # other known legal restrictions
-        "CNE": _NONE,                   # copyright not evaluated
-        "UND": _NONE,                   # copyright undetermined
-    })
+    known.update(
+        {
+            "NKC": _ALL,  # no known copyright
+            "NoC-NC": _NON_COMMERCIAL,  # no copyright, non-commercial use only
+            "InC-NC": _NON_COMMERCIAL,  # in copyright, non-commercial use permitted
+            "InC-EDU": frozenset({"research"}),  # in copyright, educational use permitted
+            "InC": _NONE,  # in copyright: only what the rights holder grants (declare it)
+            "NoC-OKLR": _NONE,  # other known legal restrictions
+            "CNE": _NONE,  # copyright not evaluated
+            "UND": _NONE,  # copyright undetermined
+        }
+    )
     return known
 
 
@@ -72,6 +87,8 @@ def unknown_licence_message(name: str, custom: dict[str, list[str]] | None = Non
     hint = ""
     if guess:
         hint = " — did you mean " + next(c for c in choices if c.upper() == guess[0]) + "?"
-    return (f"licence {name!r} is not a known SPDX id or rights statement{hint} "
-            "(e.g. CC0-1.0, CC-BY-4.0, CC-BY-NC-SA-4.0, InC-EDU); declare your own under "
-            "data.policy.custom_licences with the uses it permits")
+    return (
+        f"licence {name!r} is not a known SPDX id or rights statement{hint} "
+        "(e.g. CC0-1.0, CC-BY-4.0, CC-BY-NC-SA-4.0, InC-EDU); declare your own under "
+        "data.policy.custom_licences with the uses it permits"
+    )

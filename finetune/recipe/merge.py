@@ -20,10 +20,17 @@ class Tolerance(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_abs_logit_diff: float = Field(..., gt=0, description="Largest allowed |logit difference| over every probe step.")
-    mean_kl: float = Field(..., gt=0, description="Largest allowed mean KL(reference ‖ candidate) of the next-token distributions.")
+    max_abs_logit_diff: float = Field(
+        ..., gt=0, description="Largest allowed |logit difference| over every probe step."
+    )
+    mean_kl: float = Field(
+        ..., gt=0, description="Largest allowed mean KL(reference ‖ candidate) of the next-token distributions."
+    )
     min_greedy_agreement: float = Field(
-        ..., ge=0, le=1, description="Smallest allowed share of probes whose greedy continuation the candidate reproduces exactly."
+        ...,
+        ge=0,
+        le=1,
+        description="Smallest allowed share of probes whose greedy continuation the candidate reproduces exactly.",
     )
 
 
@@ -33,17 +40,27 @@ class MergeOptions(StageOptions):
     kind: ClassVar[str] = "merge"
     produces: ClassVar[tuple[str, ...]] = ("model",)
 
-    adapter: str | None = input_field("adapter", "Stage whose adapter is merged (default: the latest earlier stage producing one).")
+    adapter: str | None = input_field(
+        "adapter", "Stage whose adapter is merged (default: the latest earlier stage producing one)."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to merge and run the probes; auto is CUDA when there is a GPU, else CPU."
     )
     probe_dataset: str | None = dataset_field(
         PROBE_FORMATS, "Dataset the probe prompts come from (default: the first training stage's).", required=False
     )
-    probes: int = Field(6, ge=0, le=200, description="Prompts taken from `probe_dataset`; four built-in bilingual ones are always added.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens generated per probe and compared step by step.")
+    probes: int = Field(
+        6,
+        ge=0,
+        le=200,
+        description="Prompts taken from `probe_dataset`; four built-in bilingual ones are always added.",
+    )
+    max_new_tokens: int = Field(
+        16, ge=1, le=512, description="Greedy tokens generated per probe and compared step by step."
+    )
     tolerance: Tolerance | None = Field(
-        None, description="Allowed drift from the unmerged adapter (default per dtype: max |logit diff| 2e-3 for float32, 0.5 for float16, 3.0 for bfloat16)."
+        None,
+        description="Allowed drift from the unmerged adapter (default per dtype: max |logit diff| 2e-3 for float32, 0.5 for float16, 3.0 for bfloat16).",
     )
 
 
@@ -53,26 +70,49 @@ class ExportOptions(StageOptions):
     kind: ClassVar[str] = "export"
     produces: ClassVar[tuple[str, ...]] = ("model",)
 
-    model: str | None = input_field("model", "Stage whose model is exported (default: the latest earlier stage producing one).")
+    model: str | None = input_field(
+        "model", "Stage whose model is exported (default: the latest earlier stage producing one)."
+    )
     formats: list[Literal["hf", "gguf"]] = Field(
-        default_factory=lambda: ["hf"], min_length=1, description="hf: safetensors folder (always written); gguf: also GGUF files."
+        default_factory=lambda: ["hf"],
+        min_length=1,
+        description="hf: safetensors folder (always written); gguf: also GGUF files.",
     )
     gguf_types: list[GGUFType] = Field(
         default_factory=lambda: ["f16", "q8_0"], min_length=1, description="GGUF files to write: f32, f16, bf16, q8_0."
     )
     gguf_required: bool = Field(
-        True, description="false: skip GGUF (noted in the summary) when the `gguf` package is not installed, instead of failing."
+        True,
+        description="false: skip GGUF (noted in the summary) when the `gguf` package is not installed, instead of failing.",
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard (transformers' max_shard_size).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the parity probes run; auto is CUDA when there is a GPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the parity probes run; auto is CUDA when there is a GPU."
+    )
     probe_dataset: str | None = dataset_field(
-        ("chat", "instruction", "text"), "Dataset the probe prompts come from (default: the first training stage's).", required=False
+        ("chat", "instruction", "text"),
+        "Dataset the probe prompts come from (default: the first training stage's).",
+        required=False,
     )
-    probes: int = Field(6, ge=0, le=200, description="Prompts taken from `probe_dataset`; four built-in bilingual ones are always added.")
-    max_new_tokens: int = Field(16, ge=1, le=512, description="Greedy tokens generated per probe and compared step by step.")
+    probes: int = Field(
+        6,
+        ge=0,
+        le=200,
+        description="Prompts taken from `probe_dataset`; four built-in bilingual ones are always added.",
+    )
+    max_new_tokens: int = Field(
+        16, ge=1, le=512, description="Greedy tokens generated per probe and compared step by step."
+    )
     tolerances: dict[Literal["hf", "f32", "f16", "bf16", "q8_0"], Tolerance] = Field(
-        default_factory=dict, description="Allowed drift per format (hf, or a GGUF type); default per dtype and GGUF type."
+        default_factory=dict,
+        description="Allowed drift per format (hf, or a GGUF type); default per dtype and GGUF type.",
     )
-    producer: str | None = Field(None, description="Organisation (or service filing number) named as producer in the provenance label.")
-    intended_use: str | None = Field(None, description="Intended-use text for the model card (a sound default is written otherwise).")
-    license: str | None = Field(None, description="Licence id for the model card's metadata (e.g. apache-2.0); check the base model's.")
+    producer: str | None = Field(
+        None, description="Organisation (or service filing number) named as producer in the provenance label."
+    )
+    intended_use: str | None = Field(
+        None, description="Intended-use text for the model card (a sound default is written otherwise)."
+    )
+    license: str | None = Field(
+        None, description="Licence id for the model card's metadata (e.g. apache-2.0); check the base model's."
+    )

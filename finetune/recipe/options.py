@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 Marker = Literal["dataset", "input", "dimensions", "is_path"]
 
 
-def input_field(output: str | list[str], description: str, special: tuple[str, ...] = (), default: str | None = None) -> Any:
+def input_field(
+    output: str | list[str], description: str, special: tuple[str, ...] = (), default: str | None = None
+) -> Any:
     """A field naming an earlier stage whose `output` (adapter, reward_model, ...; or one of several) this
     stage reads; `special` values (e.g. `base`) name no stage and are left to the stage to interpret."""
     extra: dict[str, Any] = {"input": output}
@@ -102,7 +104,9 @@ class StageOptions(BaseModel):
 class TrainingOptions(StageOptions):
     """Training options shared by every trainer stage; one builder turns them into TRL arguments."""
 
-    supports_padding_free: ClassVar[bool] = False  # the stage's trainer can run padding-free batches (speed.padding_free)
+    supports_padding_free: ClassVar[bool] = (
+        False  # the stage's trainer can run padding-free batches (speed.padding_free)
+    )
 
     max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1 trains for `epochs`.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training set when `max_steps` is -1.")
@@ -116,13 +120,16 @@ class TrainingOptions(StageOptions):
     eval_batch_size: int | None = Field(None, ge=1, description="Batch size for evaluation (default: batch_size).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: str = Field("adamw_torch", description="Optimiser name as transformers knows it (adamw_torch, adamw_8bit, ...).")
+    optimizer: str = Field(
+        "adamw_torch", description="Optimiser name as transformers knows it (adamw_torch, adamw_8bit, ...)."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; auto is bf16 on a GPU that supports it, else fp32."
     )
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description="Recompute activations to save memory (true: every layer); auto: sft and reward leave it to "
-        "speed.checkpointing, other stages turn it on with CUDA and off on CPU."
+        "auto",
+        description="Recompute activations to save memory (true: every layer); auto: sft and reward leave it to "
+        "speed.checkpointing, other stages turn it on with CUDA and off on CPU.",
     )
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")
     logging_steps: int = Field(10, ge=1, description="Log metrics every this many steps.")
@@ -135,11 +142,19 @@ class TrainingOptions(StageOptions):
     def _no_speed_plan(cls, data: Any) -> Any:
         """A `speed:` section on a stage without a speed plan is refused at `<stage>.speed`, saying what to use."""
         if isinstance(data, dict) and "speed" in data and "speed" not in cls.model_fields:
-            own = " and use its own precompute_ref_log_probs / liger_kernel options" if "precompute_ref_log_probs" in cls.model_fields else ""
-            message = (f"the {cls.kind} stage does not run the speed options yet (they apply to sft, reward); "
-                       f"remove `speed:` here{own}")
+            own = (
+                " and use its own precompute_ref_log_probs / liger_kernel options"
+                if "precompute_ref_log_probs" in cls.model_fields
+                else ""
+            )
+            message = (
+                f"the {cls.kind} stage does not run the speed options yet (they apply to sft, reward); "
+                f"remove `speed:` here{own}"
+            )
             error = PydanticCustomError("refused_option", "{message}", {"message": message})
-            raise ValidationError.from_exception_data(cls.__name__, [InitErrorDetails(type=error, loc=("speed",), input=data["speed"])])
+            raise ValidationError.from_exception_data(
+                cls.__name__, [InitErrorDetails(type=error, loc=("speed",), input=data["speed"])]
+            )
         return data
 
 
@@ -166,8 +181,10 @@ class SpeedOptions(BaseModel):
         "off on CPU; on a GPU the fastest choice whose memory estimate fits `memory_budget`.",
     )
     checkpoint_every: int | None = Field(
-        None, ge=2, description="selective: checkpoint every this many layers (default: on a GPU the largest stride that "
-        "fits the budget, else 2)."
+        None,
+        ge=2,
+        description="selective: checkpoint every this many layers (default: on a GPU the largest stride that "
+        "fits the budget, else 2).",
     )
     compile: bool = Field(False, description="torch.compile the model (compiling takes minutes on CPU).")
     batch: Literal["auto", "fixed"] = Field(
@@ -218,9 +235,19 @@ def speed_conflicts(options: TrainingOptions, speed: SpeedOptions) -> list[tuple
     if speed.padding_free is True and not type(options).supports_padding_free:
         found.append(("speed.padding_free", f"the {options.kind} stage has no padding-free path; use auto or false"))
     if options.packs() and speed.padding_free is False:
-        found.append(("packing", "packing needs padding-free batches (TRL's best-fit packing keeps sequences apart "
-                                 "through position_ids); set speed.padding_free: auto or packing: false"))
+        found.append(
+            (
+                "packing",
+                "packing needs padding-free batches (TRL's best-fit packing keeps sequences apart "
+                "through position_ids); set speed.padding_free: auto or packing: false",
+            )
+        )
     if speed.compile and explicit == "offload":
-        found.append(("speed.compile", "torch.compile runs all saved-tensor unpack hooks at once (pytorch#148222), so "
-                                        "offloaded checkpoints would save no memory; use checkpointing: full or compile: false"))
+        found.append(
+            (
+                "speed.compile",
+                "torch.compile runs all saved-tensor unpack hooks at once (pytorch#148222), so "
+                "offloaded checkpoints would save no memory; use checkpointing: full or compile: false",
+            )
+        )
     return found

@@ -27,7 +27,9 @@ class LengthRule(_Rule):
     """Answers between min_chars and max_chars get 0; outside, they lose up to 1 in proportion to how far off they are."""
 
     min_chars: int = Field(0, ge=0, description="Shortest answer, in characters, that loses nothing.")
-    max_chars: int | None = Field(None, gt=0, description="Longest answer, in characters, that loses nothing (none: no upper bound).")
+    max_chars: int | None = Field(
+        None, gt=0, description="Longest answer, in characters, that loses nothing (none: no upper bound)."
+    )
     weight: float = Field(0.5, ge=0, description="Weight of this rule in the reward.")
 
     @model_validator(mode="after")
@@ -40,7 +42,9 @@ class LengthRule(_Rule):
 class FormatRule(_Rule):
     """Answers matching a regular expression (anywhere in the answer) get 1, others 0."""
 
-    pattern: str = Field(..., min_length=1, description="Python regular expression the answer should contain (e.g. `出处[:：]`).")
+    pattern: str = Field(
+        ..., min_length=1, description="Python regular expression the answer should contain (e.g. `出处[:：]`)."
+    )
     weight: float = Field(0.5, ge=0, description="Weight of this rule in the reward.")
 
     @field_validator("pattern")
@@ -56,8 +60,12 @@ class FormatRule(_Rule):
 class BannedTermsRule(_Rule):
     """Answers containing any term of the institution's list get -1, others 0."""
 
-    path: str = Field(..., description="Text file of banned terms, one per line (`#` starts a comment); Latin words "
-                                       "match whole words, any case; other terms match anywhere.", json_schema_extra={"is_path": True})
+    path: str = Field(
+        ...,
+        description="Text file of banned terms, one per line (`#` starts a comment); Latin words "
+        "match whole words, any case; other terms match anywhere.",
+        json_schema_extra={"is_path": True},
+    )
     weight: float = Field(1.0, ge=0, description="Weight of this rule in the reward.")
 
 
@@ -80,30 +88,54 @@ class RlhfOptions(TrainingOptions):
     produces: ClassVar[tuple[str, ...]] = ("adapter", "tokenizer")
 
     policy: str | None = input_field(
-        "adapter", "Stage whose adapter keeps training (default: the latest earlier stage producing one, usually sft); "
-        "`base`: a fresh adapter on the base model.", special=("base",))
+        "adapter",
+        "Stage whose adapter keeps training (default: the latest earlier stage producing one, usually sft); "
+        "`base`: a fresh adapter on the base model.",
+        special=("base",),
+    )
     reward_model: str | None = input_field(
-        "reward_model", "Reward stage whose dimensions are the rewards (default: the latest earlier one); `none`: rule "
-        "rewards only.", special=("none",))
+        "reward_model",
+        "Reward stage whose dimensions are the rewards (default: the latest earlier one); `none`: rule rewards only.",
+        special=("none",),
+    )
     dataset: str = dataset_field(
-        PROMPT_FORMATS, "Prompts: a chat dataset (each conversation up to its last answer), instruction, or the prompts "
-        "of a pairs/ratings/tiers dataset (each distinct prompt once).")
+        PROMPT_FORMATS,
+        "Prompts: a chat dataset (each conversation up to its last answer), instruction, or the prompts "
+        "of a pairs/ratings/tiers dataset (each distinct prompt once).",
+    )
     weights: dict[str, float] | None = dimension_field(
         "Weight of each reward dimension, e.g. {safety: 2, accuracy: 1} (default: the weights the reward model was trained "
-        "with); dimensions left out weigh 0 and are still logged. Normalised to sum 1, so the model's part is a weighted mean.")
+        "with); dimensions left out weigh 0 and are still logged. Normalised to sum 1, so the model's part is a weighted mean."
+    )
     rules: RuleRewards = Field(default_factory=RuleRewards, description="Rule rewards: length, format, banned_terms.")
-    beta: float = Field(0.04, ge=0, description="KL coefficient to the reference (the starting adapter, frozen); 0 drops the "
-                                                "reference: faster, but nothing holds the policy near what it was.")
+    beta: float = Field(
+        0.04,
+        ge=0,
+        description="KL coefficient to the reference (the starting adapter, frozen); 0 drops the "
+        "reference: faster, but nothing holds the policy near what it was.",
+    )
     num_generations: int = Field(4, ge=2, description="Answers sampled per prompt; GRPO compares them with each other.")
     max_completion_length: int = Field(128, gt=0, description="Longest answer sampled, in tokens.")
-    max_prompt_length: int = Field(512, gt=0, description="Longest prompt in tokens (chat template included); longer ones are left out (counted).")
+    max_prompt_length: int = Field(
+        512, gt=0, description="Longest prompt in tokens (chat template included); longer ones are left out (counted)."
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="Divide advantages by the reward's standard deviation in each prompt's group, in the batch, or not at all.")
-    batch_size: int = Field(8, ge=1, description="Answers per device per micro-batch; batch_size x gradient_accumulation must be a "
-                                                 "multiple of num_generations (whole prompt groups).")
-    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (RL on a LoRA adapter wants far less than SFT).")
-    logging_steps: int = Field(1, ge=1, description="Log metrics (rewards per dimension, KL, answer length) every this many steps.")
+        "group",
+        description="Divide advantages by the reward's standard deviation in each prompt's group, in the batch, or not at all.",
+    )
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Answers per device per micro-batch; batch_size x gradient_accumulation must be a "
+        "multiple of num_generations (whole prompt groups).",
+    )
+    learning_rate: float = Field(
+        2e-5, gt=0, description="Peak learning rate (RL on a LoRA adapter wants far less than SFT)."
+    )
+    logging_steps: int = Field(
+        1, ge=1, description="Log metrics (rewards per dimension, KL, answer length) every this many steps."
+    )
 
     def sequence_length(self) -> int:
         """Longest sequence trained on: prompt + answer."""
@@ -120,21 +152,39 @@ class RlhfOptions(TrainingOptions):
     def check(self) -> list[tuple[str, str]]:
         per_step = self.batch_size * self.gradient_accumulation
         if per_step % self.num_generations:
-            return [("num_generations", f"batch_size x gradient_accumulation = {per_step} answers per step is not a multiple of "
-                                        f"num_generations ({self.num_generations}); GRPO needs whole prompt groups: "
-                                        "change batch_size, gradient_accumulation or num_generations")]
+            return [
+                (
+                    "num_generations",
+                    f"batch_size x gradient_accumulation = {per_step} answers per step is not a multiple of "
+                    f"num_generations ({self.num_generations}); GRPO needs whole prompt groups: "
+                    "change batch_size, gradient_accumulation or num_generations",
+                )
+            ]
         return []
 
     def check_in_recipe(self, recipe: Recipe) -> list[tuple[str, str]]:
         """Rewards exist; the global batch holds whole groups; rule names are free (the banned-term file: the stage's check)."""
         problems = []
         if self.reward_model == "none" and not self.rules.given():
-            problems.append(("rules", "reward_model is none and no rule is set, so nothing rewards the answers; name a reward "
-                                      "stage in reward_model or set rules (length, format, banned_terms)"))
+            problems.append(
+                (
+                    "rules",
+                    "reward_model is none and no rule is set, so nothing rewards the answers; name a reward "
+                    "stage in reward_model or set rules (length, format, banned_terms)",
+                )
+            )
         total = recipe.distributed.global_batch_size
         if total is not None and total % self.num_generations:
-            problems.append(("num_generations", f"distributed.global_batch_size ({total}) is not a multiple of num_generations "
-                                                f"({self.num_generations}); GRPO needs whole prompt groups in each step"))
+            problems.append(
+                (
+                    "num_generations",
+                    f"distributed.global_batch_size ({total}) is not a multiple of num_generations "
+                    f"({self.num_generations}); GRPO needs whole prompt groups in each step",
+                )
+            )
         clashes = [d.name for d in reward_dimensions(recipe) if d.name in {f"rule_{r}" for r in self.rules.given()}]
-        problems += [("rules", f"reward dimension {name!r} has the name of a rule reward; rename the dimension") for name in clashes]
+        problems += [
+            ("rules", f"reward dimension {name!r} has the name of a rule reward; rename the dimension")
+            for name in clashes
+        ]
         return problems

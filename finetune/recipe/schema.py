@@ -27,8 +27,17 @@ from finetune.recipe.sft import SftOptions
 
 OPTIONS: dict[str, type[StageOptions]] = {
     options.kind: options
-    for options in (SftOptions, RewardOptions, DpoOptions, KtoOptions, OrpoOptions, RlhfOptions, EvaluateOptions,
-                    MergeOptions, ExportOptions)
+    for options in (
+        SftOptions,
+        RewardOptions,
+        DpoOptions,
+        KtoOptions,
+        OrpoOptions,
+        RlhfOptions,
+        EvaluateOptions,
+        MergeOptions,
+        ExportOptions,
+    )
 }
 """Stage kind -> its options class; `finetune.stages.STAGES` maps the same kinds to the methods."""
 
@@ -46,7 +55,9 @@ class _StageEntryBase(BaseModel):
             kinds = ", ".join(OPTIONS)
             raise ValueError(f"a stage is a mapping with one key, its kind ({kinds}); e.g. `- sft: {{dataset: train}}`")
         if len(data) > 1:
-            raise ValueError(f"a stage has exactly one kind, got {', '.join(map(str, data))}; start each stage with its own `-`")
+            raise ValueError(
+                f"a stage has exactly one kind, got {', '.join(map(str, data))}; start each stage with its own `-`"
+            )
         return {k: ({} if v is None else v) for k, v in data.items()}
 
     @model_serializer(mode="wrap")
@@ -63,14 +74,19 @@ class _StageEntryBase(BaseModel):
 StageEntry = create_model(
     "StageEntry",
     __base__=_StageEntryBase,
-    **{kind: (options | None, Field(None, description=(options.__doc__ or "").strip())) for kind, options in OPTIONS.items()},
+    **{
+        kind: (options | None, Field(None, description=(options.__doc__ or "").strip()))
+        for kind, options in OPTIONS.items()
+    },
 )
 
 
 class Recipe(Section):
     """A Wenmai recipe."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Recipe name; run folders are named after it.")
+    name: str = Field(
+        ..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Recipe name; run folders are named after it."
+    )
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(..., description="Named datasets that stages read, and the data `policy`.")

@@ -33,7 +33,8 @@ class ModelSection(Section):
         json_schema_extra={"is_path": "maybe"},
     )
     gguf_file: str | None = Field(
-        None, description="A GGUF file inside `path`; converted once to a float folder in `cache_dir` and trained from there."
+        None,
+        description="A GGUF file inside `path`; converted once to a float folder in `cache_dir` and trained from there.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -49,7 +50,9 @@ class ModelSection(Section):
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it.")
     cache_dir: str = Field(
-        "~/.cache/wenmai/models", description="Where converted models (from GGUF) are kept.", json_schema_extra={"is_path": True}
+        "~/.cache/wenmai/models",
+        description="Where converted models (from GGUF) are kept.",
+        json_schema_extra={"is_path": True},
     )
 
 
@@ -68,7 +71,11 @@ class LoraSection(Section):
 class DatasetSection(Section):
     """A named dataset file."""
 
-    path: str = Field(..., description="JSONL, JSON, Parquet or CSV file (relative to the recipe).", json_schema_extra={"is_path": True})
+    path: str = Field(
+        ...,
+        description="JSONL, JSON, Parquet or CSV file (relative to the recipe).",
+        json_schema_extra={"is_path": True},
+    )
     format: Literal["chat", "instruction", "text", "pairs", "ratings", "tiers"] = Field(
         ...,
         description="chat: `messages`; instruction: `instruction`/`input`/`output`; text: `text`; "
@@ -85,7 +92,8 @@ class DatasetSection(Section):
         None, min_length=2, description="tiers format: the tier labels, best first (e.g. [good, acceptable, harmful])."
     )
     defaults: RecordMetadata | None = Field(
-        None, description="Rights and provenance for records that do not carry their own: licence, source, "
+        None,
+        description="Rights and provenance for records that do not carry their own: licence, source, "
         "rights_holder, sensitivity, topics, consent (a record's own fields win).",
     )
 
@@ -99,7 +107,9 @@ class DataSection(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     __pydantic_extra__: dict[str, DatasetSection] = Field(init=False)  # type: ignore[assignment]
-    policy: DataPolicy = Field(default_factory=DataPolicy, description="Rights, sensitivity, PII and dedup rules for every dataset.")
+    policy: DataPolicy = Field(
+        default_factory=DataPolicy, description="Rights, sensitivity, PII and dedup rules for every dataset."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -108,8 +118,10 @@ class DataSection(BaseModel):
             for key, value in data.items():
                 close = key != "policy" and difflib.get_close_matches(str(key), ["policy"], n=1, cutoff=0.7)
                 if close and not (isinstance(value, dict) and "path" in value):
-                    raise ValueError(f"{key!r} is neither `policy` nor a dataset (a dataset has path: and format:) "
-                                     "— did you mean policy?")
+                    raise ValueError(
+                        f"{key!r} is neither `policy` nor a dataset (a dataset has path: and format:) "
+                        "— did you mean policy?"
+                    )
         return data
 
     @property
@@ -150,8 +162,10 @@ class DataSection(BaseModel):
         out = [Problem(f"data.policy.{field}", message) for field, message in self.policy.check()]
         for name, section in self.items():
             if section.defaults is not None:
-                out += [Problem(f"data.{name}.defaults.{field}", message)
-                        for field, message in self.policy.metadata_problems(section.defaults)]
+                out += [
+                    Problem(f"data.{name}.defaults.{field}", message)
+                    for field, message in self.policy.metadata_problems(section.defaults)
+                ]
         return out
 
     def policy_files(self) -> list[tuple[str, str]]:
@@ -164,9 +178,15 @@ class DataSection(BaseModel):
 class RewardDimension(Section):
     """One thing a reward model judges, with its weight in the total."""
 
-    name: str = Field(..., pattern=r"^[a-z][a-z0-9_]*$", description="Dimension name (lowercase, e.g. `safety`); data and later stages refer to it.")
+    name: str = Field(
+        ...,
+        pattern=r"^[a-z][a-z0-9_]*$",
+        description="Dimension name (lowercase, e.g. `safety`); data and later stages refer to it.",
+    )
     description: str = Field("", description="What the dimension judges, in the raters' words.")
-    weight: float = Field(1.0, ge=0, description="Weight in the total reward (the total is the weighted mean of the dimensions).")
+    weight: float = Field(
+        1.0, ge=0, description="Weight in the total reward (the total is the weighted mean of the dimensions)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -203,7 +223,9 @@ class TrackingSection(Section):
     wandb_mode: Literal["auto", "online", "offline"] = Field(
         "auto", description="auto: online when WANDB_API_KEY is set or you are logged in, else offline."
     )
-    mlflow_tracking_uri: str | None = Field(None, description="MLflow server or folder (default: mlruns/ in the run folder).")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow server or folder (default: mlruns/ in the run folder)."
+    )
 
 
 class OutputSection(Section):
@@ -229,7 +251,9 @@ class DistributedSection(Section):
     offload_params: Literal["none", "cpu", "nvme"] = Field(
         "none", description="Keep weights in host memory or on NVMe between uses (deepspeed ZeRO-3; fsdp: cpu)."
     )
-    nvme_path: str | None = Field(None, description="Folder on a local NVMe drive for nvme offload.", json_schema_extra={"is_path": True})
+    nvme_path: str | None = Field(
+        None, description="Folder on a local NVMe drive for nvme offload.", json_schema_extra={"is_path": True}
+    )
     deepspeed_config: str | None = Field(
         None,
         description="Your own DeepSpeed JSON file, or a shipped one by name (zero2, zero3, zero3_offload in "
@@ -254,23 +278,55 @@ class DistributedSection(Section):
         """Contradictions inside the section (no machine, no world size needed)."""
         problems = []
         given = {k for k in self.model_fields_set if getattr(self, k) not in (None, "none")}
-        deepspeed_only, offload = {"zero_stage", "deepspeed_config"}, {"offload_optimizer", "offload_params", "nvme_path"}
-        foreign = given & {"none": deepspeed_only | offload, "ddp": deepspeed_only | offload, "fsdp": deepspeed_only}.get(self.strategy, set())
+        deepspeed_only, offload = (
+            {"zero_stage", "deepspeed_config"},
+            {"offload_optimizer", "offload_params", "nvme_path"},
+        )
+        foreign = given & {
+            "none": deepspeed_only | offload,
+            "ddp": deepspeed_only | offload,
+            "fsdp": deepspeed_only,
+        }.get(self.strategy, set())
         for key in sorted(foreign):
             where = "deepspeed or fsdp" if key == "offload_params" else "deepspeed"
-            problems.append((key, f"applies to strategy {where}, and strategy is {self.strategy}; "
-                                  "set distributed.strategy or remove the key"))
+            problems.append(
+                (
+                    key,
+                    f"applies to strategy {where}, and strategy is {self.strategy}; "
+                    "set distributed.strategy or remove the key",
+                )
+            )
         if self.deepspeed_config and {"zero_stage", "offload_optimizer", "offload_params"} & self.model_fields_set:
-            problems.append(("deepspeed_config", "set either your own DeepSpeed JSON or zero_stage/offload_*, not both; "
-                                                 "the JSON's zero_optimization section decides those"))
-        if self.strategy == "deepspeed" and self.offload_params != "none" and self.zero_stage < 3 and not self.deepspeed_config:
-            problems.append(("offload_params", f"DeepSpeed offloads weights only with ZeRO-3 (zero_stage is {self.zero_stage}); "
-                                               "set zero_stage: 3 or offload_params: none"))
+            problems.append(
+                (
+                    "deepspeed_config",
+                    "set either your own DeepSpeed JSON or zero_stage/offload_*, not both; "
+                    "the JSON's zero_optimization section decides those",
+                )
+            )
+        if (
+            self.strategy == "deepspeed"
+            and self.offload_params != "none"
+            and self.zero_stage < 3
+            and not self.deepspeed_config
+        ):
+            problems.append(
+                (
+                    "offload_params",
+                    f"DeepSpeed offloads weights only with ZeRO-3 (zero_stage is {self.zero_stage}); "
+                    "set zero_stage: 3 or offload_params: none",
+                )
+            )
         if self.strategy == "fsdp" and "nvme" in (self.offload_params, self.offload_optimizer):
             problems.append(("offload_params", "fsdp offloads to cpu only; use strategy: deepspeed for nvme"))
         if self.strategy == "fsdp" and self.offload_optimizer != "none" and self.offload_params == "none":
-            problems.append(("offload_optimizer", "fsdp offloads weights, gradients and optimiser states together; "
-                                                  "set offload_params: cpu (and leave offload_optimizer unset)"))
+            problems.append(
+                (
+                    "offload_optimizer",
+                    "fsdp offloads weights, gradients and optimiser states together; "
+                    "set offload_params: cpu (and leave offload_optimizer unset)",
+                )
+            )
         if "nvme" in (self.offload_params, self.offload_optimizer) and not self.nvme_path:
             problems.append(("nvme_path", "nvme offload needs nvme_path: a folder on a local NVMe drive"))
         return problems

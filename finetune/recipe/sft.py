@@ -19,9 +19,15 @@ class SftOptions(SpeedPlannedOptions):
     supports_padding_free: ClassVar[bool] = True
 
     dataset: str = dataset_field(SFT_FORMATS, "Training dataset (a name in `data`).")
-    eval_dataset: str | None = dataset_field(SFT_FORMATS, "Held-out dataset for eval loss (a name in `data`).", required=False)
-    eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Hold out this share of `dataset` for eval loss instead.")
-    seq_len: int = Field(1024, gt=0, description="Tokens per sequence; longer records are truncated (counted in the summary).")
+    eval_dataset: str | None = dataset_field(
+        SFT_FORMATS, "Held-out dataset for eval loss (a name in `data`).", required=False
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Hold out this share of `dataset` for eval loss instead."
+    )
+    seq_len: int = Field(
+        1024, gt=0, description="Tokens per sequence; longer records are truncated (counted in the summary)."
+    )
     packing: bool = Field(False, description="Pack several records into each sequence (TRL best-fit packing).")
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="assistant: learn only assistant turns (and their end token); all: every token."

@@ -32,8 +32,10 @@ def stage_problems(recipe: Recipe) -> list[Problem]:
     """Every stage's own file and package checks, each at `stages[i].<kind>.<field>`."""
     found = []
     for i, options in enumerate(recipe.stage_configs()):
-        found += [Problem(f"stages[{i}].{options.kind}.{key}", message)
-                  for key, message in STAGES[options.kind].check(options, recipe)]
+        found += [
+            Problem(f"stages[{i}].{options.kind}.{key}", message)
+            for key, message in STAGES[options.kind].check(options, recipe)
+        ]
     return found
 
 

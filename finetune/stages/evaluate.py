@@ -29,7 +29,9 @@ def run(ctx: StageContext) -> StageResult:
     if config.baseline != "none" and wired.get("baseline") != wired.get("model"):
         targets.append(_target(ctx, wired.get("baseline")))
     spec = runner.EvalSpec.from_options(config, reward_model=ctx.inputs.get("reward_model", {}).get("reward_model"))
-    results = runner.evaluate_targets(targets, spec, log=lambda message: print(f"[{config.stage_name}] {message}", flush=True))
+    results = runner.evaluate_targets(
+        targets, spec, log=lambda message: print(f"[{config.stage_name}] {message}", flush=True)
+    )
     gates = check_gates(config.gates, results[0], results[1] if len(results) > 1 else None)
     failed = [g for g in gates if not g.passed]
     forced = bool(failed) and bool(ctx.extra.get("force"))
@@ -42,8 +44,14 @@ def run(ctx: StageContext) -> StageResult:
         figures.update(scalars(results[1], prefix="baseline"))
     figures.update({f"gates/{key_part(g.gate)}": float(g.passed) for g in gates})
     append_metrics(ctx.metrics_path, {"stage": config.stage_name, "step": 0, **figures})
-    dashboards.log_evaluation(recipe.tracking, ctx.run_dir.root, config.stage_name, recipe.tracking.run_name or ctx.run_dir.name,
-                              figures, dashboards.tables(evaluation))
+    dashboards.log_evaluation(
+        recipe.tracking,
+        ctx.run_dir.root,
+        config.stage_name,
+        recipe.tracking.run_name or ctx.run_dir.name,
+        figures,
+        dashboards.tables(evaluation),
+    )
     if failed and not forced:
         raise GateFailed(failure_report(config.stage_name, failed, str(evaluation_path), str(ctx.run_dir.root)))
     summary = headline(evaluation)
@@ -66,11 +74,19 @@ def check(options: EvaluateOptions, recipe: Recipe) -> list[tuple[str, str]]:
         problems += [("suite", str(p)) for p in check_dimensions(loaded, dimensions)]
     if dimensions is not None:
         unknown = [d for d in options.gates.reward_min if d not in [*dimensions, TOTAL]]
-        problems += [("gates.reward_min", f"unknown reward dimension {d!r} (declared: {', '.join([*dimensions, TOTAL])})") for d in unknown]
+        problems += [
+            ("gates.reward_min", f"unknown reward dimension {d!r} (declared: {', '.join([*dimensions, TOTAL])})")
+            for d in unknown
+        ]
     needs_reward = options.gates.needs_reward() or (loaded is not None and uses_reward(loaded))
     if needs_reward and not options.reward_model and not _earlier_reward_stage(recipe, options):
-        problems.append(("reward_model", "the suite or the gates use reward scores, but no earlier stage produces a reward_model; "
-                                         "add a reward stage before this one, or drop the reward dimensions"))
+        problems.append(
+            (
+                "reward_model",
+                "the suite or the gates use reward scores, but no earlier stage produces a reward_model; "
+                "add a reward stage before this one, or drop the reward dimensions",
+            )
+        )
     return problems
 
 

@@ -43,15 +43,21 @@ def run(ctx: StageContext) -> StageResult:
     gguf_types, skipped = list(dict.fromkeys(config.gguf_types)) if "gguf" in config.formats else [], None
     if gguf_types and importlib.util.find_spec("gguf") is None:
         if config.gguf_required:
-            raise WenmaiError("formats: gguf needs the gguf package: pip install 'wenmai[gguf]' (or set gguf_required: false)")
+            raise WenmaiError(
+                "formats: gguf needs the gguf package: pip install 'wenmai[gguf]' (or set gguf_required: false)"
+            )
         gguf_types, skipped = [], "the gguf package is not installed (pip install 'wenmai[gguf]')"
     if gguf_types:  # refuse an unsupported model before any work
-        gguf_export.check_supported(json.loads((model_dir / "config.json").read_text(encoding="utf-8")), model_dir / "tokenizer.json")
+        gguf_export.check_supported(
+            json.loads((model_dir / "config.json").read_text(encoding="utf-8")), model_dir / "tokenizer.json"
+        )
 
     section = merge_section(recipe.model)
     dtype = getattr(torch, section.dtype)
     device = choose_device(config.device)
-    memory = plan_memory(section.model_copy(update={"dtype": "float32"}) if gguf_types else section, str(model_dir), device)
+    memory = plan_memory(
+        section.model_copy(update={"dtype": "float32"}) if gguf_types else section, str(model_dir), device
+    )
     print(f"export: {memory.describe()}", file=sys.stderr, flush=True)
 
     probes = parity.build_probes(recipe, tokenizer, parity.probe_dataset(recipe, config.probe_dataset), config.probes)
@@ -64,7 +70,9 @@ def run(ctx: StageContext) -> StageResult:
         del reference
         exported = exporting.reload_hf(tmp, contract, dtype, device)  # the folder as a user loads it
         hf_tolerance = config.tolerances.get("hf") or parity.default_tolerance(section.dtype)
-        comparisons = [parity.compare("HF export", exported, traces, hf_tolerance, reference=f"stage '{model_stage}' model")]
+        comparisons = [
+            parity.compare("HF export", exported, traces, hf_tolerance, reference=f"stage '{model_stage}' model")
+        ]
         if gguf_types and comparisons[0].max_abs_logit_diff > 0:  # GGUF is compared with the HF export itself
             traces = parity.trace(exported, probes, stops, config.max_new_tokens)
         del exported
@@ -75,15 +83,29 @@ def run(ctx: StageContext) -> StageResult:
         for gguf_type in gguf_types:
             tolerance = config.tolerances.get(gguf_type) or parity.default_tolerance(f"gguf-{gguf_type}", section.dtype)
             info, comparison = exporting.write_and_check_gguf(
-                tmp, gguf_type, contract, recipe.name, pre_tokenizer, provenance, traces, tolerance, device,
+                tmp,
+                gguf_type,
+                contract,
+                recipe.name,
+                pre_tokenizer,
+                provenance,
+                traces,
+                tolerance,
+                device,
                 probes if not gguf_files else None,  # every file has the same vocabulary: check the tokenizer once
             )
             gguf_files.append(info)
             comparisons.append(comparison)
 
-        report = {"stage": config.stage_name, "model_stage": model_stage, "probes": parity.probes_json(traces, tokenizer),
-                  "comparisons": {c.name: c.to_json() for c in comparisons}, "gguf": gguf_files, "gguf_skipped": skipped,
-                  "passed": all(c.passed for c in comparisons)}
+        report = {
+            "stage": config.stage_name,
+            "model_stage": model_stage,
+            "probes": parity.probes_json(traces, tokenizer),
+            "comparisons": {c.name: c.to_json() for c in comparisons},
+            "gguf": gguf_files,
+            "gguf_skipped": skipped,
+            "passed": all(c.passed for c in comparisons),
+        }
         atomic_write_json(ctx.stage_dir / "parity.json", report)
         if not report["passed"]:
             raise WenmaiError(
@@ -109,8 +131,14 @@ def machine_problems(options: ExportOptions) -> list[str]:
 
 
 def _outputs(gguf_files: list[dict]) -> dict[str, str]:
-    outputs = {"model": "model", "tokenizer": "model", "template": "model/template.json", "parity": "parity.json",
-               "model_card": "model/README.md", "provenance": f"model/{PROVENANCE_FILE}"}
+    outputs = {
+        "model": "model",
+        "tokenizer": "model",
+        "template": "model/template.json",
+        "parity": "parity.json",
+        "model_card": "model/README.md",
+        "provenance": f"model/{PROVENANCE_FILE}",
+    }
     outputs.update({f"gguf_{g['type']}": f"model/{g['file']}" for g in gguf_files})
     return outputs
 

@@ -61,8 +61,12 @@ def run(ctx: StageContext) -> StageResult:
         tokenizer.save_pretrained(tmp)
         del merged, adapted, base
         gc.collect()
-        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=model_path.compute_dtype(section)).to(device).eval()
-        comparisons.append(parity.compare("merged, reloaded from disk", reloaded, traces, tolerance, reference="unmerged adapter"))
+        reloaded = (
+            AutoModelForCausalLM.from_pretrained(str(tmp), dtype=model_path.compute_dtype(section)).to(device).eval()
+        )
+        comparisons.append(
+            parity.compare("merged, reloaded from disk", reloaded, traces, tolerance, reference="unmerged adapter")
+        )
         del reloaded
         report["comparisons"] = {c.name: c.to_json() for c in comparisons}
         report["passed"] = all(c.passed for c in comparisons)
@@ -70,7 +74,8 @@ def run(ctx: StageContext) -> StageResult:
         if not report["passed"]:
             raise WenmaiError(
                 "merge refused: the merged model drifted from the adapter it was trained as (nothing was written; "
-                f"details in {ctx.stage_dir / 'parity.json'})\n  - " + "\n  - ".join(c.line() for c in comparisons)
+                f"details in {ctx.stage_dir / 'parity.json'})\n  - "
+                + "\n  - ".join(c.line() for c in comparisons)
                 + "\nA merge into a quantised or wrong-dtype base does this; if the drift is expected, loosen "
                 f"stages.{config.stage_name}.tolerance"
             )

@@ -59,15 +59,30 @@ def run(ctx: StageContext) -> StageResult:
     data = prepare(ctx, method)
     config_cls, trainer_cls = trl_classes(method)
     method_args = trainer_args(config, method, len(data.train_rows))
-    policy = load_policy(recipe, ctx.run_dir, ctx.input_stages.get("policy"), ctx.inputs.get("policy"), config.seed,
-                         f"stage {config.stage_name}")
+    policy = load_policy(
+        recipe,
+        ctx.run_dir,
+        ctx.input_stages.get("policy"),
+        ctx.inputs.get("policy"),
+        config.seed,
+        f"stage {config.stage_name}",
+    )
     args = build_training_args(
-        config_cls, config, recipe, ctx.stage_dir, ctx.run_dir.name, has_eval=bool(data.eval_rows),
+        config_cls,
+        config,
+        recipe,
+        ctx.stage_dir,
+        ctx.run_dir.name,
+        has_eval=bool(data.eval_rows),
         eval_on_start=False,  # before any step the policy is the reference: every margin is 0
-        max_length=config.seq_len, beta=config.beta, **method_args,
+        max_length=config.seq_len,
+        beta=config.beta,
+        **method_args,
     )
     trainer = trainer_cls(
-        model=policy.model, args=args, train_dataset=Dataset.from_list(data.train_rows),
+        model=policy.model,
+        args=args,
+        train_dataset=Dataset.from_list(data.train_rows),
         eval_dataset=Dataset.from_list(data.eval_rows) if data.eval_rows else None,
         processing_class=policy.tokenizer,
         callbacks=[metrics_callback(ctx.metrics_path, config.stage_name)],
@@ -108,17 +123,26 @@ def trainer_args(config: Any, method: str, train_examples: int) -> dict[str, Any
         problems = machine_problems(config)
         if problems:  # liger_kernel without CUDA or liger-kernel: say so before any weights load
             raise WenmaiError("; ".join(problems))
-        return {"loss_type": config.losses(), "loss_weights": config.loss_weights, "label_smoothing": config.label_smoothing,
-                "precompute_ref_log_probs": config.precompute(train_examples, per_step),
-                "precompute_ref_batch_size": config.precompute_batch_size, "use_liger_kernel": config.liger_kernel}
+        return {
+            "loss_type": config.losses(),
+            "loss_weights": config.loss_weights,
+            "label_smoothing": config.label_smoothing,
+            "precompute_ref_log_probs": config.precompute(train_examples, per_step),
+            "precompute_ref_batch_size": config.precompute_batch_size,
+            "use_liger_kernel": config.liger_kernel,
+        }
     if method == "kto":
-        return {"loss_type": config.loss_type, "desirable_weight": config.desirable_weight,
-                "undesirable_weight": config.undesirable_weight,
-                "precompute_ref_log_probs": config.precompute(train_examples, per_step)}
+        return {
+            "loss_type": config.loss_type,
+            "desirable_weight": config.desirable_weight,
+            "undesirable_weight": config.undesirable_weight,
+            "precompute_ref_log_probs": config.precompute(train_examples, per_step),
+        }
     return {}
 
 
 # --- data ------------------------------------------------------------------------------------
+
 
 def prepare(ctx: StageContext, method: str) -> PreferenceData:
     """Pairs judged on `pairs_on`, deduplicated, held out by prompt, as TRL rows (paired, or unpaired for kto)."""
@@ -141,8 +165,10 @@ def prepare(ctx: StageContext, method: str) -> PreferenceData:
     else:
         train_rows, eval_rows = paired_rows(train_pairs), paired_rows(eval_pairs)
     if not train_rows:
-        raise DataError(f"dataset {config.dataset!r}: no training {'answers' if method == 'kto' else 'pairs'} are left "
-                        "after holding out the evaluation prompts")
+        raise DataError(
+            f"dataset {config.dataset!r}: no training {'answers' if method == 'kto' else 'pairs'} are left "
+            "after holding out the evaluation prompts"
+        )
     stats.update(train_examples=len(train_rows), eval_examples=len(eval_rows))
     return PreferenceData(train_rows, eval_rows, stats)
 
@@ -178,12 +204,15 @@ def unpaired_rows(pairs: list[PreferencePair], seed: int) -> tuple[list[dict], d
     desirable = sum(r["label"] for r in rows)
     counts = {"desirable": desirable, "undesirable": len(rows) - desirable, "mixed_left_out": mixed}
     if rows and not (0 < desirable < len(rows)):
-        raise DataError(f"KTO needs desirable and undesirable answers; the data gives {counts['desirable']} desirable and "
-                        f"{counts['undesirable']} undesirable ({mixed} mixed, left out)")
+        raise DataError(
+            f"KTO needs desirable and undesirable answers; the data gives {counts['desirable']} desirable and "
+            f"{counts['undesirable']} undesirable ({mixed} mixed, left out)"
+        )
     return rows, counts
 
 
 # --- summary ---------------------------------------------------------------------------------
+
 
 def summarise(history: list[dict], train_metrics: dict, data: PreferenceData, steps: int) -> dict[str, Any]:
     """Data counts, loss and reward margins first/last, held-out margins and accuracy, speed."""
@@ -197,11 +226,16 @@ def summarise(history: list[dict], train_metrics: dict, data: PreferenceData, st
             if logged:
                 summary.update({f"{name}_first": _round(logged[0]), f"{name}_last": _round(logged[-1])})
     if evals:
-        for key, name in (("eval_rewards/margins", "eval_reward_margin"), ("eval_rewards/accuracies", "eval_reward_accuracy")):
+        for key, name in (
+            ("eval_rewards/margins", "eval_reward_margin"),
+            ("eval_rewards/accuracies", "eval_reward_accuracy"),
+        ):
             if key in evals[-1]:
                 summary[name] = _round(evals[-1][key])
-    summary.update(train_runtime_s=round(train_metrics.get("train_runtime", 0.0), 2),
-                   train_examples_per_s=round(train_metrics.get("train_samples_per_second", 0.0), 3))
+    summary.update(
+        train_runtime_s=round(train_metrics.get("train_runtime", 0.0), 2),
+        train_examples_per_s=round(train_metrics.get("train_samples_per_second", 0.0), 3),
+    )
     return summary
 
 
@@ -215,13 +249,17 @@ def _answer(text: str) -> dict[str, str]:
 
 # --- checks ----------------------------------------------------------------------------------
 
+
 def check(options: PreferenceOptions, recipe: Recipe) -> list[tuple[str, str]]:
     """Loss names the installed TRL accepts (read from TRL's source, without importing it)."""
     if not isinstance(options, DpoOptions | KtoOptions):
         return []
     known = loss_types(options.kind)
-    return [("loss_type", unknown_choice(name, known, f"{options.kind.upper()} loss"))
-            for name in options.losses() if name not in known]
+    return [
+        ("loss_type", unknown_choice(name, known, f"{options.kind.upper()} loss"))
+        for name in options.losses()
+        if name not in known
+    ]
 
 
 def machine_problems(options: PreferenceOptions) -> list[str]:
@@ -230,12 +268,16 @@ def machine_problems(options: PreferenceOptions) -> list[str]:
         return []
     stage = options.stage_name
     if importlib.util.find_spec("liger_kernel") is None:
-        return [f"stage {stage!r}: liger_kernel needs the liger-kernel package: pip install 'wenmai[gpu]' "
-                "(or set liger_kernel: false)"]
+        return [
+            f"stage {stage!r}: liger_kernel needs the liger-kernel package: pip install 'wenmai[gpu]' "
+            "(or set liger_kernel: false)"
+        ]
     import torch
 
     if not torch.cuda.is_available():
-        return [f"stage {stage!r}: liger_kernel needs a CUDA GPU (its kernels are Triton); set liger_kernel: false on CPU"]
+        return [
+            f"stage {stage!r}: liger_kernel needs a CUDA GPU (its kernels are Triton); set liger_kernel: false on CPU"
+        ]
     return []
 
 

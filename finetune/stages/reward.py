@@ -51,10 +51,16 @@ class TrainedRewardModel:
 def run(ctx: StageContext) -> StageResult:
     """Train the reward model, save its folder, and summarise data, agreement and held-out accuracy."""
     trained = train(ctx)
-    save_reward_model(ctx.stage_dir / REWARD_MODEL_DIR, trained.trainer, trained.tokenizer, trained.card, trained.contract)
+    save_reward_model(
+        ctx.stage_dir / REWARD_MODEL_DIR, trained.trainer, trained.tokenizer, trained.card, trained.contract
+    )
     return StageResult(
-        outputs={"reward_model": REWARD_MODEL_DIR, "metrics": METRICS_FILE, "data_card": DATA_CARD_FILE,
-                 "register": REGISTER_FILE},
+        outputs={
+            "reward_model": REWARD_MODEL_DIR,
+            "metrics": METRICS_FILE,
+            "data_card": DATA_CARD_FILE,
+            "register": REGISTER_FILE,
+        },
         summary=summarise(trained),
     )
 
@@ -89,13 +95,24 @@ def train(ctx: StageContext) -> TrainedRewardModel:
     speed_plan = speed.plan_for(config, recipe, world_size=current().world_size)
     change = speed.changes(speed_plan, config, RewardConfig, recipe)
     set_seed(config.seed)  # the score head and the adapter start random: same seed, same run
-    model = model_path.load_model(recipe.model, source, task="sequence-classification", num_labels=len(dimensions),
-                                  pad_token_id=tokenizer.pad_token_id)
+    model = model_path.load_model(
+        recipe.model,
+        source,
+        task="sequence-classification",
+        num_labels=len(dimensions),
+        pad_token_id=tokenizer.pad_token_id,
+    )
     # PEFT adds `score` to modules_to_save
     model = model_path.attach_new_adapter(model, recipe.lora, task_type="SEQ_CLS", **change.adapter)
     args = build_training_args(
-        RewardConfig, config.model_copy(update=change.options), recipe, ctx.stage_dir, ctx.run_dir.name,
-        has_eval=bool(data.eval_rows), max_length=None, center_rewards_coefficient=config.center_rewards_coefficient,
+        RewardConfig,
+        config.model_copy(update=change.options),
+        recipe,
+        ctx.stage_dir,
+        ctx.run_dir.name,
+        has_eval=bool(data.eval_rows),
+        max_length=None,
+        center_rewards_coefficient=config.center_rewards_coefficient,
         **change.trainer,
     )
     trainer = DimensionRewardTrainer(
@@ -114,8 +131,13 @@ def train(ctx: StageContext) -> TrainedRewardModel:
         result = fit(trainer, ctx.resume_from)
     trainer.model.eval()
     card = RewardModelCard(
-        dimensions=dimensions, base_model=recipe.model.model_dump(mode="json"), seq_len=config.seq_len,
-        pad_token=tokenizer.pad_token, pad_token_id=tokenizer.pad_token_id, recipe=recipe.name, stage=config.stage_name,
+        dimensions=dimensions,
+        base_model=recipe.model.model_dump(mode="json"),
+        seq_len=config.seq_len,
+        pad_token=tokenizer.pad_token,
+        pad_token_id=tokenizer.pad_token_id,
+        recipe=recipe.name,
+        stage=config.stage_name,
     )
     return TrainedRewardModel(trainer, tokenizer, card, template_contract(tokenizer, stop_ids), data, result.metrics)
 
@@ -140,19 +162,32 @@ def prepare(ctx: StageContext, tokenizer: Any) -> PreparedData:
         if fraction > 0 and prompts >= 2:
             examples, eval_examples = split_by_prompt(examples, fraction, config.seed)
     if not examples:
-        raise DataError(f"dataset {config.dataset!r}: no training pairs are left after holding out the evaluation prompts")
+        raise DataError(
+            f"dataset {config.dataset!r}: no training pairs are left after holding out the evaluation prompts"
+        )
     slots = slot_names(names)
-    train_rows, train_truncated = tokenize_examples(tokenizer, examples, config.seq_len, config.margin_scale, len(slots))
-    eval_rows, eval_truncated = tokenize_examples(tokenizer, eval_examples, config.seq_len, config.margin_scale, len(slots))
-    eval_rows.sort(key=lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"])))  # batches of like lengths: less padding
+    train_rows, train_truncated = tokenize_examples(
+        tokenizer, examples, config.seq_len, config.margin_scale, len(slots)
+    )
+    eval_rows, eval_truncated = tokenize_examples(
+        tokenizer, eval_examples, config.seq_len, config.margin_scale, len(slots)
+    )
+    eval_rows.sort(
+        key=lambda row: max(len(row["chosen_ids"]), len(row["rejected_ids"]))
+    )  # batches of like lengths: less padding
     stats.update(
-        train_pairs=_labelled(examples, slots), eval_pairs=_labelled(eval_examples, slots),
-        train_examples=len(train_rows), eval_examples=len(eval_rows), truncated=train_truncated + eval_truncated,
+        train_pairs=_labelled(examples, slots),
+        eval_pairs=_labelled(eval_examples, slots),
+        train_examples=len(train_rows),
+        eval_examples=len(eval_rows),
+        truncated=train_truncated + eval_truncated,
     )
     return PreparedData(train_rows, eval_rows, stats)
 
 
-def tokenize_examples(tokenizer: Any, examples: list[dict], seq_len: int, margin_scale: float, n_slots: int) -> tuple[list[dict], int]:
+def tokenize_examples(
+    tokenizer: Any, examples: list[dict], seq_len: int, margin_scale: float, n_slots: int
+) -> tuple[list[dict], int]:
     """Trainer rows: both responses' token ids, and for several slots the per-slot labels; (rows, truncated count)."""
     rows, truncated = [], 0
     for example in examples:
@@ -173,18 +208,26 @@ def summarise(trained: TrainedRewardModel) -> dict[str, Any]:
     """The stage summary: data counts, rater agreement, held-out accuracy before and after, speed."""
     trainer = trained.trainer
     history = trainer.state.log_history
-    evals = [{k.removeprefix("eval_accuracy_"): v for k, v in row.items() if k.startswith("eval_accuracy_")}
-             for row in history if any(k.startswith("eval_accuracy_") for k in row)]
+    evals = [
+        {k.removeprefix("eval_accuracy_"): v for k, v in row.items() if k.startswith("eval_accuracy_")}
+        for row in history
+        if any(k.startswith("eval_accuracy_") for k in row)
+    ]
     losses = [row["loss"] for row in history if "loss" in row]
     trainable, total = model_path.trainable_parameters(trainer.model)
     summary: dict[str, Any] = {"dimensions": trained.card.names, **trained.data.stats}
     if evals:
-        summary.update(eval_accuracy=_headline(evals[-1], trained.data.stats["eval_pairs"]),
-                       eval_accuracy_before=evals[0], eval_accuracy_after=evals[-1])
+        summary.update(
+            eval_accuracy=_headline(evals[-1], trained.data.stats["eval_pairs"]),
+            eval_accuracy_before=evals[0],
+            eval_accuracy_after=evals[-1],
+        )
     if losses:
         summary.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
     summary.update(
-        trainable_parameters=trainable, total_parameters=total, steps=trainer.state.global_step,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        steps=trainer.state.global_step,
         train_runtime_s=round(trained.train_metrics.get("train_runtime", 0.0), 2),
         train_examples_per_s=round(trained.train_metrics.get("train_samples_per_second", 0.0), 3),
     )

@@ -36,27 +36,48 @@ def run(ctx: StageContext) -> StageResult:
     from trl import GRPOConfig, GRPOTrainer
 
     config, recipe = ctx.config, ctx.recipe
-    policy = load_policy(recipe, ctx.run_dir, ctx.input_stages.get("policy"), ctx.inputs.get("policy"), config.seed,
-                         f"stage {config.stage_name}")
+    policy = load_policy(
+        recipe,
+        ctx.run_dir,
+        ctx.input_stages.get("policy"),
+        ctx.inputs.get("policy"),
+        config.seed,
+        f"stage {config.stage_name}",
+    )
     prompts, prompt_stats = load_prompts(ctx, policy.tokenizer)
     rewards = build_rewards(ctx, device=next(policy.model.parameters()).device)
     args = build_training_args(
-        GRPOConfig, config, recipe, ctx.stage_dir, ctx.run_dir.name, has_eval=False,
-        num_generations=config.num_generations, max_completion_length=config.max_completion_length, beta=config.beta,
-        temperature=config.temperature, scale_rewards=config.scale_rewards, reward_weights=rewards.weights,
+        GRPOConfig,
+        config,
+        recipe,
+        ctx.stage_dir,
+        ctx.run_dir.name,
+        has_eval=False,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        beta=config.beta,
+        temperature=config.temperature,
+        scale_rewards=config.scale_rewards,
+        reward_weights=rewards.weights,
         disable_dropout=True,  # the same answer must get the same log-prob from policy and reference
     )
     trainer = GRPOTrainer(
-        model=policy.model, reward_funcs=rewards.functions, args=args,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=policy.tokenizer,
+        model=policy.model,
+        reward_funcs=rewards.functions,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+        processing_class=policy.tokenizer,
         callbacks=[metrics_callback(ctx.metrics_path, config.stage_name)],
     )
     drop_fresh_reference(trainer, policy)
     result = fit(trainer, ctx.resume_from)
     outputs = save_policy(trainer, ctx.stage_dir, policy)
     summary = summarise(trainer.state.log_history, result.metrics, rewards.names, trainer.state.global_step)
-    summary.update(prompts=prompt_stats, reward_functions=dict(zip(rewards.names, rewards.weights, strict=True)),
-                   used={"policy": policy.source, "reward_model": rewards.source})
+    summary.update(
+        prompts=prompt_stats,
+        reward_functions=dict(zip(rewards.names, rewards.weights, strict=True)),
+        used={"policy": policy.source, "reward_model": rewards.source},
+    )
     warning = no_spread_warning(trainer.state.log_history)
     if warning is not None:  # the stage still finishes: a warning in its summary (and report), not an error
         summary["warnings"] = [warning]
@@ -95,12 +116,17 @@ def build_rewards(ctx: StageContext, device: Any = None) -> Rewards:
         shared = SharedScores(scorer)
         for name, weight in weights.items():
             rewards.add(DimensionReward(shared, name), weight)
-        rewards.source = {"stage": ctx.input_stages.get("reward_model"), "reward_model": ctx.run_dir.relative(folder),
-                          "dimensions": scorer.dimensions}
+        rewards.source = {
+            "stage": ctx.input_stages.get("reward_model"),
+            "reward_model": ctx.run_dir.relative(folder),
+            "dimensions": scorer.dimensions,
+        }
     for function, weight in rule_functions(config.rules):
         rewards.add(function, weight)
     if not rewards.functions:
-        raise WenmaiError(f"stage {config.stage_name!r}: nothing rewards the answers; name a reward stage in reward_model or set rules")
+        raise WenmaiError(
+            f"stage {config.stage_name!r}: nothing rewards the answers; name a reward stage in reward_model or set rules"
+        )
     return rewards
 
 
@@ -119,7 +145,9 @@ def dimension_weights(config: Any, card: Any, folder: str) -> dict[str, float]:
         given = {name: config.weights.get(name, 0.0) for name in dimensions}
     total = sum(given.values())
     if total <= 0:
-        raise WenmaiError(f"stages.{config.stage_name}.weights: every dimension weighs 0; give at least one a weight above 0")
+        raise WenmaiError(
+            f"stages.{config.stage_name}.weights: every dimension weighs 0; give at least one a weight above 0"
+        )
     return {name: weight / total for name, weight in given.items()}
 
 
@@ -170,14 +198,18 @@ def load_prompts(ctx: StageContext, tokenizer: Any) -> tuple[list[list[dict]], d
             prompts.setdefault(prompt_key(messages), messages)
     kept, too_long = [], 0
     for messages in prompts.values():
-        length = len(tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+        length = len(
+            tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        )
         if length > config.max_prompt_length:
             too_long += 1
         else:
             kept.append(messages)
     if not kept:
-        raise DataError(f"dataset {config.dataset!r}: no prompt fits max_prompt_length ({config.max_prompt_length} tokens; "
-                        f"{too_long} longer ones left out)")
+        raise DataError(
+            f"dataset {config.dataset!r}: no prompt fits max_prompt_length ({config.max_prompt_length} tokens; "
+            f"{too_long} longer ones left out)"
+        )
     return kept, {"records": len(records), "prompts": len(kept), "too_long_left_out": too_long}
 
 
@@ -191,10 +223,12 @@ def no_spread_warning(history: list[dict]) -> str | None:
     flat = sum(1 for fraction in fractions if fraction >= 1)
     if flat * 2 <= len(fractions):
         return None
-    return (f"in {flat} of {len(fractions)} logged steps every group of answers to a prompt got the same reward, so the "
-            "policy did not change in those steps; make the answers in a group differ (raise num_generations or "
-            "temperature) or the rewards separate them (check that the rules match some answers and not others, and "
-            "that the reward model scores answers differently)")
+    return (
+        f"in {flat} of {len(fractions)} logged steps every group of answers to a prompt got the same reward, so the "
+        "policy did not change in those steps; make the answers in a group differ (raise num_generations or "
+        "temperature) or the rewards separate them (check that the rules match some answers and not others, and "
+        "that the reward model scores answers differently)"
+    )
 
 
 def summarise(history: list[dict], train_metrics: dict, names: list[str], steps: int) -> dict[str, Any]:
@@ -203,7 +237,9 @@ def summarise(history: list[dict], train_metrics: dict, names: list[str], steps:
     summary: dict[str, Any] = {"steps": steps}
     if rows:
         first, last = rows[0], rows[-1]
-        summary["reward_first"] = {n: round(first[f"rewards/{n}/mean"], 4) for n in names if f"rewards/{n}/mean" in first}
+        summary["reward_first"] = {
+            n: round(first[f"rewards/{n}/mean"], 4) for n in names if f"rewards/{n}/mean" in first
+        }
         summary["reward_last"] = {n: round(last[f"rewards/{n}/mean"], 4) for n in names if f"rewards/{n}/mean" in last}
         summary.update(weighted_reward_first=round(first["reward"], 4), weighted_reward_last=round(last["reward"], 4))
         if "kl" in last:
@@ -215,6 +251,7 @@ def summarise(history: list[dict], train_metrics: dict, names: list[str], steps:
 
 
 # --- checks ----------------------------------------------------------------------------------
+
 
 def check(options: RlhfOptions, recipe: Recipe) -> list[tuple[str, str]]:
     """The banned-term file reads and lists terms."""

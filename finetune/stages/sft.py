@@ -34,14 +34,17 @@ def run(ctx: StageContext) -> StageResult:
     train = tokenize_records(recipe, options.dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir)
     train_rows, eval_rows = train.rows, None
     if options.eval_dataset:
-        eval_rows = tokenize_records(recipe, options.eval_dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir).rows
+        eval_rows = tokenize_records(
+            recipe, options.eval_dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir
+        ).rows
     elif options.eval_fraction:
         split = Dataset.from_list(train_rows).train_test_split(test_size=options.eval_fraction, seed=options.seed)
         train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
 
     callback = metrics_callback(ctx.metrics_path, options.stage_name)
-    trainer, speed_plan = build_trainer(recipe, options, tokenizer, train_rows, eval_rows, ctx.stage_dir, ctx.run_dir.name,
-                                        [callback])
+    trainer, speed_plan = build_trainer(
+        recipe, options, tokenizer, train_rows, eval_rows, ctx.stage_dir, ctx.run_dir.name, [callback]
+    )
     trainable, total = model_path.trainable_parameters(trainer.model)
     with speed.kernel_scope(speed_plan, trainer.model):
         result = fit(trainer, ctx.resume_from, options.eval_steps if eval_rows else None)
@@ -73,9 +76,18 @@ def machine_problems(options: SftOptions) -> list[str]:
     return []
 
 
-def build_trainer(recipe: Recipe, options: SftOptions, tokenizer: Any, train_rows: list[dict], eval_rows: list[dict] | None,
-                  stage_dir: Path, run_name: str, callbacks: list | None = None, machine: speed.Machine | None = None,
-                  **overrides: Any) -> tuple[Any, speed.SpeedPlan]:
+def build_trainer(
+    recipe: Recipe,
+    options: SftOptions,
+    tokenizer: Any,
+    train_rows: list[dict],
+    eval_rows: list[dict] | None,
+    stage_dir: Path,
+    run_name: str,
+    callbacks: list | None = None,
+    machine: speed.Machine | None = None,
+    **overrides: Any,
+) -> tuple[Any, speed.SpeedPlan]:
     """The stage's SFTTrainer (model, adapter, arguments) with its speed plan; `scripts/bench/sft_speed.py` builds the same.
 
     `machine`: a `finetune.speed.Machine` (default: this one); `overrides`: extra training arguments.
@@ -95,8 +107,14 @@ def build_trainer(recipe: Recipe, options: SftOptions, tokenizer: Any, train_row
     # padding-free without packing: rows are already cut to seq_len, and TRL refuses a max_length it would not apply
     max_length = None if speed_plan.padding_free and not options.packing else options.seq_len
     args = build_training_args(
-        SFTConfig, options.model_copy(update=change.options), recipe, stage_dir, run_name, has_eval=eval_rows is not None,
-        max_length=max_length, packing=options.packing,
+        SFTConfig,
+        options.model_copy(update=change.options),
+        recipe,
+        stage_dir,
+        run_name,
+        has_eval=eval_rows is not None,
+        max_length=max_length,
+        packing=options.packing,
         **{**change.trainer, **overrides},
     )
     trainer = SFTTrainer(

@@ -24,7 +24,9 @@ CVALUES = ROOT.parent / "shared" / "data" / "cvalues" / "responsibility_prompts.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reward", type=Path, required=True, help="a finished reward stage folder (RUN_DIR/<reward stage>)")
+    parser.add_argument(
+        "--reward", type=Path, required=True, help="a finished reward stage folder (RUN_DIR/<reward stage>)"
+    )
     parser.add_argument("--run", type=Path, required=True, help="the run whose --stage is the tuned checkpoint")
     parser.add_argument("--stage", default="sft", help="tuned checkpoint: a stage of --run with an adapter or model")
     parser.add_argument("--suite", type=Path, default=CVALUES, help="suite file (default: the CValues prompts)")
@@ -46,15 +48,26 @@ def main() -> None:
     run = RunDir.open(args.run)
     recipe = run_recipe(run)
     targets = [base_target(recipe), stage_target(run, recipe, args.stage, label=args.stage)]
-    spec = EvalSpec(suite=args.suite, suite_limit=args.limit or None, max_new_tokens=args.max_new_tokens,
-                    reward_model=str(args.reward), batch_size=args.batch_size)
+    spec = EvalSpec(
+        suite=args.suite,
+        suite_limit=args.limit or None,
+        max_new_tokens=args.max_new_tokens,
+        reward_model=str(args.reward),
+        batch_size=args.batch_size,
+    )
     cpu, wall = cpu_seconds(), time.perf_counter()
     results = evaluate_targets(targets, spec, log=print)
     timing = {"cpu_s": round(cpu_seconds() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1)}
     print(table(results, timing))
     if args.out:
-        args.out.write_text(json.dumps({"timing": timing, "checkpoints": [r.model_dump(mode="json") for r in results]},
-                                       indent=2, ensure_ascii=False), encoding="utf-8")
+        args.out.write_text(
+            json.dumps(
+                {"timing": timing, "checkpoints": [r.model_dump(mode="json") for r in results]},
+                indent=2,
+                ensure_ascii=False,
+            ),
+            encoding="utf-8",
+        )
 
 
 def table(results: list, timing: dict) -> str:
@@ -63,8 +76,12 @@ def table(results: list, timing: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         alignment = result.alignment
-        cells = [result.label, str(len(alignment.probes)), *[f"{alignment.dimension_means.get(d, float('nan')):.3f}" for d in dimensions],
-                 f"{alignment.rule_rates.get('language', float('nan')):.2f}"]
+        cells = [
+            result.label,
+            str(len(alignment.probes)),
+            *[f"{alignment.dimension_means.get(d, float('nan')):.3f}" for d in dimensions],
+            f"{alignment.rule_rates.get('language', float('nan')):.2f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(f"\nboth checkpoints: {timing['cpu_s']} CPU s, {timing['wall_s']} s wall")
     return "\n".join(lines)

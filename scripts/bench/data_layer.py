@@ -24,7 +24,12 @@ from finetune.recipe import DatasetSection
 from finetune.recipe.data_policy import DataPolicy
 
 ROOT = Path(__file__).resolve().parents[2]
-PII = ["联系电话13812345678。", "Email the donor at li.ming@example.com. ", "身份证号11010519491231002X。", "Call 010-65131892. "]
+PII = [
+    "联系电话13812345678。",
+    "Email the donor at li.ming@example.com. ",
+    "身份证号11010519491231002X。",
+    "Call 010-65131892. ",
+]
 
 
 def clause_pool() -> dict[str, list[str]]:
@@ -33,7 +38,9 @@ def clause_pool() -> dict[str, list[str]]:
     for name in ("culture_sft.jsonl", "culture_instructions.jsonl"):
         for line in (ROOT / "recipes" / "data" / name).read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
-            texts = [m["content"] for m in record.get("messages", [])] + [record.get(k, "") for k in ("instruction", "input", "output")]
+            texts = [m["content"] for m in record.get("messages", [])] + [
+                record.get(k, "") for k in ("instruction", "input", "output")
+            ]
             for text in texts:
                 pool[record["lang"]] += [c for c in re.split(r"(?<=[。！？；，.!?;,])\s*", text) if len(c) > 3]
     return pool
@@ -57,8 +64,11 @@ def generate(path: Path, size_mb: int, seed: int = 0) -> int:
                     parts[rng.randrange(len(parts))] = rng.choice(pool[lang])
                 answer = "".join(parts) + (rng.choice(PII) if rng.random() < 0.03 else "")
                 question = rng.choice(pool[lang])
-                record = {"id": f"b{count}", "parts": parts, "messages": [{"role": "user", "content": question},
-                                                                          {"role": "assistant", "content": answer}]}
+                record = {
+                    "id": f"b{count}",
+                    "parts": parts,
+                    "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}],
+                }
                 if len(kept) < 5000:
                     kept.append(record)
                 elif rng.random() < 0.05:
@@ -80,8 +90,10 @@ def run(path: Path, policy: DataPolicy) -> tuple[DatasetReport, float, float]:
 
 
 def rates(label: str, records: int, size: int, wall: float, cpu: float) -> str:
-    return (f"{label:28s} {records / wall:9,.0f} records/s {size / wall / 1e6:6.1f} MB/s   "
-            f"per CPU second: {records / cpu:9,.0f} records {size / cpu / 1e6:6.1f} MB")
+    return (
+        f"{label:28s} {records / wall:9,.0f} records/s {size / wall / 1e6:6.1f} MB/s   "
+        f"per CPU second: {records / cpu:9,.0f} records {size / cpu / 1e6:6.1f} MB"
+    )
 
 
 def main() -> None:
@@ -97,8 +109,15 @@ def main() -> None:
         print(f"generated {path} ({n:,} records) in {time.perf_counter() - t:.0f} s")
     size = path.stat().st_size
     full = DataPolicy.model_validate({"dedup": {"exact": True, "near": True}})
-    steps = [("read + validate + policy", {"pii": {"action": "off"}}), ("+ PII scrub", {}),
-             ("+ exact dedup", {"dedup": {"exact": True}})] if args.stages else []
+    steps = (
+        [
+            ("read + validate + policy", {"pii": {"action": "off"}}),
+            ("+ PII scrub", {}),
+            ("+ exact dedup", {"dedup": {"exact": True}}),
+        ]
+        if args.stages
+        else []
+    )
     for label, options in steps:
         report, wall, cpu = run(path, DataPolicy.model_validate(options))
         print(rates(label, report.records_read, size, wall, cpu), flush=True)
@@ -106,10 +125,14 @@ def main() -> None:
     report, wall, cpu = run(path, full)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(rates("scrub + exact + near dedup", report.records_read, size, wall, cpu))
-    print(f"{size / 1e6:,.0f} MB, {report.records_read:,} records in {wall:,.0f} s ({cpu:,.0f} s CPU); peak RSS {peak_mb:,.0f} MB")
+    print(
+        f"{size / 1e6:,.0f} MB, {report.records_read:,} records in {wall:,.0f} s ({cpu:,.0f} s CPU); peak RSS {peak_mb:,.0f} MB"
+    )
     print(f"kept {report.kept:,}; duplicates {report.duplicates}; personal data {report.pii_found}")
-    print(f"memory held by dedup: {(_rss_mb() - base_mb) * 1024 * 1024 / report.records_read:,.0f} bytes per record "
-          f"(resident set after the run minus before it)")
+    print(
+        f"memory held by dedup: {(_rss_mb() - base_mb) * 1024 * 1024 / report.records_read:,.0f} bytes per record "
+        f"(resident set after the run minus before it)"
+    )
 
 
 def _rss_mb() -> float:

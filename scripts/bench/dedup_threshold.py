@@ -41,8 +41,10 @@ def main() -> None:
     shipped = []
     for name, fmt in (("culture_sft.jsonl", "chat"), ("culture_instructions.jsonl", "instruction")):
         shipped += ["\n".join(text_pieces(r, fmt)) for r in read_records(ROOT / "recipes/data" / name, fmt).records]
-    print(f"{len(labelled['paraphrases'])} paraphrase pairs, {len(labelled['distinct'])} distinct pairs, "
-          f"{len(shipped)} shipped records ({len(shipped) * (len(shipped) - 1) // 2} pairs)")
+    print(
+        f"{len(labelled['paraphrases'])} paraphrase pairs, {len(labelled['distinct'])} distinct pairs, "
+        f"{len(shipped)} shipped records ({len(shipped) * (len(shipped) - 1) // 2} pairs)"
+    )
     print("shingles: runs of 1..n units (a CJK character or a word); exact Jaccard of the shingle sets")
     print("n  paraphrase min / median   distinct max   shipped max   gap")
     for n in range(1, 5):
@@ -50,16 +52,20 @@ def main() -> None:
         neg = [jaccard(a, b, n) for a, b in labelled["distinct"]]
         sets = [grams(t, n) for t in shipped]
         ship = max(len(x & y) / len(x | y) for x, y in itertools.combinations(sets, 2))
-        print(f"{n}  {min(pos):.3f} / {statistics.median(pos):.3f}          {max(neg):.3f}          {ship:.3f}"
-              f"         {min(pos) - max(max(neg), ship):+.3f}")
+        print(
+            f"{n}  {min(pos):.3f} / {statistics.median(pos):.3f}          {max(neg):.3f}          {ship:.3f}"
+            f"         {min(pos) - max(max(neg), ship):+.3f}"
+        )
     for n, num_perm, threshold in ((2, 128, 0.55), (2, 256, 0.55), (1, 128, 0.6)):
         index = NearIndex(threshold, n, num_perm)
         pos = sorted(estimate(index, a, b) for a, b in labelled["paraphrases"])
         neg = sorted(estimate(index, a, b) for a, b in labelled["distinct"])
         found = sum(p >= threshold for p in pos)
         kept = sum(d < threshold for d in neg)
-        print(f"MinHash n={n} num_perm={num_perm} threshold {threshold}: paraphrases found {found}/{len(pos)} "
-              f"(estimates {pos[0]:.2f}..{pos[-1]:.2f}), distinct kept {kept}/{len(neg)} (max estimate {neg[-1]:.2f})")
+        print(
+            f"MinHash n={n} num_perm={num_perm} threshold {threshold}: paraphrases found {found}/{len(pos)} "
+            f"(estimates {pos[0]:.2f}..{pos[-1]:.2f}), distinct kept {kept}/{len(neg)} (max estimate {neg[-1]:.2f})"
+        )
     index = NearIndex(0.5, 2, 128)
     pos = [estimate(index, a, b) for a, b in labelled["paraphrases"]]
     neg = [estimate(index, a, b) for a, b in labelled["distinct"]]
@@ -67,9 +73,11 @@ def main() -> None:
     ship = sorted(float((x == y).mean()) for x, y in itertools.combinations(sigs, 2))[-1]
     print(f"sweep, n=2 num_perm=128 (shipped data: highest estimate over all pairs {ship:.2f})")
     for threshold in (0.4, 0.45, 0.5, 0.55, 0.6, 0.65):
-        print(f"  threshold {threshold}: paraphrases found {sum(p >= threshold for p in pos)}/{len(pos)}, "
-              f"distinct kept {sum(d < threshold for d in neg)}/{len(neg)}, shipped pairs merged "
-              f"{sum(float((x == y).mean()) >= threshold for x, y in itertools.combinations(sigs, 2))}")
+        print(
+            f"  threshold {threshold}: paraphrases found {sum(p >= threshold for p in pos)}/{len(pos)}, "
+            f"distinct kept {sum(d < threshold for d in neg)}/{len(neg)}, shipped pairs merged "
+            f"{sum(float((x == y).mean()) >= threshold for x, y in itertools.combinations(sigs, 2))}"
+        )
 
 
 if __name__ == "__main__":

@@ -35,11 +35,15 @@ CVALUES_IDS = (3, 120, 400)  # climate-change denial, and two other domains; fix
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eval", type=int, default=64, help="held-out pairs (reward model accuracy, policy preference)")
+    parser.add_argument(
+        "--eval", type=int, default=64, help="held-out pairs (reward model accuracy, policy preference)"
+    )
     parser.add_argument("--gen-prompts", type=int, default=32, help="held-out prompts answered before/after and scored")
     parser.add_argument("--reward-pairs", type=int, default=64)
     parser.add_argument("--dpo-pairs", type=int, default=96)
-    parser.add_argument("--reward-stage", type=Path, default=None, help="reuse this reward stage instead of training one")
+    parser.add_argument(
+        "--reward-stage", type=Path, default=None, help="reuse this reward stage instead of training one"
+    )
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="DPO learning rate (LoRA)")
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--epochs", type=float, default=1.0, help="DPO passes over its pairs")
@@ -54,16 +58,22 @@ def main() -> None:
     lines = train_file.read_text(encoding="utf-8").splitlines(keepends=True)
     reward_file, dpo_file = work / "reward.jsonl", work / "dpo.jsonl"
     reward_file.write_text("".join(lines[: args.reward_pairs]), encoding="utf-8")
-    dpo_file.write_text("".join(lines[args.reward_pairs:]), encoding="utf-8")
+    dpo_file.write_text("".join(lines[args.reward_pairs :]), encoding="utf-8")
 
     started = time.time()
     run_dir = train(work, reward_file, dpo_file, args)
     reward_stage = args.reward_stage or run_dir.root / "reward"
-    results: dict = {"eval_pairs": args.eval, "reward_pairs": 0 if args.reward_stage else args.reward_pairs,
-                     "dpo_pairs": args.dpo_pairs, "seq_len": args.seq_len, "learning_rate": args.learning_rate, "beta": args.beta,
-                     "epochs": args.epochs,
-                     "dpo": {k: v for k, v in run_dir.status("dpo").summary.items() if k not in ("train_data", "used")},
-                     "train_wall_s": round(time.time() - started, 1)}
+    results: dict = {
+        "eval_pairs": args.eval,
+        "reward_pairs": 0 if args.reward_stage else args.reward_pairs,
+        "dpo_pairs": args.dpo_pairs,
+        "seq_len": args.seq_len,
+        "learning_rate": args.learning_rate,
+        "beta": args.beta,
+        "epochs": args.epochs,
+        "dpo": {k: v for k, v in run_dir.status("dpo").summary.items() if k not in ("train_data", "used")},
+        "train_wall_s": round(time.time() - started, 1),
+    }
     results["reward_model"] = held_out_accuracy(reward_stage, eval_file)
     results.update(compare(run_dir, reward_stage, eval_file, args))
     print(table(results))
@@ -75,13 +85,33 @@ def train(work: Path, reward_file: Path, dpo_file: Path, args) -> object:
     """A reward stage (unless one is given) and a dpo stage from the base model, through the recipe path."""
     from finetune.pipeline import load_recipe, start
 
-    common = {"eval_fraction": 0, "batch_size": 4, "gradient_accumulation": 2, "seq_len": args.seq_len, "warmup": 0.1,
-              "logging_steps": 2, "save_steps": 100_000, "epochs": 1}
+    common = {
+        "eval_fraction": 0,
+        "batch_size": 4,
+        "gradient_accumulation": 2,
+        "seq_len": args.seq_len,
+        "warmup": 0.1,
+        "logging_steps": 2,
+        "save_steps": 100_000,
+        "epochs": 1,
+    }
     stages = []
     if args.reward_stage is None:
-        stages.append({"reward": {"dataset": "reward", "learning_rate": 5e-4, "center_rewards_coefficient": 0.01, **common}})
-    stages.append({"dpo": {"dataset": "dpo", "policy": "base", "learning_rate": args.learning_rate, "beta": args.beta,
-                           **common, "epochs": args.epochs}})
+        stages.append(
+            {"reward": {"dataset": "reward", "learning_rate": 5e-4, "center_rewards_coefficient": 0.01, **common}}
+        )
+    stages.append(
+        {
+            "dpo": {
+                "dataset": "dpo",
+                "policy": "base",
+                "learning_rate": args.learning_rate,
+                "beta": args.beta,
+                **common,
+                "epochs": args.epochs,
+            }
+        }
+    )
     recipe = work / "dpo-hh.yaml"
     recipe.write_text(
         "name: dpo-hh\ninclude: [models/smollm2-135m, lora/small]\n"
@@ -110,8 +140,13 @@ def compare(run_dir, reward_stage: Path, eval_file: Path, args) -> dict:
         rendered = [lm.render_prompt(tokenizer, p) for p in prompts]
         answers[label] = lm.generate(model, tokenizer, rendered, args.max_new_tokens, desc=f"{label} answers")
         preference[label] = held_out_preference(model, tokenizer, pairs)
-        samples[label] = lm.generate(model, tokenizer, [lm.render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}])
-                                                        for r in cvalues], 64, desc=f"{label} cvalues")
+        samples[label] = lm.generate(
+            model,
+            tokenizer,
+            [lm.render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in cvalues],
+            64,
+            desc=f"{label} cvalues",
+        )
         del model
     scorer = RewardScorer.from_stage(reward_stage)
     scores = {label: scorer.score(prompts, texts)["total"] for label, texts in answers.items()}
@@ -122,15 +157,26 @@ def compare(run_dir, reward_stage: Path, eval_file: Path, args) -> dict:
         "gen_prompts": len(prompts),
         "reward_before": round(sum(scores["base"]) / len(prompts), 4),
         "reward_after": round(sum(scores["dpo"]) / len(prompts), 4),
-        "reward_gain": round(mean, 4), "reward_gain_95": [round(mean - 1.96 * sd / math.sqrt(len(diffs)), 4),
-                                                          round(mean + 1.96 * sd / math.sqrt(len(diffs)), 4)],
+        "reward_gain": round(mean, 4),
+        "reward_gain_95": [
+            round(mean - 1.96 * sd / math.sqrt(len(diffs)), 4),
+            round(mean + 1.96 * sd / math.sqrt(len(diffs)), 4),
+        ],
         "dpo_answer_scores_higher": round(sum(d > 0 for d in diffs) / len(diffs), 3),
-        "held_out_preference": {label: {k: v for k, v in found.items() if k != "margins"} for label, found in preference.items()},
+        "held_out_preference": {
+            label: {k: v for k, v in found.items() if k != "margins"} for label, found in preference.items()
+        },
         "held_out_implicit_reward": implicit_reward(preference, args.beta),
-        "samples": {"hh_rlhf": [{"prompt": p[-1]["content"], "before": answers["base"][i], "after": answers["dpo"][i]}
-                                for i, p in enumerate(prompts[:3])],
-                    "cvalues": [{"id": r["id_"], "prompt": r["prompt"], "before": samples["base"][i], "after": samples["dpo"][i]}
-                                for i, r in enumerate(cvalues)]},
+        "samples": {
+            "hh_rlhf": [
+                {"prompt": p[-1]["content"], "before": answers["base"][i], "after": answers["dpo"][i]}
+                for i, p in enumerate(prompts[:3])
+            ],
+            "cvalues": [
+                {"id": r["id_"], "prompt": r["prompt"], "before": samples["base"][i], "after": samples["dpo"][i]}
+                for i, r in enumerate(cvalues)
+            ],
+        },
     }
 
 
@@ -139,13 +185,30 @@ def held_out_preference(model, tokenizer, pairs: list[dict]) -> dict:
     from finetune.evaluation import lm
 
     rendered = [lm.render_prompt(tokenizer, p["prompt"]) for p in pairs]
-    lengths = {key: [len(lm.continuation_ids(tokenizer, r, lm.encode(tokenizer, r), p[key])) for r, p in zip(rendered, pairs, strict=True)]
-               for key in ("chosen", "rejected")}
-    sums = {key: [m * n for m, n in zip(lm.mean_logprobs(model, tokenizer, rendered, [p[key] for p in pairs], desc=key),
-                                        lengths[key], strict=True)] for key in ("chosen", "rejected")}
+    lengths = {
+        key: [
+            len(lm.continuation_ids(tokenizer, r, lm.encode(tokenizer, r), p[key]))
+            for r, p in zip(rendered, pairs, strict=True)
+        ]
+        for key in ("chosen", "rejected")
+    }
+    sums = {
+        key: [
+            m * n
+            for m, n in zip(
+                lm.mean_logprobs(model, tokenizer, rendered, [p[key] for p in pairs], desc=key),
+                lengths[key],
+                strict=True,
+            )
+        ]
+        for key in ("chosen", "rejected")
+    }
     margins = [c - r for c, r in zip(sums["chosen"], sums["rejected"], strict=True)]
-    return {"accuracy": round(sum(m > 0 for m in margins) / len(margins), 4), "mean_margin": round(sum(margins) / len(margins), 3),
-            "margins": margins}
+    return {
+        "accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
+        "mean_margin": round(sum(margins) / len(margins), 3),
+        "margins": margins,
+    }
 
 
 def implicit_reward(preference: dict, beta: float) -> dict:
@@ -155,14 +218,18 @@ def implicit_reward(preference: dict, beta: float) -> dict:
     mean = sum(deltas) / len(deltas)
     sd = math.sqrt(sum((x - mean) ** 2 for x in deltas) / max(1, len(deltas) - 1))
     half = 1.96 * sd / math.sqrt(len(deltas))
-    return {"accuracy": round(sum(x > 0 for x in deltas) / len(deltas), 4), "mean_margin": round(mean, 4),
-            "mean_margin_95": [round(mean - half, 4), round(mean + half, 4)]}
+    return {
+        "accuracy": round(sum(x > 0 for x in deltas) / len(deltas), 4),
+        "mean_margin": round(mean, 4),
+        "mean_margin_95": [round(mean - half, 4), round(mean + half, 4)],
+    }
 
 
 def table(results: dict) -> str:
     pref = results["held_out_preference"]
     lines = [
-        "| figure | before DPO (base) | after DPO |", "| --- | --- | --- |",
+        "| figure | before DPO (base) | after DPO |",
+        "| --- | --- | --- |",
         f"| reward-model score of greedy answers, {results['gen_prompts']} held-out prompts | {results['reward_before']} | "
         f"{results['reward_after']} (gain {results['reward_gain']}, 95% {results['reward_gain_95']}; DPO answer higher in "
         f"{results['dpo_answer_scores_higher']:.0%}) |",
@@ -173,9 +240,11 @@ def table(results: dict) -> str:
         f"(95% {results['held_out_implicit_reward']['mean_margin_95']}) |",
     ]
     rm = results["reward_model"]
-    return "\n".join(lines) + (f"\nreward model held-out pairwise accuracy {rm['held_out_accuracy']}; DPO on "
-                               f"{results['dpo_pairs']} pairs ({results['dpo'].get('steps')} steps), training {results['train_wall_s']} s\n"
-                               + json.dumps(results["samples"], ensure_ascii=False, indent=1))
+    return "\n".join(lines) + (
+        f"\nreward model held-out pairwise accuracy {rm['held_out_accuracy']}; DPO on "
+        f"{results['dpo_pairs']} pairs ({results['dpo'].get('steps')} steps), training {results['train_wall_s']} s\n"
+        + json.dumps(results["samples"], ensure_ascii=False, indent=1)
+    )
 
 
 if __name__ == "__main__":

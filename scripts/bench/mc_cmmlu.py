@@ -29,7 +29,9 @@ def main() -> None:
     parser.add_argument("--mc", type=Path, default=CMMLU, help="multiple-choice folder (test/ and dev/)")
     parser.add_argument("--limit", type=int, default=15, help="first N questions of each subject (0: all)")
     parser.add_argument("--shots", default="0,5")
-    parser.add_argument("--run", type=Path, default=None, help="a finished quickstart run folder (default: run the quickstart)")
+    parser.add_argument(
+        "--run", type=Path, default=None, help="a finished quickstart run folder (default: run the quickstart)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
@@ -53,12 +55,18 @@ def main() -> None:
             cpu, wall = cpu_seconds(), time.perf_counter()
             [result] = evaluate_targets([target], spec, log=print)
             score = result.mc[0]
-            results["rows"].append({
-                "checkpoint": target.label, "shots": shots, "questions": score.overall.total,
-                "accuracy": score.overall.accuracy, "ci": [score.overall.ci_low, score.overall.ci_high],
-                "subjects": {s.subject: s.accuracy for s in score.subjects},
-                "cpu_s": round(cpu_seconds() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1),
-            })
+            results["rows"].append(
+                {
+                    "checkpoint": target.label,
+                    "shots": shots,
+                    "questions": score.overall.total,
+                    "accuracy": score.overall.accuracy,
+                    "ci": [score.overall.ci_low, score.overall.ci_high],
+                    "subjects": {s.subject: s.accuracy for s in score.subjects},
+                    "cpu_s": round(cpu_seconds() - cpu, 1),
+                    "wall_s": round(time.perf_counter() - wall, 1),
+                }
+            )
     print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -70,7 +78,11 @@ def quickstart(results: dict):
 
     cpu, wall = cpu_seconds(), time.perf_counter()
     run = start(load_recipe(ROOT / "recipes" / "quickstart.yaml"), log=print)
-    results["quickstart"] = {"run": str(run.root), "cpu_s": round(cpu_seconds() - cpu, 1), "wall_s": round(time.perf_counter() - wall, 1)}
+    results["quickstart"] = {
+        "run": str(run.root),
+        "cpu_s": round(cpu_seconds() - cpu, 1),
+        "wall_s": round(time.perf_counter() - wall, 1),
+    }
     return run
 
 
@@ -84,8 +96,15 @@ def table(results: dict) -> str:
     header = ["checkpoint", "shots", "questions", "accuracy [95% CI]", *subjects, "CPU s", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in results["rows"]:
-        cells = [row["checkpoint"], str(row["shots"]), str(row["questions"]), f"{row['accuracy']:.1f} [{row['ci'][0]:.1f}, {row['ci'][1]:.1f}]",
-                 *[f"{row['subjects'].get(s, float('nan')):.1f}" for s in subjects], str(row["cpu_s"]), str(row["wall_s"])]
+        cells = [
+            row["checkpoint"],
+            str(row["shots"]),
+            str(row["questions"]),
+            f"{row['accuracy']:.1f} [{row['ci'][0]:.1f}, {row['ci'][1]:.1f}]",
+            *[f"{row['subjects'].get(s, float('nan')):.1f}" for s in subjects],
+            str(row["cpu_s"]),
+            str(row["wall_s"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

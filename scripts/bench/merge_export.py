@@ -46,8 +46,10 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for report in (merge, export):
         for name, c in report["comparisons"].items():
-            print(f"| {name} | {c['reference']} | {c['max_abs_logit_diff']:.3g} | {c['mean_kl']:.3g} | "
-                  f"{c['top1_agreement']:.1%} | {c['greedy_agreement']:.0%} ({c['probes']} probes) |")
+            print(
+                f"| {name} | {c['reference']} | {c['max_abs_logit_diff']:.3g} | {c['mean_kl']:.3g} | "
+                f"{c['top1_agreement']:.1%} | {c['greedy_agreement']:.0%} ({c['probes']} probes) |"
+            )
     print()
     for stage in ("sft", "merge", "export"):
         status = json.loads((run_dir / stage / "status.json").read_text(encoding="utf-8"))
@@ -64,12 +66,26 @@ def compare_with_llama_cpp(export_dir: Path, llama_cpp: Path) -> None:
     for ours in sorted(export_dir.glob("*.gguf")):
         gguf_type = ours.stem.rsplit("-", 1)[-1].lower()
         theirs = export_dir.parent / f"llama-cpp-{gguf_type}.gguf"
-        _call([sys.executable, str(llama_cpp / "convert_hf_to_gguf.py"), str(export_dir), "--outfile", str(theirs),
-               "--outtype", gguf_type])
+        _call(
+            [
+                sys.executable,
+                str(llama_cpp / "convert_hf_to_gguf.py"),
+                str(export_dir),
+                "--outfile",
+                str(theirs),
+                "--outtype",
+                gguf_type,
+            ]
+        )
         a, b = GGUFReader(ours), GGUFReader(theirs)
         ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
-        same = [n for n in ta if n in tb and ta[n].tensor_type == tb[n].tensor_type
-                and np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data))]
+        same = [
+            n
+            for n in ta
+            if n in tb
+            and ta[n].tensor_type == tb[n].tensor_type
+            and np.array_equal(np.asarray(ta[n].data), np.asarray(tb[n].data))
+        ]
         keys = sorted(set(a.fields) ^ set(b.fields))
         print(f"- {ours.name} vs llama.cpp: {len(same)}/{len(tb)} tensors identical; keys in one file only: {keys}")
         theirs.unlink()

@@ -47,17 +47,40 @@ EN = {
     "ip": ["The scanner at {} uploaded it.", "Requests from {} were blocked."],
 }
 NEGATIVES = [
-    "明朝（1368-1644）共历十六帝，清朝1644—1911年。", "The Ming dynasty (1368-1644) and the Qing (1644–1911).",
-    "公元前221年—前206年为秦朝。", "会议于2023-10-01 10:30:00在故宫举行。", "The exhibition runs 2024-03-01 to 2024-06-30.",
-    "故宫00012345号藏品。", "故宫 00012345 号藏品", "新00123456，旧藏清宫。", "Accession number Inv. 2019.123.4.",
-    "British Museum 1982,0101.1 and EA 10470.", "Object no. 1949.10.1.2 in the old register.", "Gu 00012345, a Ru ware dish.",
-    "ISBN 978-7-101-00306-6，定价 68.00 元。", "ISSN 1000-0003, vol. 12, pp. 123-145.", "印数 1-3000 册，字数 320 千字。",
-    "高 60 厘米，口径 45 厘米，重 832.84 千克。", "Bronze vessel, 60 x 45 cm, 832.84 kg.", "坐标 39.9163, 116.3972。",
-    "See plate 12:34 and version 2.1.3.", "第3.1.2节另有说明。", "馆藏共计1381234567件次（累计）。",
-    "观众人次 13,812,345,678。", "Ticket 1234 5678 9012 3456 is a raffle number.", "李白（701—762），杜甫（712—770）。",
-    "The 18-digit catalogue code 110105194913310021 has no meaning.", "邮编100009，北京市东城区景山前街4号。",
-    "展厅编号 A-0571-8765。", "Room 010-B, shelf 6512.", "Call number PL2658.E8 1999.", "@故宫博物院 发布了新展讯。",
-    "user@localhost is not an address.", "温度 12.5°C，湿度 45%。", "1911年10月10日武昌起义。", "Song dynasty (960–1279).",
+    "明朝（1368-1644）共历十六帝，清朝1644—1911年。",
+    "The Ming dynasty (1368-1644) and the Qing (1644–1911).",
+    "公元前221年—前206年为秦朝。",
+    "会议于2023-10-01 10:30:00在故宫举行。",
+    "The exhibition runs 2024-03-01 to 2024-06-30.",
+    "故宫00012345号藏品。",
+    "故宫 00012345 号藏品",
+    "新00123456，旧藏清宫。",
+    "Accession number Inv. 2019.123.4.",
+    "British Museum 1982,0101.1 and EA 10470.",
+    "Object no. 1949.10.1.2 in the old register.",
+    "Gu 00012345, a Ru ware dish.",
+    "ISBN 978-7-101-00306-6，定价 68.00 元。",
+    "ISSN 1000-0003, vol. 12, pp. 123-145.",
+    "印数 1-3000 册，字数 320 千字。",
+    "高 60 厘米，口径 45 厘米，重 832.84 千克。",
+    "Bronze vessel, 60 x 45 cm, 832.84 kg.",
+    "坐标 39.9163, 116.3972。",
+    "See plate 12:34 and version 2.1.3.",
+    "第3.1.2节另有说明。",
+    "馆藏共计1381234567件次（累计）。",
+    "观众人次 13,812,345,678。",
+    "Ticket 1234 5678 9012 3456 is a raffle number.",
+    "李白（701—762），杜甫（712—770）。",
+    "The 18-digit catalogue code 110105194913310021 has no meaning.",
+    "邮编100009，北京市东城区景山前街4号。",
+    "展厅编号 A-0571-8765。",
+    "Room 010-B, shelf 6512.",
+    "Call number PL2658.E8 1999.",
+    "@故宫博物院 发布了新展讯。",
+    "user@localhost is not an address.",
+    "温度 12.5°C，湿度 45%。",
+    "1911年10月10日武昌起义。",
+    "Song dynasty (960–1279).",
 ]
 
 
@@ -90,26 +113,34 @@ def id_number(rng: random.Random) -> str:
 def mobile(rng: random.Random) -> str:
     n = rng.choice(["13", "15", "17", "18", "19"]) + "".join(str(rng.randint(0, 9)) for _ in range(9))
     style = rng.randrange(5)
-    return [n, f"{n[:3]} {n[3:7]} {n[7:]}", f"{n[:3]}-{n[3:7]}-{n[7:]}", f"+86 {n}", f"+86 {n[:3]} {n[3:7]} {n[7:]}"][style]
+    return [n, f"{n[:3]} {n[3:7]} {n[7:]}", f"{n[:3]}-{n[3:7]}-{n[7:]}", f"+86 {n}", f"+86 {n[:3]} {n[3:7]} {n[7:]}"][
+        style
+    ]
 
 
 def landline(rng: random.Random) -> str:
     area = rng.choice(["010", "021", "020", "022", "0571", "0755", "028", "0931", "0991", "0851"])
-    local = str(rng.randint(2, 8)) + "".join(str(rng.randint(0, 9)) for _ in range(7 if len(area) == 3 else rng.choice([6, 7])))
+    local = str(rng.randint(2, 8)) + "".join(
+        str(rng.randint(0, 9)) for _ in range(7 if len(area) == 3 else rng.choice([6, 7]))
+    )
     style = rng.randrange(4)
-    return [f"{area}-{local}", f"({area}) {local[:-4]} {local[-4:]}", f"{area} {local}", f"+86 {area[1:]} {local}"][style]
+    return [f"{area}-{local}", f"({area}) {local[:-4]} {local[-4:]}", f"{area} {local}", f"+86 {area[1:]} {local}"][
+        style
+    ]
 
 
 def email(rng: random.Random) -> str:
     user = rng.choice(["zhangwei", "li.na", "wang_fang88", "curator", "chen.jie", "m.smith", "archive-desk", "liu2021"])
-    return f"{user}@{rng.choice(['163.com', 'qq.com', 'dpm.org.cn', 'museum.org.cn', 'example.edu', 'mail.bnu.edu.cn'])}"
+    return (
+        f"{user}@{rng.choice(['163.com', 'qq.com', 'dpm.org.cn', 'museum.org.cn', 'example.edu', 'mail.bnu.edu.cn'])}"
+    )
 
 
 def bank_card(rng: random.Random) -> str:
     prefix, length = rng.choice([("62", 16), ("62", 19), ("4", 16), ("51", 16), ("55", 16)])
     body = prefix + "".join(str(rng.randint(0, 9)) for _ in range(length - len(prefix) - 1))
     n = next(body + str(d) for d in range(10) if luhn_valid(body + str(d)))
-    return " ".join(n[i:i + 4] for i in range(0, len(n), 4)) if rng.random() < 0.4 else n
+    return " ".join(n[i : i + 4] for i in range(0, len(n), 4)) if rng.random() < 0.4 else n
 
 
 def passport(rng: random.Random, zh: bool) -> str:
@@ -122,12 +153,21 @@ def passport(rng: random.Random, zh: bool) -> str:
 def ip(rng: random.Random) -> str:
     if rng.random() < 0.7:
         return ".".join(str(rng.randint(1 if i == 0 else 0, 254)) for i in range(4))
-    return rng.choice(["2001:db8::1", "fe80::1ff:fe23:4567:890a", "2001:0db8:85a3:0000:0000:8a2e:0370:7334", "2409:8a00:1::5"])
+    return rng.choice(
+        ["2001:db8::1", "fe80::1ff:fe23:4567:890a", "2001:0db8:85a3:0000:0000:8a2e:0370:7334", "2409:8a00:1::5"]
+    )
 
 
 def build(seed: int = 0, per_template: int = 6) -> list[dict]:
     rng = random.Random(seed)
-    makers = {"id_card": id_number, "mobile": mobile, "landline": landline, "email": email, "bank_card": bank_card, "ip": ip}
+    makers = {
+        "id_card": id_number,
+        "mobile": mobile,
+        "landline": landline,
+        "email": email,
+        "bank_card": bank_card,
+        "ip": ip,
+    }
     rows = []
     for lang, templates in (("zh", ZH), ("en", EN)):
         for kind, patterns in templates.items():
@@ -135,11 +175,18 @@ def build(seed: int = 0, per_template: int = 6) -> list[dict]:
                 for _ in range(per_template):
                     value = passport(rng, lang == "zh") if kind == "passport" else makers[kind](rng)
                     start = pattern.index("{}")
-                    rows.append({"text": pattern.format(value), "lang": lang,
-                                 "spans": [{"type": kind, "start": start, "end": start + len(value)}]})
+                    rows.append(
+                        {
+                            "text": pattern.format(value),
+                            "lang": lang,
+                            "spans": [{"type": kind, "start": start, "end": start + len(value)}],
+                        }
+                    )
     for text, kind, value in HARD_FORMS:
         start = text.index(value)
-        rows.append({"text": text, "lang": "hard", "spans": [{"type": kind, "start": start, "end": start + len(value)}]})
+        rows.append(
+            {"text": text, "lang": "hard", "spans": [{"type": kind, "start": start, "end": start + len(value)}]}
+        )
     rows += [{"text": text, "lang": "negative", "spans": []} for text in NEGATIVES]
     return rows
 
@@ -168,7 +215,9 @@ def real_text(shared: Path | None) -> list[str]:
     for name in ("culture_sft.jsonl", "culture_instructions.jsonl"):
         for line in (ROOT / "recipes" / "data" / name).read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
-            texts += [m["content"] for m in record.get("messages", [])] + [record.get(k, "") for k in ("instruction", "input", "output")]
+            texts += [m["content"] for m in record.get("messages", [])] + [
+                record.get(k, "") for k in ("instruction", "input", "output")
+            ]
     if shared is not None:
         import csv
 
@@ -177,18 +226,24 @@ def real_text(shared: Path | None) -> list[str]:
                 texts += [" ".join(v for k, v in row.items() if k) for row in csv.DictReader(f)]
         prompts = shared / "cvalues" / "responsibility_prompts.jsonl"
         if prompts.is_file():
-            texts += [json.loads(line)["prompt"] for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts += [
+                json.loads(line)["prompt"] for line in prompts.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
     return texts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real", type=Path, default=None, help="folder with cmmlu/ and cvalues/ (e.g. /work/shared/data)")
+    parser.add_argument(
+        "--real", type=Path, default=None, help="folder with cmmlu/ and cvalues/ (e.g. /work/shared/data)"
+    )
     args = parser.parse_args()
     rows = build()
     SET.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     positives = Counter(s["type"] for r in rows for s in r["spans"])
-    print(f"{SET.relative_to(ROOT)}: {len(rows)} texts, {sum(positives.values())} labelled spans, {len(NEGATIVES)} hard negatives")
+    print(
+        f"{SET.relative_to(ROOT)}: {len(rows)} texts, {sum(positives.values())} labelled spans, {len(NEGATIVES)} hard negatives"
+    )
     print(f"{'type':10s} {'spans':>5s} {'precision':>9s} {'recall':>7s}  (tp/fp/fn)")
     for kind, c in score(rows).items():
         precision = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else float("nan")
@@ -197,10 +252,12 @@ def main() -> None:
     texts = real_text(args.real)
     scrubber = Scrubber(tuple(FINDERS))
     found = Counter(kind for t in texts for _, _, kind in scrubber.find(t))
-    print(f"real text without personal data ({len(texts)} texts, {sum(map(len, texts)):,} characters): findings {dict(found) or 'none'}")
+    print(
+        f"real text without personal data ({len(texts)} texts, {sum(map(len, texts)):,} characters): findings {dict(found) or 'none'}"
+    )
     for t in texts:  # show them, so each can be judged (there is no personal data in these sets)
         for start, end, kind in scrubber.find(t):
-            print(f"  {kind}: ...{t[max(0, start - 15):end + 15]!r}...")
+            print(f"  {kind}: ...{t[max(0, start - 15) : end + 15]!r}...")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = {  # Llama-3.2-1B, and a tiny one for CPU checks
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=600, max_position_embeddings=1024),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=600,
+        max_position_embeddings=1024,
+    ),
 }
 CONFIGS = {"plain": "distributed: {strategy: none}", "zero3": "distributed: {strategy: deepspeed, zero_stage: 3}"}
 
@@ -36,12 +51,16 @@ CONFIGS = {"plain": "distributed: {strategy: none}", "zero3": "distributed: {str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--quantization", choices=["nf4", "none"], default=None, help="default: nf4 on a GPU, none on CPU")
+    parser.add_argument(
+        "--quantization", choices=["nf4", "none"], default=None, help="default: nf4 on a GPU, none on CPU"
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--configs", default="plain,zero3")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the model and runs here (default: a temp folder)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="keep the model and runs here (default: a temp folder)"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("RECIPE", "RUN_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -56,7 +75,13 @@ def main() -> None:
     rows = []
     for name in args.configs.split(","):
         recipe = write_recipe(workdir / f"{name}.yaml", model, quantization, CONFIGS[name], args, cuda)
-        row = {"config": name, "shape": args.shape, "quantization": quantization, "device": device_name(), **run(recipe, workdir / "runs" / name, cuda)}
+        row = {
+            "config": name,
+            "shape": args.shape,
+            "quantization": quantization,
+            "device": device_name(),
+            **run(recipe, workdir / "runs" / name, cuda),
+        }
         row.update(estimate(recipe, row.get("peak_bytes")))
         row.update(reload(model, workdir / "runs" / name / "sft" / "adapter", quantization, cuda))
         print(json.dumps(row), flush=True)
@@ -79,8 +104,11 @@ def worker(recipe: Path, run_dir: Path) -> None:
     start(load_recipe(recipe), run_dir, log=lambda _message: None)
     if is_main_process():
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        measured = {"seconds": round(time.perf_counter() - started, 1), "peak_bytes": peak,
-                    "host_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        measured = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_bytes": peak,
+            "host_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
         (run_dir.parent / f"{run_dir.name}.measured.json").write_text(json.dumps(measured), encoding="utf-8")
 
 
@@ -95,8 +123,13 @@ def build_model(folder: Path, shape: str) -> Path:
     from tiny_models import build_tokenizer  # the test suite's ChatML BPE tokenizer: one builder for both
 
     tokenizer = build_tokenizer(folder)
-    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     return folder
@@ -105,18 +138,21 @@ def build_model(folder: Path, shape: str) -> Path:
 def write_recipe(path: Path, model: Path, quantization: str, distributed: str, args, cuda: bool) -> Path:
     """The benchmark recipe: bf16 on a GPU (nf4 stored in bf16, as ZeRO-3 needs), fp32 on CPU."""
     dtype, precision = ("bfloat16", "bf16") if cuda else ("float32", "fp32")
-    path.write_text(f"""\
+    path.write_text(
+        f"""\
 name: bench-{path.stem}
 model: {{path: {model}, dtype: {dtype}, quantization: {quantization}}}
 lora: {{r: 16, alpha: 32, dropout: 0.0, targets: all-linear}}
 data:
-  culture: {{path: {ROOT / 'recipes' / 'data' / 'culture_sft.jsonl'}, format: chat}}
+  culture: {{path: {ROOT / "recipes" / "data" / "culture_sft.jsonl"}, format: chat}}
 stages:
   - sft: {{dataset: culture, max_steps: {args.steps}, batch_size: {args.batch_size}, seq_len: {args.seq_len},
           packing: true, gradient_checkpointing: true, precision: {precision}, warmup: 0, logging_steps: 5,
           save_steps: 1000}}
 {distributed}
-""", encoding="utf-8")
+""",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -126,8 +162,18 @@ def run(recipe: Path, run_dir: Path, cuda: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     if not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1", __file__,
-               "--worker", str(recipe), str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "1",
+        __file__,
+        "--worker",
+        str(recipe),
+        str(run_dir),
+    ]
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         return {"ok": False, "error": (result.stdout + result.stderr)[-3000:]}
@@ -166,9 +212,16 @@ def reload(model: Path, adapter: Path, quantization: str, cuda: bool) -> dict:
     weights = check_adapter_weights(adapter)
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
     if quantization == "nf4":
-        kwargs.update(device_map={"": 0}, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-            bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=torch.bfloat16))
+        kwargs.update(
+            device_map={"": 0},
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=torch.bfloat16,
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_quant_storage=torch.bfloat16,
+            ),
+        )
     device = "cuda" if cuda else "cpu"
     ids = torch.tensor([[5, 6, 7, 8, 9]], device=device)
     base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
@@ -177,7 +230,11 @@ def reload(model: Path, adapter: Path, quantization: str, cuda: bool) -> dict:
         before = base(ids).logits.float()
         tuned = PeftModel.from_pretrained(base, str(adapter))
         after = tuned(ids).logits.float()
-    return {"reload_ok": True, "adapter_weights": weights, "adapter_changes_logits": bool((after - before).abs().max() > 0)}
+    return {
+        "reload_ok": True,
+        "adapter_weights": weights,
+        "adapter_changes_logits": bool((after - before).abs().max() > 0),
+    }
 
 
 def device_name() -> str:
@@ -188,13 +245,17 @@ def device_name() -> str:
 
 def table(rows: list[dict]) -> str:
     gib = 1024**3
-    lines = ["| config | quantization | device | ok | s | peak GiB | estimate GiB | estimate / peak | reload | loss first → last |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| config | quantization | device | ok | s | peak GiB | estimate GiB | estimate / peak | reload | loss first → last |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         peak = f"{r['peak_bytes'] / gib:.2f}" if r.get("peak_bytes") else "—"
         est = f"{r['estimate_bytes'] / gib:.2f}" if r.get("estimate_bytes") else "—"
-        lines.append(f"| {r['config']} | {r['quantization']} | {r['device']} | {r['ok']} | {r.get('seconds', '—')} | {peak} | {est} | "
-                     f"{r.get('estimate_over_measured', '—')} | {r.get('reload_ok')} | {r.get('first_loss')} → {r.get('last_loss')} |")
+        lines.append(
+            f"| {r['config']} | {r['quantization']} | {r['device']} | {r['ok']} | {r.get('seconds', '—')} | {peak} | {est} | "
+            f"{r.get('estimate_over_measured', '—')} | {r.get('reload_ok')} | {r.get('first_loss')} → {r.get('last_loss')} |"
+        )
     return "\n".join(lines)
 
 

@@ -44,9 +44,16 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="wenmai-reward-hh-"))
     train_file, eval_file = split_pairs(work, args.train, args.eval, args.seed)
-    results: dict = {"train_pairs": args.train, "eval_pairs": args.eval, "epochs": args.epochs, "seq_len": args.seq_len,
-                     "pairs_per_step": args.batch_size * args.accumulation}
-    small = train(work, "small", "include: [models/smollm2-135m, lora/small]\n", train_file, args, {"epochs": args.epochs})
+    results: dict = {
+        "train_pairs": args.train,
+        "eval_pairs": args.eval,
+        "epochs": args.epochs,
+        "seq_len": args.seq_len,
+        "pairs_per_step": args.batch_size * args.accumulation,
+    }
+    small = train(
+        work, "small", "include: [models/smollm2-135m, lora/small]\n", train_file, args, {"epochs": args.epochs}
+    )
     small.update(held_out_accuracy(small.pop("stage_dir"), eval_file))
     results["small"] = small
     if args.tiny_steps:
@@ -71,7 +78,7 @@ def split_pairs(work: Path, n_train: int, n_eval: int, seed: int) -> tuple[Path,
     if n_eval + n_train > len(rows):
         raise SystemExit(f"only {len(rows)} pairs: --train + --eval must not exceed that")
     paths = work / "eval.jsonl", work / "train.jsonl"
-    for path, part in zip(paths, (rows[:n_eval], rows[n_eval:n_eval + n_train]), strict=True):
+    for path, part in zip(paths, (rows[:n_eval], rows[n_eval : n_eval + n_train]), strict=True):
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8")
     return paths[1], paths[0]
 
@@ -80,9 +87,19 @@ def train(work: Path, label: str, model: str, train_file: Path, args, options: d
     """One reward stage through the recipe path (no evaluation inside: the held-out set is scored after)."""
     from finetune.pipeline import load_recipe, start
 
-    stage = {"dataset": "train", "eval_fraction": 0, "batch_size": args.batch_size, "gradient_accumulation": args.accumulation,
-             "learning_rate": args.learning_rate, "seq_len": args.seq_len, "warmup": 0.1, "center_rewards_coefficient": 0.01,
-             "logging_steps": 2, "save_steps": 100_000, **options}
+    stage = {
+        "dataset": "train",
+        "eval_fraction": 0,
+        "batch_size": args.batch_size,
+        "gradient_accumulation": args.accumulation,
+        "learning_rate": args.learning_rate,
+        "seq_len": args.seq_len,
+        "warmup": 0.1,
+        "center_rewards_coefficient": 0.01,
+        "logging_steps": 2,
+        "save_steps": 100_000,
+        **options,
+    }
     recipe = work / f"{label}.yaml"
     recipe.write_text(
         f"name: reward-hh-{label}\n{model}data:\n  train: {{path: {train_file}, format: pairs}}\n"
@@ -114,7 +131,9 @@ def held_out_accuracy(stage_dir: Path, eval_file: Path) -> dict:
     scorer = RewardScorer.from_stage(stage_dir)
     started = time.time()
     prompts = [p["prompt"] for p in pairs]
-    scores = scorer.score(prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], batch_size=16)
+    scores = scorer.score(
+        prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], batch_size=16
+    )
     seconds = time.time() - started
     total = scores["total"]
     correct = sum(total[i] > total[i + len(pairs)] for i in range(len(pairs)))
@@ -122,17 +141,28 @@ def held_out_accuracy(stage_dir: Path, eval_file: Path) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| model | trained on | held-out accuracy | train pairs/s | train s | scoring pairs/s | CPU s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | trained on | held-out accuracy | train pairs/s | train s | scoring pairs/s | CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for label in ("small", "tiny"):
         r = results.get(label)
         if r is None:
             continue
-        trained = f"{results['train_pairs']} pairs x {results['epochs']:g} epoch" if label == "small" else f"{r['steps']} steps"
+        trained = (
+            f"{results['train_pairs']} pairs x {results['epochs']:g} epoch"
+            if label == "small"
+            else f"{r['steps']} steps"
+        )
         accuracy = f"{r['held_out_accuracy']:.3f} ({results['eval_pairs']} pairs)" if "held_out_accuracy" in r else "—"
-        lines.append(f"| {label} | {trained} | {accuracy} | {r['train_pairs_per_s']} | {r['train_runtime_s']} | "
-                     f"{r.get('scoring_pairs_per_s', '—')} | {r['stage_cpu_s']} |")
-    return "\n".join(lines) + f"\npeak memory {results['peak_rss_gb']} GB; {results['pairs_per_step']} pairs per step, seq_len {results['seq_len']}"
+        lines.append(
+            f"| {label} | {trained} | {accuracy} | {r['train_pairs_per_s']} | {r['train_runtime_s']} | "
+            f"{r.get('scoring_pairs_per_s', '—')} | {r['stage_cpu_s']} |"
+        )
+    return (
+        "\n".join(lines)
+        + f"\npeak memory {results['peak_rss_gb']} GB; {results['pairs_per_step']} pairs per step, seq_len {results['seq_len']}"
+    )
 
 
 def _cpu_seconds() -> float:
