@@ -119,10 +119,7 @@ def precision_flags(options: TrainingOptions, override: str = "auto") -> dict[st
 
     precision = options.precision if override == "auto" else override
     if precision == "auto":
-        if torch.cuda.is_available():
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "fp32"
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if torch.cuda.is_available() else "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
