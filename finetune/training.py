@@ -101,10 +101,10 @@ def metrics_callback(path: Path, stage: str) -> Any:
     return jsonl_callback(path, stage)
 
 
-def loss_summary(log_history: list[dict]) -> dict:
-    """First and last train loss, and eval loss before and after training, from the trainer's log."""
+def loss_summary(log_history: list[dict], eval_loss: bool = True) -> dict:
+    """First and last train loss, and (`eval_loss`) eval loss before and after training, from the trainer's log."""
     losses = [row["loss"] for row in log_history if "loss" in row]
-    evals = [row["eval_loss"] for row in log_history if "eval_loss" in row]
+    evals = [row["eval_loss"] for row in log_history if "eval_loss" in row] if eval_loss else []
     summary = {}
     if losses:
         summary.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))

@@ -36,7 +36,7 @@ from finetune.data.preference import prompt_key
 from finetune.errors import DataError, WenmaiError
 from finetune.recipe import DpoOptions, KtoOptions, PreferenceOptions, Recipe
 from finetune.run_dir import StageContext, StageResult
-from finetune.training import build_training_args, fit, metrics_callback
+from finetune.training import build_training_args, fit, loss_summary, metrics_callback
 
 DEFAULT_EVAL_FRACTION = 0.1
 
@@ -220,7 +220,7 @@ def summarise(history: list[dict], train_metrics: dict, data: PreferenceData, st
     evals = [row for row in history if "eval_loss" in row]
     summary: dict[str, Any] = {**data.stats, "steps": steps}
     if train:
-        summary.update(first_loss=_round(train[0]["loss"]), last_loss=_round(train[-1]["loss"]))
+        summary.update(loss_summary(history, eval_loss=False))
         for key, name in (("rewards/margins", "reward_margin"), ("rewards/accuracies", "reward_accuracy")):
             logged = [row[key] for row in train if key in row]  # kto logs margins only for batches with both labels
             if logged:

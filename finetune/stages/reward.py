@@ -21,7 +21,7 @@ from finetune.distributed.ranks import current
 from finetune.errors import DataError
 from finetune.recipe import Recipe, RewardOptions, reward_dimensions
 from finetune.run_dir import DATA_CARD_FILE, METRICS_FILE, REGISTER_FILE, StageContext, StageResult
-from finetune.training import build_training_args, fit, metrics_callback
+from finetune.training import build_training_args, fit, loss_summary, metrics_callback
 from reward.data import encode_response, slot_names, training_examples
 from reward.model import RewardModelCard, choose_pad_token, save_reward_model
 
@@ -213,7 +213,6 @@ def summarise(trained: TrainedRewardModel) -> dict[str, Any]:
         for row in history
         if any(k.startswith("eval_accuracy_") for k in row)
     ]
-    losses = [row["loss"] for row in history if "loss" in row]
     trainable, total = model_path.trainable_parameters(trainer.model)
     summary: dict[str, Any] = {"dimensions": trained.card.names, **trained.data.stats}
     if evals:
@@ -222,8 +221,7 @@ def summarise(trained: TrainedRewardModel) -> dict[str, Any]:
             eval_accuracy_before=evals[0],
             eval_accuracy_after=evals[-1],
         )
-    if losses:
-        summary.update(first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4))
+    summary.update(loss_summary(history, eval_loss=False))
     summary.update(
         trainable_parameters=trainable,
         total_parameters=total,
