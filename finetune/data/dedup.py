@@ -71,7 +71,7 @@ class NearIndex:
                 "near-duplicate detection (data.policy.dedup.near, or checks against evaluation sets) "
                 "needs datasketch: pip install 'wenmai[data]'"
             ) from None
-        from finetune.data.lsh import CompactLSH
+        from finetune.data.lsh import CompactLSH  # numpy arrays: loaded only where near-duplicate search runs
 
         self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm
         self._minhash = MinHash(num_perm=num_perm, seed=1, hashfunc=int)  # cleared and reused for every text
