@@ -14,10 +14,9 @@ from pathlib import Path
 
 from finetune import speed
 from finetune.checks import preflight as compatibility
-from finetune.checks.files import data_policy_problems
 from finetune.config_io import LoadedRecipe, load_run_recipe
 from finetune.config_io import load_recipe as load_recipe_file
-from finetune.data import load_records
+from finetune.data import load_records, policy_file_problems
 from finetune.distributed.ranks import Ranks, barrier, connect, is_main_process, main_only
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.lineage import write_lineage
@@ -31,7 +30,7 @@ from finetune.tracking import backend_env, check_backends, dashboard_env
 from finetune.training import stage_scope
 
 Log = Callable[[str], None]
-RECIPE_CHECKS = (data_policy_problems, stage_problems)  # what needs files or installed packages, beyond the schema
+RECIPE_CHECKS = (policy_file_problems, stage_problems)  # what needs files or installed packages, beyond the schema
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:

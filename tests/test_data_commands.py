@@ -51,6 +51,24 @@ def test_scrub_with_a_commercial_policy_and_dedup_from_a_recipe(tmp_path, cli, t
     assert "1 licence: CC-BY-NC-4.0 does not permit commercial use" in out and "2 exact" in out
 
 
+def test_a_policy_file_that_is_not_there_is_named_before_any_record_is_read(tmp_path, cli, tiny_model):
+    source = write_jsonl(tmp_path / "in.jsonl", messy_rows())
+    recipe = tmp_path / "policy.yaml"
+    recipe.write_text(
+        f"name: p\nmodel: {{path: {tiny_model}}}\ndata:\n  policy: {{topic_list: missing-topics.yaml}}\n"
+        f"  d: {{path: {source}, format: chat}}\nstages: [{{sft: {{dataset: d}}}}]\n"
+    )
+    code, _, err = cli("data", "check", recipe)
+    assert (
+        code == 2
+        and "data.policy.topic_list" in err
+        and "missing-topics.yaml not found" in err
+        and "policy.yaml:4" in err
+    )
+    code, _, err = cli("data", "scrub", source, tmp_path / "out.jsonl", "--recipe", recipe)
+    assert code == 2 and "data.policy.topic_list" in err and not (tmp_path / "out.jsonl").exists()
+
+
 def test_check_shows_counts_and_writes_nothing(tmp_path, cli):
     source = write_jsonl(tmp_path / "in.jsonl", messy_rows())
     code, out, err = cli("data", "check", source)

@@ -10,7 +10,18 @@ from finetune.data.card import write_stage_files
 from finetune.data.chat import IGNORE_INDEX, to_messages, tokenize_chat, tokenize_text
 from finetune.data.layer import LayerRecords, load_dataset
 from finetune.distributed.ranks import is_main_process
+from finetune.errors import Problem
 from finetune.recipe import Recipe
+
+
+def policy_file_problems(recipe: Recipe) -> list[Problem]:
+    """A problem at `data.policy.<key>` for each file the data policy names (topic list, name list, evaluation
+    sets to check against) that is not there; `wenmai validate` and `wenmai data` report them with the recipe's."""
+    return [
+        Problem(f"data.policy.{key}", f"{path} not found")
+        for key, path in recipe.data.policy_files()
+        if not Path(path).exists()
+    ]
 
 
 def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> LayerRecords:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config_io import load_recipe
+from finetune.data import policy_file_problems
 from finetune.data.card import DataCard, policy_summary, write_card, write_register
 from finetune.data.dedup import ReferenceIndex
 from finetune.data.layer import DatasetReport, RegisterEntry, reference_for, stream_dataset
@@ -75,7 +76,7 @@ def card(target: Path, out_dir: Path, fmt: str | None = None, recipe: Path | Non
 def targets(target: Path, fmt: str | None, recipe: Path | None) -> list[Target]:
     """A recipe's datasets (with its policy and eval sets), or one data file under a recipe's or the default policy."""
     if target.suffix.lower() in RECIPE_SUFFIXES:
-        loaded = load_recipe(target).recipe
+        loaded = load_recipe(target, checks=[policy_file_problems]).recipe
         scrubber = build_scrubber(loaded.data.policy.pii)
         return [
             Target(name, section, loaded.data.policy, scrubber, reference_for(loaded, name, scrubber))
@@ -83,7 +84,9 @@ def targets(target: Path, fmt: str | None, recipe: Path | None) -> list[Target]:
         ]
     if not target.is_file():
         raise DataError(f"{target}: no such file; give a data file (.jsonl, .json, .parquet, .csv) or a recipe (.yaml)")
-    policy = load_recipe(recipe).recipe.data.policy if recipe is not None else DataPolicy()
+    policy = (
+        load_recipe(recipe, checks=[policy_file_problems]).recipe.data.policy if recipe is not None else DataPolicy()
+    )
     section = DatasetSection(path=str(target), format=fmt or detect_format(target))
     return [Target(target.stem, section, policy, build_scrubber(policy.pii), None)]
 
