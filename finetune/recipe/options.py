@@ -104,9 +104,8 @@ class StageOptions(BaseModel):
 class TrainingOptions(StageOptions):
     """Training options shared by every trainer stage; one builder turns them into TRL arguments."""
 
-    supports_padding_free: ClassVar[bool] = (
-        False  # the stage's trainer can run padding-free batches (speed.padding_free)
-    )
+    # the stage's trainer can run padding-free batches (speed.padding_free)
+    supports_padding_free: ClassVar[bool] = False
 
     max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1 trains for `epochs`.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training set when `max_steps` is -1.")
