@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from finetune.errors import ConfigError, Problem
 from finetune.overrides import apply_override
-from finetune.recipe import Recipe
+from finetune.recipe import OPTIONS, Recipe, SpeedOptions
 from finetune.recipe import problems as recipe_problems
 from finetune.recipe.fields import field_at, model_at
 from finetune.run_dir import RunDir
@@ -107,7 +107,7 @@ def load_recipe(
 
 def load_resolved(text: str, path: Path) -> LoadedRecipe:
     """Validate an already-resolved recipe (the copy stored in a run folder)."""
-    data = yaml.safe_load(text)
+    data = _without_refused_speed_defaults(yaml.safe_load(text))
     problems: list[Problem] = []
     origins = {(): Origin("recipe", str(path), 1)}
     secret_paths = _expand_env(data, (), origins, problems)
@@ -120,6 +120,19 @@ def load_resolved(text: str, path: Path) -> LoadedRecipe:
             [_problem_from_pydantic(e, origins) for e in err.errors()], f"{path} is not a valid recipe"
         ) from None
     return LoadedRecipe(recipe, path, origins, secret_paths, yaml.safe_load(text))
+
+
+def _without_refused_speed_defaults(data: Any) -> Any:
+    """Run folders written before the schema moved `speed:` to the stages that run a speed plan list it, at its
+    defaults, under every trainer stage; those copies asked for nothing and are dropped so the runs still load."""
+    defaults = SpeedOptions().model_dump(mode="json")
+    stages = data.get("stages") if isinstance(data, dict) else None
+    for item in stages if isinstance(stages, list) else []:
+        for kind, options in item.items() if isinstance(item, dict) else []:
+            refuses = kind in OPTIONS and "speed" not in OPTIONS[kind].model_fields
+            if refuses and isinstance(options, dict) and options.get("speed") == defaults:
+                del options["speed"]
+    return data
 
 
 def load_run_recipe(run_dir: RunDir) -> LoadedRecipe:

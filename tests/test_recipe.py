@@ -170,3 +170,24 @@ def test_every_shipped_recipe_validates(recipe):
 def test_every_config_fragment_validates_inside_a_recipe(fragment, write_recipe, tiny_model, chat_file):
     text = f"include: [{fragment}]\n" + BASE.format(model=tiny_model, data=chat_file)
     load_recipe(write_recipe(text))
+
+
+def test_a_run_folder_written_when_every_trainer_stage_listed_speed_still_loads(tmp_path):
+    from finetune.config_io import load_resolved
+    from finetune.recipe import SpeedOptions
+
+    stored = load_recipe(ROOT / "recipes" / "quickstart-rlhf.yaml").to_yaml()  # a run folder's recipe.yaml
+    data = yaml.safe_load(stored)
+    rlhf = next(item["rlhf"] for item in data["stages"] if "rlhf" in item)
+    rlhf["speed"] = SpeedOptions().model_dump(mode="json")  # what the previous schema stored for every trainer stage
+    old = tmp_path / "recipe.yaml"
+    old.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    assert [c.kind for c in load_resolved(old.read_text(encoding="utf-8"), old).recipe.stage_configs()] == [
+        "sft",
+        "reward",
+        "rlhf",
+    ]
+    rlhf["speed"]["liger"] = True  # a speed section that asks for something is still refused
+    old.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"stages\[2\]\.rlhf\.speed: the rlhf stage does not run the speed options"):
+        load_resolved(old.read_text(encoding="utf-8"), old)
