@@ -19,7 +19,7 @@ from finetune.distributed import config as distributed_config
 from finetune.distributed.ranks import current
 from finetune.recipe import Recipe, TrainingOptions
 from finetune.run_dir import CHECKPOINTS_DIR
-from finetune.tracking import jsonl_callback, report_to
+from finetune.tracking import report_to
 
 # reentrant checkpointing is what PEFT + ZeRO-3 needs (TRL #2514) and works everywhere else
 DEFAULT_CHECKPOINTING_KWARGS = {"use_reentrant": True}
@@ -94,11 +94,6 @@ def fit(trainer: Any, resume_from: Path | None, final_eval_every: int | None = N
     if final_eval_every and trainer.state.global_step % final_eval_every:
         trainer.evaluate()
     return result
-
-
-def metrics_callback(path: Path, stage: str) -> Any:
-    """The callback that streams a stage's log rows to its metrics.jsonl."""
-    return jsonl_callback(path, stage)
 
 
 def loss_summary(log_history: list[dict], eval_loss: bool = True) -> dict:

@@ -83,13 +83,7 @@ def dataset_problems(recipe: Recipe, config: StageOptions, prefix: str) -> list[
 
 def used_datasets(recipe: Recipe) -> list[str]:
     """The datasets the stages read, in stage order, each once."""
-    names: list[str] = []
-    for config in recipe.stage_configs():
-        for field_name, _ in marked_fields(type(config), "dataset"):
-            value = getattr(config, field_name)
-            if value and value not in names:
-                names.append(value)
-    return names
+    return list(dict.fromkeys(name for config in recipe.stage_configs() for name in stage_datasets(config)))
 
 
 def stage_datasets(config: StageOptions) -> list[str]:

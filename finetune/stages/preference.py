@@ -36,7 +36,8 @@ from finetune.data.preference import prompt_key
 from finetune.errors import DataError, WenmaiError
 from finetune.recipe import DpoOptions, KtoOptions, PreferenceOptions, Recipe
 from finetune.run_dir import StageContext, StageResult
-from finetune.training import build_training_args, fit, loss_summary, metrics_callback
+from finetune.tracking import jsonl_callback
+from finetune.training import build_training_args, fit, loss_summary
 
 DEFAULT_EVAL_FRACTION = 0.1
 
@@ -85,7 +86,7 @@ def run(ctx: StageContext) -> StageResult:
         train_dataset=Dataset.from_list(data.train_rows),
         eval_dataset=Dataset.from_list(data.eval_rows) if data.eval_rows else None,
         processing_class=policy.tokenizer,
-        callbacks=[metrics_callback(ctx.metrics_path, config.stage_name)],
+        callbacks=[jsonl_callback(ctx.metrics_path, config.stage_name)],
     )
     drop_fresh_reference(trainer, policy)
     result = fit(trainer, ctx.resume_from, config.eval_steps if data.eval_rows else None)  # held-out margins at the end

@@ -21,7 +21,8 @@ from finetune.distributed.ranks import current
 from finetune.errors import DataError
 from finetune.recipe import Recipe, RewardOptions, reward_dimensions
 from finetune.run_dir import DATA_CARD_FILE, METRICS_FILE, REGISTER_FILE, StageContext, StageResult
-from finetune.training import build_training_args, fit, loss_summary, metrics_callback
+from finetune.tracking import jsonl_callback
+from finetune.training import build_training_args, fit, loss_summary
 from reward.data import encode_response, slot_names, training_examples
 from reward.model import RewardModelCard, choose_pad_token, save_reward_model
 
@@ -122,7 +123,7 @@ def train(ctx: StageContext) -> TrainedRewardModel:
         eval_dataset=Dataset.from_list(data.eval_rows) if data.eval_rows else None,
         processing_class=tokenizer,
         data_collator=PreferenceCollator(pad_token_id=tokenizer.pad_token_id),
-        callbacks=[metrics_callback(ctx.metrics_path, config.stage_name)],
+        callbacks=[jsonl_callback(ctx.metrics_path, config.stage_name)],
         slots=slot_names([d.name for d in dimensions]),
         weights=[d.weight for d in dimensions],
     )

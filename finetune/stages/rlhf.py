@@ -25,7 +25,8 @@ from finetune.data.preference import prompt_key, prompt_messages
 from finetune.errors import DataError, WenmaiError
 from finetune.recipe import Recipe, RlhfOptions
 from finetune.run_dir import StageContext, StageResult
-from finetune.training import build_training_args, fit, metrics_callback
+from finetune.tracking import jsonl_callback
+from finetune.training import build_training_args, fit
 from reward.rules import completion_text, read_banned_terms, rule_functions
 from reward.score import RewardScorer
 
@@ -67,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
         args=args,
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
         processing_class=policy.tokenizer,
-        callbacks=[metrics_callback(ctx.metrics_path, config.stage_name)],
+        callbacks=[jsonl_callback(ctx.metrics_path, config.stage_name)],
     )
     drop_fresh_reference(trainer, policy)
     result = fit(trainer, ctx.resume_from)

@@ -18,7 +18,8 @@ from finetune.data.template import template_contract
 from finetune.distributed.ranks import current
 from finetune.recipe import Recipe, SftOptions
 from finetune.run_dir import StageContext, StageResult
-from finetune.training import build_training_args, fit, loss_summary, metrics_callback
+from finetune.tracking import jsonl_callback
+from finetune.training import build_training_args, fit, loss_summary
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -41,7 +42,7 @@ def run(ctx: StageContext) -> StageResult:
         split = Dataset.from_list(train_rows).train_test_split(test_size=options.eval_fraction, seed=options.seed)
         train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
 
-    callback = metrics_callback(ctx.metrics_path, options.stage_name)
+    callback = jsonl_callback(ctx.metrics_path, options.stage_name)
     trainer, speed_plan = build_trainer(
         recipe, options, tokenizer, train_rows, eval_rows, ctx.stage_dir, ctx.run_dir.name, [callback]
     )
