@@ -191,3 +191,10 @@ def test_a_run_folder_written_when_every_trainer_stage_listed_speed_still_loads(
     old.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"stages\[2\]\.rlhf\.speed: the rlhf stage does not run the speed options"):
         load_resolved(old.read_text(encoding="utf-8"), old)
+
+
+def test_a_stage_holding_out_eval_data_two_ways_is_named_at_its_line(base_recipe):
+    path = base_recipe(sft="      eval_dataset: d\n      eval_fraction: 0.1\n")
+    [problem] = problems_of(path)
+    assert problem.startswith("stages[0].sft.eval_fraction: set either eval_dataset or eval_fraction, not both")
+    assert f"{path.name}:" in problem

@@ -213,6 +213,13 @@ class SpeedPlannedOptions(TrainingOptions):
         return super().check() + speed_conflicts(self, self.speed)
 
 
+def held_out_conflict(eval_dataset: str | None, eval_fraction: float | None) -> list[tuple[str, str]]:
+    """A stage holds out evaluation data one way: a dataset of its own, or a share of its training set."""
+    if eval_dataset and eval_fraction:
+        return [("eval_fraction", "set either eval_dataset or eval_fraction, not both")]
+    return []
+
+
 def checkpointing_mode(value: bool | str) -> str:
     """A `checkpointing` value as a mode name: false is off, true is full."""
     if isinstance(value, bool):

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from finetune.recipe.options import TrainingOptions, dataset_field, dimension_field, input_field
+from finetune.recipe.options import TrainingOptions, dataset_field, dimension_field, held_out_conflict, input_field
 
 PREFERENCE_FORMATS = ("pairs", "ratings", "tiers")
 
@@ -66,9 +66,7 @@ class PreferenceOptions(TrainingOptions):
         return self.seq_len
 
     def check(self) -> list[tuple[str, str]]:
-        if self.eval_dataset and self.eval_fraction:
-            return [("eval_fraction", "set either eval_dataset or eval_fraction, not both")]
-        return []
+        return held_out_conflict(self.eval_dataset, self.eval_fraction)
 
     def adapters_on_base(self) -> int:
         """The policy adapter, plus its frozen copy as the reference when the policy starts from an adapter."""

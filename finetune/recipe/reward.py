@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from finetune.recipe.options import SpeedPlannedOptions, dataset_field
+from finetune.recipe.options import SpeedPlannedOptions, dataset_field, held_out_conflict
 
 REWARD_FORMATS = ("pairs", "ratings", "tiers")
 
@@ -53,7 +53,4 @@ class RewardOptions(SpeedPlannedOptions):
         return self.seq_len
 
     def check(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.eval_dataset and self.eval_fraction:
-            problems.append(("eval_fraction", "set either eval_dataset or eval_fraction, not both"))
-        return problems + super().check()
+        return held_out_conflict(self.eval_dataset, self.eval_fraction) + super().check()

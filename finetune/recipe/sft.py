@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from finetune.recipe.options import SpeedPlannedOptions, dataset_field
+from finetune.recipe.options import SpeedPlannedOptions, dataset_field, held_out_conflict
 
 SFT_FORMATS = ("chat", "instruction", "text")
 
@@ -40,7 +40,4 @@ class SftOptions(SpeedPlannedOptions):
         return self.packing
 
     def check(self) -> list[tuple[str, str]]:
-        problems = []
-        if self.eval_dataset and self.eval_fraction:
-            problems.append(("eval_fraction", "set either eval_dataset or eval_fraction, not both"))
-        return problems + super().check()
+        return held_out_conflict(self.eval_dataset, self.eval_fraction) + super().check()
