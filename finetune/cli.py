@@ -34,6 +34,7 @@ from finetune.generate import ExportedModel
 from finetune.model_card import EXPLICIT_LABEL
 from finetune.post_run import export_stages, extend_run
 from finetune.recipe import OPTIONS, EvaluateOptions
+from finetune.recipe.review import DEFAULT_DB, ReviewCleaning
 from finetune.report import write_report
 from finetune.run_dir import RunDir, atomic_write_text
 from reward.score import score_file
@@ -422,6 +423,137 @@ def data_card(
 
     for path in data_commands.card(target, out_dir, format_, recipe):
         out.print(f"[green]wrote[/] {path}")
+
+
+review_app = typer.Typer(
+    help="The review store: sessions of model answers for curators to score, reviewer accounts, cleaned exports.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+DbOption = Annotated[
+    str, typer.Option("--db", help="Review store: a SQLite file, or a URL (postgresql+psycopg://user@host/db).")
+]
+
+
+@review_app.command("create")
+def review_create(
+    source: Annotated[
+        str, typer.Argument(help="What answers: a run folder, RUN_DIR/<stage>, an export or model folder.")
+    ],
+    prompts: Annotated[
+        Path, typer.Option(help="Prompts: an alignment suite (.yaml/.jsonl), CValues-style JSONL, or a .txt list.")
+    ],
+    name: Annotated[str, typer.Option(help="The new session's name.")],
+    db: DbOption = DEFAULT_DB,
+    against: Annotated[
+        str | None, typer.Option(help="A second model for A/B items (e.g. last round's export).")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe whose reward dimensions reviewers score (default: SOURCE's run).")
+    ] = None,
+    institution: Annotated[str, typer.Option(help="The institution whose session this is.")] = "",
+    licence: Annotated[str | None, typer.Option(help="Licence of what is reviewed (SPDX id or statement).")] = None,
+    rights_holder: Annotated[str | None, typer.Option(help="Who holds the rights to what is reviewed.")] = None,
+    reviewers_per_item: Annotated[int, typer.Option(min=1, help="K: reviewers each item is given to.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length bound (greedy decoding).")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per generation batch.")] = 8,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N prompts.")] = None,
+) -> None:
+    """Answer a prompt file with one model (or two, for A/B) and store the answers as a new review session."""
+    loaded = pipeline.load_recipe(recipe).recipe if recipe else None
+    session, items = _reviewing().create(
+        source, prompts, name, db, against, loaded, institution, licence, rights_holder,
+        reviewers_per_item, max_new_tokens, batch_size, limit, log=_log,
+    )  # fmt: skip
+    kind = "A/B pairs" if against else "answers"
+    out.print(f"[green]session {session.name!r}:[/] {len(items)} {kind} to review in {db}")
+
+
+@review_app.command("export")
+def review_export(
+    session: Annotated[str, typer.Option(help="The session to export.")],
+    to: Annotated[
+        Path, typer.Option(help="Folder for ratings.jsonl, pairs.jsonl, chat.jsonl and the cleaning report.")
+    ],
+    db: DbOption = DEFAULT_DB,
+    reward_run: Annotated[
+        str | None, typer.Option(help="A run whose reward model checks the experts: strong disagreements are listed.")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="Take the PII policy (data.policy.pii) from this recipe (default: built-in).")
+    ] = None,
+    calibrate: Annotated[bool, typer.Option(help="Correct each rater's offset and scale against consensus.")] = True,
+    max_spread: Annotated[float, typer.Option(help="Hold back items whose raters differ by more points.")] = 2.0,
+    drop_noisy_raters: Annotated[bool, typer.Option(help="Leave raters far from consensus out.")] = True,
+) -> None:
+    """Write a session's cleaned feedback as the ratings, pairs and chat records the stages read."""
+    options = ReviewCleaning(calibrate=calibrate, max_spread=max_spread, drop_noisy_raters=drop_noisy_raters)
+    pii = pipeline.load_recipe(recipe).recipe.data.policy.pii if recipe else None
+    done = _reviewing().export(db, session, to, options, reward_run, pii, log=_log)
+    for kind, count in done.counts.items():
+        out.print(f"{kind:8} {count:6} records" + (f"  {done.files[kind]}" if kind in done.files else ""))
+    out.print(
+        f"held back {done.held_back} items; noisy raters: {', '.join(done.noisy_raters) or 'none'}; "
+        f"teacher disagreements to look at: {done.disagreements}"
+    )
+    out.print(f"[green]cleaning report:[/] {done.folder / 'cleaning_report.md'}")
+
+
+def _reviewing():
+    """The review commands' module, loaded when one runs: the store needs the `review` extra (SQLAlchemy)."""
+    try:
+        from finetune import reviewing
+    except ModuleNotFoundError as err:
+        raise WenmaiError(
+            f"the review commands need the `review` extra ({err.name} is not installed): pip install 'wenmai[review]'"
+        ) from None
+    return reviewing
+
+
+user_app = typer.Typer(help="Reviewer accounts (pseudonyms; passwords stored as argon2 hashes).", no_args_is_help=True)
+review_app.add_typer(user_app, name="user")
+
+
+@user_app.command("add")
+def review_user_add(
+    pseudonym: Annotated[str, typer.Argument(help="The reviewer's pseudonym (no real names), e.g. curator-03.")],
+    db: DbOption = DEFAULT_DB,
+    admin: Annotated[bool, typer.Option(help="An administrator (sees progress and agreement, exports).")] = False,
+    password_env: Annotated[
+        str | None, typer.Option(help="Read the password from this environment variable (default: ask).")
+    ] = None,
+) -> None:
+    """Add a reviewer account."""
+    import os
+
+    if password_env is not None:
+        password = os.environ.get(password_env)
+        if not password:
+            raise WenmaiError(f"--password-env: the environment variable {password_env} is not set or empty")
+    else:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    reviewer = _reviewing().add_user(db, pseudonym, password, "admin" if admin else "reviewer")
+    out.print(f"[green]added {reviewer.role}[/] {reviewer.pseudonym}")
+
+
+@user_app.command("list")
+def review_user_list(db: DbOption = DEFAULT_DB) -> None:
+    """The reviewer accounts."""
+    reviewers = _reviewing().list_users(db)
+    table = Table("pseudonym", "role", "active", "since")
+    for r in reviewers:
+        table.add_row(r.pseudonym, r.role, "yes" if r.active else "no", r.created_at.strftime("%Y-%m-%d"))
+    out.print(table)
+
+
+@user_app.command("disable")
+def review_user_disable(
+    pseudonym: Annotated[str, typer.Argument(help="The reviewer to disable (their reviews stay).")],
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Disable a reviewer account; past reviews stay in the store."""
+    _reviewing().set_active(db, pseudonym, False)
+    out.print(f"[green]disabled[/] {pseudonym}")
 
 
 def main() -> None:

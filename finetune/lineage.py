@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 import finetune
 from finetune.model import resolve_source
-from finetune.recipe import Recipe, used_datasets
+from finetune.recipe import DatasetSection, Recipe, used_datasets
 from finetune.run_dir import RunDir, atomic_write_json, sha256_file, utc_now
 
 TRACKED_PACKAGES = (
@@ -84,11 +84,7 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
         git_commit=previous.get("git_commit") or _git_commit(),
         packages=previous.get("packages") or _package_versions(),
         model=previous.get("model") or _model_lineage(recipe),
-        data=previous.get("data")
-        or {
-            name: _file_lineage(Path(recipe.data[name].path), recipe.data[name].format)
-            for name in used_datasets(recipe)
-        },
+        data=previous.get("data") or {name: _dataset_lineage(recipe.data[name]) for name in used_datasets(recipe)},
         stages=stages,
     )
     atomic_write_json(run_dir.lineage_path, lineage.model_dump())
@@ -108,8 +104,11 @@ def _model_lineage(recipe: Recipe) -> dict:
     return info
 
 
-def _file_lineage(path: Path, fmt: str) -> dict:
-    return {"path": str(path), "format": fmt, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def _dataset_lineage(section: DatasetSection) -> dict:
+    if section.format == "review":  # the store changes as reviews arrive: the data card counts what was read
+        return {"review": section.location, "session": section.session, "format": section.record_format}
+    path = Path(section.path)
+    return {"path": str(path), "format": section.format, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _package_versions() -> dict[str, str]:

@@ -138,10 +138,10 @@ def build_probes(recipe: Any, tokenizer: Any, dataset: str | None, count: int) -
     if dataset is not None and count > 0:
         section = recipe.data[dataset]
         for i, record in enumerate(load_records(recipe, dataset).records[:count]):
-            if section.format == "text":
+            if section.record_format == "text":
                 texts.append((f"data:{dataset}#{i}", record["text"][:400]))
                 continue
-            messages = to_messages(record, section.format, section.system_prompt)
+            messages = to_messages(record, section.record_format, section.system_prompt)
             last_user = max(j for j, m in enumerate(messages) if m["role"] != "assistant")
             texts.append(
                 (f"data:{dataset}#{i}", render(tokenizer, messages[: last_user + 1], add_generation_prompt=True))
@@ -169,8 +169,9 @@ def probe_dataset(recipe: Any, wanted: str | None) -> str | None:
         if name is None and isinstance(getattr(config, "dataset", None), str) and config.dataset in recipe.data:
             name = config.dataset
     if name is None:
-        name = next((n for n, section in recipe.data.items() if section.format in ("chat", "instruction")), None)
-    return name if name is not None and Path(recipe.data[name].path).is_file() else None
+        name = next((n for n, section in recipe.data.items() if section.record_format in ("chat", "instruction")), None)
+    path = recipe.data[name].path if name is not None else None
+    return name if path is not None and Path(path).is_file() else None
 
 
 def trace(model: Any, probes: list[Probe], stop_ids: list[int], max_new_tokens: int) -> list[Trace]:

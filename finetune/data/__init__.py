@@ -54,10 +54,10 @@ def tokenize_records(
     section = recipe.data[name]
     rows, truncated, dropped, tokens, learned = [], 0, 0, 0, 0
     for record in track(records.records, description=f"tokenizing {name}", transient=True):
-        if section.format == "text":
+        if section.record_format == "text":
             row = tokenize_text(tokenizer, record["text"])
         else:
-            messages = to_messages(record, section.format, section.system_prompt)
+            messages = to_messages(record, section.record_format, section.system_prompt)
             row = tokenize_chat(tokenizer, messages, assistant_only=assistant_only)
         if len(row["input_ids"]) > seq_len:
             truncated += 1

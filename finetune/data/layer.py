@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from finetune.data.dedup import Deduplicator, NearIndex, ReferenceIndex
 from finetune.data.pii import Scrubber, build_scrubber
 from finetune.data.preference import PREFERENCE_MODELS, check_record_set, record_context
-from finetune.data.records import RecordSet, check_bad_records, iter_raw, iter_records
+from finetune.data.records import RecordSet, check_bad_records, iter_raw, iter_records, validated_records
 from finetune.data.topics import TopicList
 from finetune.errors import DataError
 from finetune.recipe.data_policy import METADATA_FIELDS, DataPolicy, RecordMetadata, record_metadata
@@ -119,7 +119,7 @@ def load_dataset(recipe: Recipe, name: str) -> LayerRecords:
             context=record_context(recipe, name),
         )
     ]
-    check_record_set(recipe.data[name].format, records, str(recipe.data[name].path))
+    check_record_set(recipe.data[name].record_format, records, recipe.data[name].location)
     return LayerRecords(records, skipped, report, register)
 
 
@@ -144,17 +144,19 @@ def stream_dataset(
     times, the same answer rated by several raters, and near-identical answers are its signal. It is still
     checked against evaluation text.
     """
-    report.path, report.format, report.pii_action = str(section.path), section.format, policy.pii.action
-    report.file_bytes = Path(section.path).stat().st_size if Path(section.path).is_file() else 0
+    fmt = section.record_format
+    report.path, report.format, report.pii_action = section.location, fmt, policy.pii.action
+    file = Path(section.path) if section.path is not None else None
+    report.file_bytes = file.stat().st_size if file is not None and file.is_file() else 0
     skipped = [] if skipped is None else skipped
     scrubber = scrubber or build_scrubber(policy.pii)
-    dedup = dedup and section.format not in PREFERENCE_MODELS
+    dedup = dedup and fmt not in PREFERENCE_MODELS
     deduplicator = Deduplicator(
         policy.dedup if dedup else policy.dedup.model_copy(update={"exact": False, "near": False}), reference
     )
     topics = TopicList.load(policy.topic_list)
-    with _progress(Path(section.path), name) as advance:
-        for where, record in islice(iter_records(section.path, section.format, skipped, context), section.max_records):
+    with _progress(file, name) as advance:
+        for where, record in islice(dataset_records(section, skipped, context, scrubber, report), section.max_records):
             advance()
             report.records_read += 1
             try:
@@ -168,11 +170,11 @@ def stream_dataset(
                 continue
             reason = policy.exclusion(meta)
             if reason is None:
-                reason = _scrub(record, section.format, scrubber, policy, meta, report)
+                reason = _scrub(record, fmt, scrubber, policy, meta, report)
             if reason is not None:
                 report.bump("excluded", reason)
                 continue
-            pieces = text_pieces(record, section.format)
+            pieces = text_pieces(record, fmt)
             duplicate = deduplicator.verdict(pieces)
             if duplicate is not None:
                 report.bump("duplicates", duplicate)
@@ -186,9 +188,41 @@ def stream_dataset(
                     register.append(_register_entry(record, where, name, meta, grade, hits))
             yield where, record
     report.bad_records = len(skipped)
-    check_bad_records(section.path, section.format, skipped, section.on_bad_record)
+    check_bad_records(section.location, fmt, skipped, section.on_bad_record)
     if report.kept == 0:
         raise DataError(_nothing_left(name, report))
+
+
+def dataset_records(
+    section: DatasetSection,
+    bad: list[tuple[str, str]],
+    context: dict | None,
+    scrubber: Scrubber | None = None,
+    report: DatasetReport | None = None,
+) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for each valid record of a dataset: its file's, or a review session's cleaned feedback.
+
+    A review session's items held back by cleaning and its noisy raters' scores are counted in `report.excluded`;
+    comments are scrubbed like the record text.
+    """
+    if section.format != "review":
+        yield from iter_records(section.path, section.format, bad, context)
+        return
+    try:  # the review store needs the `review` extra (SQLAlchemy): loaded only when a recipe reads a session
+        from finetune.review import records as review_records
+    except ModuleNotFoundError as err:
+        raise DataError(
+            f"dataset at {section.location}: reading a review session needs the `review` extra ({err.name} is not "
+            "installed): pip install 'wenmai[review]'"
+        ) from None
+
+    rows = review_records.read_session(
+        section.db, section.session, section.record_format, section.cleaning, _scrub_text(scrubber)
+    )
+    if report is not None:
+        for reason, count in rows.excluded.items():
+            report.bump("excluded", reason, count)
+    yield from validated_records(rows.records[section.record_format], section.record_format, bad, context)
 
 
 def text_pieces(record: dict, fmt: str) -> list[str]:
@@ -209,8 +243,8 @@ def reference_for(recipe: Recipe, name: str, scrubber: Scrubber | None) -> Refer
     index = ReferenceIndex(options.min_chars, near=near)
     for eval_name in eval_names:
         section = recipe.data[eval_name]
-        for _, record in iter_records(section.path, section.format, []):
-            index.add(_scrubbed(text_pieces(record, section.format), scrubber), f"dataset {eval_name}")
+        for _, record in dataset_records(section, [], None, scrubber):
+            index.add(_scrubbed(text_pieces(record, section.record_format), scrubber), f"dataset {eval_name}")
     for root in map(Path, options.check_against):
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EVAL_SUFFIXES) if root.is_dir() else [root]
         if not files:
@@ -328,6 +362,10 @@ def _nothing_left(name: str, report: DatasetReport) -> str:
     )
 
 
+def _scrub_text(scrubber: Scrubber | None):
+    return None if scrubber is None else (lambda text: scrubber.scrub(text)[0])
+
+
 def _scrubbed(texts: list[str], scrubber: Scrubber | None) -> list[str]:
     return [scrubber.scrub(t)[0] for t in texts] if scrubber is not None else texts
 
@@ -355,9 +393,9 @@ def _eval_rows(path: Path) -> Iterator[dict]:
 
 
 @contextmanager
-def _progress(path: Path, name: str) -> Iterator[Any]:
+def _progress(path: Path | None, name: str) -> Iterator[Any]:
     """A progress bar on stderr for large files (records; the total is the line count of a JSONL file)."""
-    size = path.stat().st_size if path.is_file() else 0
+    size = path.stat().st_size if path is not None and path.is_file() else 0
     if size < PROGRESS_MIN_BYTES:
         yield lambda: None
         return

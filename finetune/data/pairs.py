@@ -66,17 +66,19 @@ def load_pairs(recipe: Recipe, name: str, stage_dir: Path | None = None, on: str
             duplicates_removed=sum(report.duplicates.values()),
             pii_masked=sum(report.pii_found.values()) if report.pii_action == "mask" else 0,
         )
-    if section.format == "pairs":
+    if section.record_format == "pairs":
         pairs = pairs_from_records(records.records)
-    elif section.format == "ratings":
+    elif section.record_format == "ratings":
         dimensions = reward_dimensions(recipe)
-        pairs = ratings_to_pairs(records.records, dimensions, on=on, where=section.path)
+        pairs = ratings_to_pairs(records.records, dimensions, on=on, where=section.location)
         stats["ties_dropped"] = _tie_counts(records.records, [d.name for d in dimensions])
         stats["rater_agreement"] = rater_agreement(records.records, [d.name for d in dimensions])
-    elif section.format == "tiers":
+    elif section.record_format == "tiers":
         pairs = tiers_to_pairs(records.records, section.tier_order or [])
     else:
-        raise DataError(f"dataset {name!r} has format {section.format!r}; preference data is pairs, ratings or tiers")
+        raise DataError(
+            f"dataset {name!r} has format {section.record_format!r}; preference data is pairs, ratings or tiers"
+        )
     if on not in (None, TOTAL):
         kept = [p for p in pairs if p.dimension in (None, on)]
         stats["other_dimension_pairs_left_out"] = len(pairs) - len(kept)

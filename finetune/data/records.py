@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -91,8 +91,15 @@ def iter_records(
     path: str | Path, fmt: str, bad: list[tuple[str, str]], context: dict | None = None
 ) -> Iterator[tuple[str, dict]]:
     """Yield (file:line, record) for each valid record, streaming; bad ones are appended to `bad`."""
+    yield from validated_records(iter_raw(Path(path)), fmt, bad, context)
+
+
+def validated_records(
+    rows: Iterable[tuple[str, dict | Exception]], fmt: str, bad: list[tuple[str, str]], context: dict | None = None
+) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for each raw row that is a valid record of `fmt`; bad ones are appended to `bad`."""
     model = RECORD_MODELS[fmt]
-    for where, raw in iter_raw(Path(path)):
+    for where, raw in rows:
         if isinstance(raw, Exception):
             bad.append((where, str(raw)))
             continue

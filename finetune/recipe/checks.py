@@ -37,7 +37,7 @@ def problems(recipe: Recipe) -> list[Problem]:
         ]
     found += recipe.data.problems()
     for name, section in recipe.data.items():
-        if section.format == "tiers" and not section.tier_order:
+        if section.record_format == "tiers" and not section.tier_order:
             found.append(
                 Problem(
                     f"data.{name}.tier_order",
@@ -70,11 +70,11 @@ def dataset_problems(recipe: Recipe, config: StageOptions, prefix: str) -> list[
             found.append(
                 Problem(path, f"dataset {value!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})")
             )
-        elif recipe.data[value].format not in extra["dataset"]:
+        elif recipe.data[value].record_format not in extra["dataset"]:
             found.append(
                 Problem(
                     path,
-                    f"dataset {value!r} has format {recipe.data[value].format!r}; "
+                    f"dataset {value!r} has format {recipe.data[value].record_format!r}; "
                     f"a {config.kind} stage reads {' or '.join(extra['dataset'])}",
                 )
             )

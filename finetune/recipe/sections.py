@@ -7,6 +7,7 @@ One pydantic class per section, `extra="forbid"` everywhere. Field descriptions 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -14,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from finetune.errors import Problem
 from finetune.recipe.data_policy import DataPolicy, RecordMetadata
+from finetune.recipe.review import ReviewCleaning, ReviewRecords
 
 DATA_FORMATS = ("chat", "instruction", "text", "pairs", "ratings", "tiers")
+_PASSWORD = re.compile(r"://([^:/@]+):[^@]*@")
 DEFAULT_DIMENSION = "overall"  # the one reward dimension of a recipe without a `reward` section
 
 
@@ -69,19 +72,35 @@ class LoraSection(Section):
 
 
 class DatasetSection(Section):
-    """A named dataset file."""
+    """A named dataset: a file, or a session of the review store (`format: review`)."""
 
-    path: str = Field(
-        ...,
-        description="JSONL, JSON, Parquet or CSV file (relative to the recipe).",
+    path: str | None = Field(
+        None,
+        description="JSONL, JSON, Parquet or CSV file (relative to the recipe); not for `format: review`.",
         json_schema_extra={"is_path": True},
     )
-    format: Literal["chat", "instruction", "text", "pairs", "ratings", "tiers"] = Field(
+    format: Literal["chat", "instruction", "text", "pairs", "ratings", "tiers", "review"] = Field(
         ...,
         description="chat: `messages`; instruction: `instruction`/`input`/`output`; text: `text`; "
         "pairs: `prompt`/`chosen`/`rejected` (or hh-rlhf transcripts), optional `dimension`, `margin`; "
         "ratings: `prompt`/`response`/`scores` {dimension: 1..5}, optional `rater`; "
-        "tiers: `prompt` and `responses` [{response, tier}], tiers ranked by `tier_order`.",
+        "tiers: `prompt` and `responses` [{response, tier}], tiers ranked by `tier_order`; "
+        "review: the latest feedback of a review-store session (`db`, `session`, `records`), cleaned on read.",
+    )
+    db: str | None = Field(
+        None,
+        description="format review: the review store, a SQLite file (relative to the recipe) or a database URL "
+        "(postgresql+psycopg://...; put a password in `${env:VAR}`, never in the recipe).",
+        json_schema_extra={"is_path": True},
+    )
+    session: str | None = Field(None, description="format review: the review session's name.")
+    records: ReviewRecords | None = Field(
+        None,
+        description="format review: which records the session gives: ratings (expert 1-5 scores per dimension), "
+        "pairs (A/B choices), or chat (reviewers' corrected answers).",
+    )
+    cleaning: ReviewCleaning = Field(
+        default_factory=ReviewCleaning, description="format review: how the feedback is cleaned before it trains."
     )
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail", description="fail: stop at the first bad record; skip: drop bad records and report how many."
@@ -96,6 +115,38 @@ class DatasetSection(Section):
         description="Rights and provenance for records that do not carry their own: licence, source, "
         "rights_holder, sensitivity, topics, consent (a record's own fields win).",
     )
+
+    @model_validator(mode="after")
+    def _source(self) -> DatasetSection:
+        if self.format == "review":
+            missing = [key for key in ("db", "session", "records") if getattr(self, key) is None]
+            if missing:
+                raise ValueError(
+                    f"a review dataset needs {', '.join(missing)} (db: the review store, session: its name, "
+                    "records: ratings, pairs or chat)"
+                )
+            if self.path is not None:
+                raise ValueError("a review dataset reads `db` and `session`, not `path`; remove `path`")
+        else:
+            if self.path is None:
+                raise ValueError("a dataset needs `path` (JSONL, JSON, Parquet or CSV file)")
+            given = [key for key in ("db", "session", "records") if getattr(self, key) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} belong to `format: review` datasets; remove them")
+        return self
+
+    @property
+    def record_format(self) -> str:
+        """The format of the records this dataset gives (a review dataset gives ratings, pairs or chat)."""
+        return self.records if self.format == "review" and self.records else self.format
+
+    @property
+    def location(self) -> str:
+        """Where the records come from, for messages and data cards: the file, or the store and session."""
+        if self.format != "review":
+            return str(self.path)
+        shown = _PASSWORD.sub(r"://\1:***@", str(self.db))  # a password given in the URL is never shown
+        return f"{shown}#{self.session}"
 
 
 class DataSection(BaseModel):

@@ -189,8 +189,8 @@ def load_prompts(ctx: StageContext, tokenizer: Any) -> tuple[list[list[dict]], d
     records = load_records(recipe, config.dataset, ctx.stage_dir).records
     prompts: dict[str, list[dict]] = {}
     for record in records:
-        if section.format in ("chat", "instruction"):
-            messages = to_messages(record, section.format, section.system_prompt)
+        if section.record_format in ("chat", "instruction"):
+            messages = to_messages(record, section.record_format, section.system_prompt)
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             messages = messages[:last]
         else:

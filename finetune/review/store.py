@@ -1,0 +1,417 @@
+"""The review store: a SQLite file by default (WAL, one writer at a time, readers never blocked), PostgreSQL by
+URL for a team. Opening it brings its tables up to date with Alembic. Every write is checked before it is
+stored (a score of 7, an unknown dimension or item is an error naming the field, and nothing is written), and
+nothing is overwritten: editing a review stores its next version; exports read each reviewer's latest.
+
+    store = ReviewStore.open("review.db")            # or "postgresql+psycopg://user@host/db"
+    store.create_session(SessionSettings(name="bronzes-r1", dimensions=[...]))
+    [item] = store.add_items("bronzes-r1", [NewItem(prompt="...", answers=[NewAnswer(text="...", model="...")])])
+    store.add_reviewer("r1")
+    store.submit_review(item.id, "r1", ReviewInput(scores={"A": {"accuracy": 4}}))
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm import sessionmaker
+
+from finetune.errors import WenmaiError
+from finetune.recipe.review import DEFAULT_DB
+from finetune.review.schema import (
+    ANSWER_LABELS,
+    Answer,
+    Item,
+    NewItem,
+    Review,
+    Reviewer,
+    ReviewInput,
+    Role,
+    Session,
+    SessionSettings,
+)
+from finetune.review.tables import AnswerRow, ItemRow, ReviewerRow, ReviewRow, ScoreRow, SessionRow
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+RETRIES = 8  # a concurrent edit of the same review took the version number: take the next one
+# Alembic keeps the running migration in module globals (alembic.context, alembic.op): two threads opening a
+# store at once would run on each other's. PostgreSQL: one more lock, so two processes don't both create tables.
+MIGRATING = threading.Lock()
+MIGRATION_LOCK_ID = 0x77656E6D6169  # "wenmai", the key of PostgreSQL's advisory lock
+
+
+class ReviewError(WenmaiError):
+    """A write the store refuses (bad score, unknown dimension, item or reviewer); nothing was stored."""
+
+
+def database_url(db: str | Path) -> str:
+    """A SQLAlchemy URL from `--db`: a URL as given, or a file path for the embedded SQLite store."""
+    text = str(db)
+    if "://" in text:
+        return text
+    return f"sqlite:///{Path(text).expanduser().resolve()}"
+
+
+def shown_url(url: str) -> str:
+    """The URL with its password hidden, for messages and lineage."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+class ReviewStore:
+    """Sessions, items, reviewers and versioned reviews in one database."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.url = shown_url(str(engine.url.render_as_string(hide_password=False)))
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, db: str | Path = DEFAULT_DB, must_exist: bool = False) -> ReviewStore:
+        """Open (and migrate) the store at `db`; a database that cannot be reached is a one-line error."""
+        url = database_url(db)
+        if must_exist and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+            raise WenmaiError(f"--db: no review database at {url.removeprefix('sqlite:///')}; create one first")
+        try:
+            engine = _engine(url)
+            _migrate(engine)
+        except ArgumentError as err:
+            raise WenmaiError(
+                f"--db: {shown_url(url)!r} is not a database URL ({err}); give a file path or "
+                "postgresql+psycopg://user:password@host:port/database"
+            ) from None
+        except (OperationalError, ModuleNotFoundError) as err:
+            reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+            raise WenmaiError(f"cannot open the review database {shown_url(url)}: {reason}") from None
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def transaction(self) -> Iterator[OrmSession]:
+        """One transaction: committed when the block ends, rolled back (nothing stored) when it raises."""
+        with self._sessions.begin() as db:
+            yield db
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def create_session(self, settings: SessionSettings, items: list[NewItem] = ()) -> Session:
+        """A new review session (its name must be new) and its first items, in one transaction."""
+        with self.transaction() as db:
+            if db.scalar(select(SessionRow.id).where(SessionRow.name == settings.name)) is not None:
+                raise ReviewError(f"a review session named {settings.name!r} exists; choose another --name")
+            row = SessionRow(**settings.model_dump(exclude={"dimensions"}), dimensions=_dimensions(settings))
+            db.add(row)
+            db.flush()
+            self._add_items(db, row, items)
+            return _session(row)
+
+    def has_session(self, name: str) -> bool:
+        with self.transaction() as db:
+            return db.scalar(select(SessionRow.id).where(SessionRow.name == name)) is not None
+
+    def session(self, name: str) -> Session:
+        """The session called `name`."""
+        with self.transaction() as db:
+            return _session(self._session_row(db, name))
+
+    def sessions(self) -> list[Session]:
+        with self.transaction() as db:
+            return [_session(row) for row in db.scalars(select(SessionRow).order_by(SessionRow.id))]
+
+    # --- items ----------------------------------------------------------------------------
+
+    def add_items(self, session: str, items: list[NewItem]) -> list[Item]:
+        """Store prompts with their answers (labelled A, B) in `session`, all or none."""
+        with self.transaction() as db:
+            return self._add_items(db, self._session_row(db, session), items)
+
+    def items(self, session: str) -> list[Item]:
+        """Every item of `session`, in the order they were added."""
+        with self.transaction() as db:
+            row = self._session_row(db, session)
+            found = db.scalars(select(ItemRow).where(ItemRow.session_id == row.id).order_by(ItemRow.id))
+            return [_item(r, session) for r in found]
+
+    def item(self, item_id: int) -> Item:
+        with self.transaction() as db:
+            row = self._item_row(db, item_id)
+            return _item(row, row.session.name)
+
+    # --- reviewers ------------------------------------------------------------------------
+
+    def add_reviewer(self, pseudonym: str, role: Role = "reviewer", password_hash: str | None = None) -> Reviewer:
+        """A reviewer account under a pseudonym (no real names are stored)."""
+        pseudonym = pseudonym.strip()
+        if not pseudonym:
+            raise ReviewError("a reviewer needs a pseudonym (e.g. curator-03)")
+        with self.transaction() as db:
+            if db.scalar(select(ReviewerRow.id).where(ReviewerRow.pseudonym == pseudonym)) is not None:
+                raise ReviewError(f"reviewer {pseudonym!r} exists")
+            row = ReviewerRow(pseudonym=pseudonym, role=role, password_hash=password_hash, active=True)
+            db.add(row)
+            db.flush()
+            return _reviewer(row)
+
+    def reviewers(self) -> list[Reviewer]:
+        with self.transaction() as db:
+            return [_reviewer(r) for r in db.scalars(select(ReviewerRow).order_by(ReviewerRow.pseudonym))]
+
+    def set_active(self, pseudonym: str, active: bool) -> Reviewer:
+        """Enable or disable an account; a disabled reviewer's past reviews stay."""
+        with self.transaction() as db:
+            row = self._reviewer_row(db, pseudonym)
+            row.active = active
+            return _reviewer(row)
+
+    def password_hash(self, pseudonym: str) -> str | None:
+        with self.transaction() as db:
+            return self._reviewer_row(db, pseudonym).password_hash
+
+    # --- reviews --------------------------------------------------------------------------
+
+    def submit_review(self, item_id: int, reviewer: str, review: ReviewInput) -> Review:
+        """Store `reviewer`'s judgement of an item as that reviewer's next version; checked first, all or nothing."""
+        for attempt in range(RETRIES):
+            try:
+                with self.transaction() as db:
+                    item = self._item_row(db, item_id)
+                    who = self._reviewer_row(db, reviewer)
+                    if not who.active:
+                        raise ReviewError(f"reviewer {reviewer!r} is disabled; enable the account to review")
+                    _check_review(review, item, item.session)
+                    latest = db.scalar(
+                        select(func.max(ReviewRow.version)).where(
+                            ReviewRow.item_id == item_id, ReviewRow.reviewer_id == who.id
+                        )
+                    )
+                    row = ReviewRow(
+                        item_id=item_id,
+                        reviewer_id=who.id,
+                        version=(latest or 0) + 1,
+                        **review.model_dump(exclude={"scores"}),
+                        scores=[
+                            ScoreRow(answer=answer, dimension=dim, value=value)
+                            for answer, scores in review.scores.items()
+                            for dim, value in scores.items()
+                        ],
+                    )
+                    db.add(row)
+                    db.flush()
+                    return _review(row)
+            except IntegrityError:
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def latest_reviews(self, session: str) -> list[Review]:
+        """Each reviewer's latest version of each item's review in `session`."""
+        with self.transaction() as db:
+            row = self._session_row(db, session)
+            newest = (
+                select(ReviewRow.item_id, ReviewRow.reviewer_id, func.max(ReviewRow.version).label("version"))
+                .join(ItemRow, ItemRow.id == ReviewRow.item_id)
+                .where(ItemRow.session_id == row.id)
+                .group_by(ReviewRow.item_id, ReviewRow.reviewer_id)
+                .subquery()
+            )
+            found = db.scalars(
+                select(ReviewRow)
+                .join(
+                    newest,
+                    (ReviewRow.item_id == newest.c.item_id)
+                    & (ReviewRow.reviewer_id == newest.c.reviewer_id)
+                    & (ReviewRow.version == newest.c.version),
+                )
+                .order_by(ReviewRow.item_id, ReviewRow.id)
+            )
+            return [_review(r) for r in found]
+
+    def history(self, item_id: int, reviewer: str) -> list[Review]:
+        """Every version of one reviewer's review of one item, oldest first."""
+        with self.transaction() as db:
+            who = self._reviewer_row(db, reviewer)
+            found = db.scalars(
+                select(ReviewRow)
+                .where(ReviewRow.item_id == item_id, ReviewRow.reviewer_id == who.id)
+                .order_by(ReviewRow.version)
+            )
+            return [_review(r) for r in found]
+
+    def count_reviews(self, session: str | None = None) -> int:
+        """Stored review versions (all of them), in one session or the whole store."""
+        with self.transaction() as db:
+            query = select(func.count(ReviewRow.id))
+            if session is not None:
+                query = query.join(ItemRow, ItemRow.id == ReviewRow.item_id).where(
+                    ItemRow.session_id == self._session_row(db, session).id
+                )
+            return int(db.scalar(query) or 0)
+
+    def _add_items(self, db: OrmSession, session: SessionRow, items: list[NewItem]) -> list[Item]:
+        keys = [item.key for item in items if item.key is not None]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ReviewError(f"prompt id {repeated[0]!r} appears twice; each prompt needs its own id")
+        rows = []
+        for item in items:
+            answers = [
+                AnswerRow(label=label, **answer.model_dump())
+                for label, answer in zip(ANSWER_LABELS, item.answers, strict=False)
+            ]
+            rows.append(ItemRow(session_id=session.id, **item.model_dump(exclude={"answers"}), answers=answers))
+        db.add_all(rows)
+        try:
+            db.flush()
+        except IntegrityError:
+            raise ReviewError(f"session {session.name!r} already has an item with one of these prompt ids") from None
+        return [_item(r, session.name) for r in rows]
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def _session_row(self, db: OrmSession, name: str) -> SessionRow:
+        row = db.scalar(select(SessionRow).where(SessionRow.name == name))
+        if row is None:
+            known = ", ".join(db.scalars(select(SessionRow.name).order_by(SessionRow.id))) or "none yet"
+            raise ReviewError(f"no review session named {name!r} in {self.url} (sessions: {known})")
+        return row
+
+    def _item_row(self, db: OrmSession, item_id: int) -> ItemRow:
+        row = db.get(ItemRow, item_id)
+        if row is None:
+            raise ReviewError(f"no item {item_id} in the review store {self.url}")
+        return row
+
+    def _reviewer_row(self, db: OrmSession, pseudonym: str) -> ReviewerRow:
+        row = db.scalar(select(ReviewerRow).where(ReviewerRow.pseudonym == pseudonym))
+        if row is None:
+            raise ReviewError(f"no reviewer {pseudonym!r}; add one with `wenmai review user add {pseudonym}`")
+        return row
+
+
+def _engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True, connect_args=_connect_timeout(url))
+    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_settings(connection, _record) -> None:
+        connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below), not the driver
+        cursor = connection.cursor()
+        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=60000", "synchronous=NORMAL"):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _write_lock_first(connection) -> None:
+        # Take the write lock when the transaction starts: two writers that both read then write would
+        # otherwise deadlock on the upgrade from a read lock, and SQLite would fail one at once.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _connect_timeout(url: str) -> dict:
+    return {"connect_timeout": 10} if make_url(url).get_backend_name() == "postgresql" else {}
+
+
+def _migrate(engine: Engine) -> None:
+    """Bring the tables to the newest revision (Alembic); a no-op when they are there already."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with MIGRATING, engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def _check_review(review: ReviewInput, item: ItemRow, session: SessionRow) -> None:
+    labels = [a.label for a in item.answers]
+    names = [d["name"] for d in session.dimensions]
+    for answer, scores in review.scores.items():
+        if answer not in labels:
+            raise ReviewError(
+                f"scores.{answer}: item {item.id} has answer{'s' if len(labels) > 1 else ''} "
+                f"{', '.join(labels)}; score those"
+            )
+        for dim, value in scores.items():
+            if dim not in names:
+                raise ReviewError(
+                    f"scores.{answer}.{dim}: unknown dimension; session {session.name!r} scores {', '.join(names)}"
+                )
+            if isinstance(value, bool) or not 1 <= value <= 5:
+                raise ReviewError(f"scores.{answer}.{dim}: {value} is outside 1..5 (1 = worst, 5 = best)")
+    if review.choice is not None and len(labels) < 2:
+        raise ReviewError(f"choice: item {item.id} has one answer; A/B/tie needs two")
+    if not review.scores and review.choice is None and not review.corrected_answer and not review.flags:
+        raise ReviewError("an empty review: give scores, a choice, a corrected answer or a flag")
+
+
+def _dimensions(settings: SessionSettings) -> list[dict]:
+    return [d.model_dump() for d in settings.dimensions]
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands times back without their zone; the store writes UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _session(row: SessionRow) -> Session:
+    fields = {c: getattr(row, c) for c in Session.model_fields if c not in ("dimensions", "created_at")}
+    return Session.model_validate(fields | {"dimensions": row.dimensions, "created_at": _aware(row.created_at)})
+
+
+def _item(row: ItemRow, session: str) -> Item:
+    answers = [
+        Answer(label=a.label, text=a.text, model=a.model, adapter=a.adapter, generation=a.generation or {})
+        for a in row.answers
+    ]
+    return Item(
+        id=row.id,
+        session=session,
+        key=row.key,
+        prompt=row.prompt,
+        system=row.system,
+        answers=answers,
+        meta=row.meta or {},
+        created_at=_aware(row.created_at),
+    )
+
+
+def _reviewer(row: ReviewerRow) -> Reviewer:
+    return Reviewer(pseudonym=row.pseudonym, role=row.role, active=row.active, created_at=_aware(row.created_at))
+
+
+def _review(row: ReviewRow) -> Review:
+    scores: dict[str, dict[str, int]] = {}
+    for score in row.scores:
+        scores.setdefault(score.answer, {})[score.dimension] = score.value
+    return Review(
+        id=row.id,
+        item_id=row.item_id,
+        reviewer=row.reviewer.pseudonym,
+        version=row.version,
+        created_at=_aware(row.created_at),
+        scores=scores,
+        choice=row.choice,
+        corrected_answer=row.corrected_answer,
+        flags=list(row.flags or []),
+        comment=row.comment,
+    )
