@@ -156,6 +156,7 @@ def export(
                 files[kind] = folder / f"{kind}.jsonl"
         report = found.cleaning.model_dump(mode="json") | {"session": session, "records": counts}
         report["excluded"] = found.excluded
+        report["teacher"] = reward_run
         (tmp / "cleaning_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         markdown = render_markdown(found.cleaning, f"Cleaning report: review session {session}")
         (tmp / "cleaning_report.md").write_text(markdown, encoding="utf-8")

@@ -194,6 +194,12 @@ def test_reward_and_dpo_stages_train_on_a_review_session(wide_model, tmp_path, w
     lineage = json.loads(run.lineage_path.read_text(encoding="utf-8"))
     assert lineage["data"]["pairs"]["session"] == "bronzes-r1"
 
+    # the run's reward model as the teacher: its disagreements are listed, and nothing is dropped for them
+    done = reviewing.export(db, "bronzes-r1", tmp_path / "out", reward_run=str(run.root), log=lambda _: None)
+    report = json.loads((tmp_path / "out" / "cleaning_report.json").read_text(encoding="utf-8"))
+    assert report["teacher"] == str(run.root) and done.counts["pairs"] == 16
+    assert {d["dimension"] for d in report["disagreements"]} <= {"accuracy", "safety"}
+
 
 def test_a_review_dataset_needs_its_store_and_session(tmp_path, write_recipe, tiny_model):
     with pytest.raises(ConfigError) as err:

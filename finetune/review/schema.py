@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from finetune.recipe.review import FLAGS, Flag
 
@@ -94,7 +94,7 @@ class Reviewer(_Model):
 class ReviewInput(_Model):
     """A reviewer's judgement of one item: scores 1-5 per answer and dimension, A/B/tie, a correction, flags."""
 
-    scores: dict[str, dict[str, int]] = Field(
+    scores: dict[str, dict[str, StrictInt]] = Field(
         default_factory=dict, description="{answer label: {dimension: 1..5}}; e.g. {'A': {'accuracy': 4}}."
     )
     choice: Choice | None = None

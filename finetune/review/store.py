@@ -1,4 +1,4 @@
-"""The review store: a SQLite file by default (WAL, one writer at a time, readers never blocked), PostgreSQL by
+"""The review store: a SQLite file by default (WAL; transactions take turns, each a few milliseconds), PostgreSQL by
 URL for a team. Opening it brings its tables up to date with Alembic. Every write is checked before it is
 stored (a score of 7, an unknown dimension or item is an error naming the field, and nothing is written), and
 nothing is overwritten: editing a review stores its next version; exports read each reviewer's latest.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, event, func, select
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
@@ -91,7 +91,7 @@ class ReviewStore:
                 f"--db: {shown_url(url)!r} is not a database URL ({err}); give a file path or "
                 "postgresql+psycopg://user:password@host:port/database"
             ) from None
-        except (OperationalError, ModuleNotFoundError) as err:
+        except (DatabaseError, ModuleNotFoundError) as err:  # unreachable, refused, or not a database
             reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
             raise WenmaiError(f"cannot open the review database {shown_url(url)}: {reason}") from None
         return cls(engine)
@@ -114,7 +114,10 @@ class ReviewStore:
                 raise ReviewError(f"a review session named {settings.name!r} exists; choose another --name")
             row = SessionRow(**settings.model_dump(exclude={"dimensions"}), dimensions=_dimensions(settings))
             db.add(row)
-            db.flush()
+            try:
+                db.flush()
+            except IntegrityError:  # created by someone else in the same moment
+                raise ReviewError(f"a review session named {settings.name!r} exists; choose another --name") from None
             self._add_items(db, row, items)
             return _session(row)
 
@@ -162,7 +165,10 @@ class ReviewStore:
                 raise ReviewError(f"reviewer {pseudonym!r} exists")
             row = ReviewerRow(pseudonym=pseudonym, role=role, password_hash=password_hash, active=True)
             db.add(row)
-            db.flush()
+            try:
+                db.flush()
+            except IntegrityError:  # added by someone else in the same moment
+                raise ReviewError(f"reviewer {pseudonym!r} exists") from None
             return _reviewer(row)
 
     def reviewers(self) -> list[Reviewer]:
@@ -188,7 +194,7 @@ class ReviewStore:
             try:
                 with self.transaction() as db:
                     item = self._item_row(db, item_id)
-                    who = self._reviewer_row(db, reviewer)
+                    who = self._reviewer_row(db, reviewer, lock=True)  # one reviewer's versions are taken in turn
                     if not who.active:
                         raise ReviewError(f"reviewer {reviewer!r} is disabled; enable the account to review")
                     _check_review(review, item, item.session)
@@ -295,8 +301,9 @@ class ReviewStore:
             raise ReviewError(f"no item {item_id} in the review store {self.url}")
         return row
 
-    def _reviewer_row(self, db: OrmSession, pseudonym: str) -> ReviewerRow:
-        row = db.scalar(select(ReviewerRow).where(ReviewerRow.pseudonym == pseudonym))
+    def _reviewer_row(self, db: OrmSession, pseudonym: str, lock: bool = False) -> ReviewerRow:
+        query = select(ReviewerRow).where(ReviewerRow.pseudonym == pseudonym)
+        row = db.scalar(query.with_for_update() if lock else query)
         if row is None:
             raise ReviewError(f"no reviewer {pseudonym!r}; add one with `wenmai review user add {pseudonym}`")
         return row
