@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -485,9 +486,27 @@ def review_export(
     calibrate: Annotated[bool, typer.Option(help="Correct each rater's offset and scale against consensus.")] = True,
     max_spread: Annotated[float, typer.Option(help="Hold back items whose raters differ by more points.")] = 2.0,
     drop_noisy_raters: Annotated[bool, typer.Option(help="Leave raters far from consensus out.")] = True,
+    max_rater_deviation: Annotated[
+        float, typer.Option(help="A rater this many points from the others' median on average is listed.")
+    ] = 1.0,
+    min_reviews: Annotated[int, typer.Option(min=1, help="Hold back items with fewer reviews.")] = 1,
+    teacher_gap: Annotated[
+        float, typer.Option(help="With --reward-run: list items where teacher and experts differ by more SDs.")
+    ] = 1.5,
 ) -> None:
     """Write a session's cleaned feedback as the ratings, pairs and chat records the stages read."""
-    options = ReviewCleaning(calibrate=calibrate, max_spread=max_spread, drop_noisy_raters=drop_noisy_raters)
+    try:
+        options = ReviewCleaning(
+            calibrate=calibrate,
+            max_spread=max_spread,
+            drop_noisy_raters=drop_noisy_raters,
+            max_rater_deviation=max_rater_deviation,
+            min_reviews=min_reviews,
+            teacher_gap=teacher_gap,
+        )
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise WenmaiError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
     pii = pipeline.load_recipe(recipe).recipe.data.policy.pii if recipe else None
     done = _reviewing().export(db, session, to, options, reward_run, pii, log=_log)
     for kind, count in done.counts.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.data.pii import build_scrubber
+from finetune.data.template import CONTRACT_FILE, read_contract, verify_contract
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.evaluation import lm
 from finetune.evaluation.suite import load_suite
@@ -196,15 +197,18 @@ def _answer_all(target: Target, prompts: list[Prompt], max_new_tokens: int, batc
     """SOURCE's greedy answer to every prompt, rendered with the model's own chat template."""
     log(f"loading {target.label}")
     model, tokenizer = load(target)
+    stop_ids = _verified_stop_ids(target, tokenizer)
     chats = [
         ([{"role": "system", "content": p.system}] if p.system else []) + [{"role": "user", "content": p.text}]
         for p in prompts
     ]
     rendered = [lm.render_prompt(tokenizer, chat) for chat in chats]
-    replies = lm.generate(model, tokenizer, rendered, max_new_tokens, batch_size, desc=f"answers: {target.label}")
+    replies = lm.generate(
+        model, tokenizer, rendered, max_new_tokens, batch_size, desc=f"answers: {target.label}", stop_ids=stop_ids
+    )
     del model
     gc.collect()
-    generation = {"max_new_tokens": max_new_tokens, "do_sample": False, "stop_token_ids": lm.stop_token_ids(tokenizer)}
+    generation = {"max_new_tokens": max_new_tokens, "do_sample": False, "stop_token_ids": stop_ids}
     empty = [p.key for p, reply in zip(prompts, replies, strict=True) if not reply.strip()]
     if empty:
         log(f"warning: {target.label} gave an empty answer to {len(empty)} prompt(s) (first: {empty[0]})")
@@ -214,6 +218,20 @@ def _answer_all(target: Target, prompts: list[Prompt], max_new_tokens: int, batc
         NewAnswer(text=reply or "(empty answer)", model=str(model_name), adapter=adapter, generation=generation)
         for reply in replies
     ]
+
+
+def _verified_stop_ids(target: Target, tokenizer) -> list[int]:
+    """The stop ids training recorded, after checking the tokenizer against that template contract (when one is
+    there: a stage folder or an export has it; a plain model folder has not)."""
+    folders = [Path(target.section.path)]
+    if target.tokenizer_dir is not None:
+        folders = [target.tokenizer_dir.parent, target.tokenizer_dir, *folders]
+    for folder in folders:
+        if (folder / CONTRACT_FILE).is_file():
+            contract = read_contract(folder)
+            verify_contract(tokenizer, contract, f"review create from {target.label}")
+            return list(contract["stop_token_ids"])
+    return lm.stop_token_ids(tokenizer)
 
 
 def _dimensions(recipe: Recipe | None, source: str) -> list[Dimension]:

@@ -158,6 +158,9 @@ def test_an_export_to_an_unknown_session_names_the_sessions_and_writes_nothing(s
     code, _, err = cli("review", "export", "--db", tmp_path / "review.db", "--session", "nope", "--to", tmp_path / "o")
     assert code == 2 and "no review session named 'nope'" in err and "bronzes-r1" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+    code, _, err = cli("review", "export", "--db", tmp_path / "review.db", "--session", "bronzes-r1",
+                       "--to", tmp_path / "o", "--max-spread", "-1")  # fmt: skip
+    assert code == 2 and "--max-spread" in err and "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +202,14 @@ def test_reward_and_dpo_stages_train_on_a_review_session(wide_model, tmp_path, w
     report = json.loads((tmp_path / "out" / "cleaning_report.json").read_text(encoding="utf-8"))
     assert report["teacher"] == str(run.root) and done.counts["pairs"] == 16
     assert {d["dimension"] for d in report["disagreements"]} <= {"accuracy", "safety"}
+
+    # a new session answered by the dpo stage: its tokenizer checked against the stage's template contract
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Tell me about bronze 99.\n", encoding="utf-8")
+    _, [item] = reviewing.create(str(run.root / "dpo"), prompts, "from-dpo", db, max_new_tokens=3, log=lambda _: None)
+    contract = json.loads((run.root / "dpo" / "template.json").read_text(encoding="utf-8"))
+    assert item.answers[0].generation["stop_token_ids"] == contract["stop_token_ids"]
+    assert item.answers[0].adapter.endswith("adapter")
 
 
 def test_a_review_dataset_needs_its_store_and_session(tmp_path, write_recipe, tiny_model):

@@ -419,3 +419,17 @@ def test_concurrent_writers_lose_no_review_and_number_versions_without_gaps(db):
         assert [r.version for r in newest] == [RACERS * EDITS_EACH]
     finally:
         setup.close()
+
+
+def test_the_migrations_create_exactly_the_tables_the_models_declare(tmp_path):
+    """Editing tables.py without a new Alembic revision fails here."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from finetune.review.tables import Base
+
+    store = ReviewStore.open(tmp_path / "m.db")
+    with store.engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    store.close()
+    assert differences == []

@@ -136,15 +136,17 @@ def generate(
     batch_size: int = 8,
     max_length: int = 2048,
     desc: str = "",
+    stop_ids: list[int] | None = None,
 ) -> list[str]:
-    """Greedy replies (no sampling: the same checkpoint always gives the same answer)."""
+    """Greedy replies (no sampling: the same checkpoint always gives the same answer); `stop_ids` default to the
+    tokenizer's end-of-turn ids."""
     import torch
     from transformers import GenerationConfig
 
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=stop_token_ids(tokenizer),
+        eos_token_id=stop_ids or stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
     keep = max(1, max_length - max_new_tokens)

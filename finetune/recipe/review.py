@@ -41,8 +41,8 @@ class ReviewCleaning(BaseModel):
     min_reviews: int = Field(1, ge=1, description="Hold back an item with fewer reviews than this.")
     hold_flags: list[Flag] = Field(
         default_factory=lambda: ["sensitive", "rights_problem"],
-        description="Flags that hold an item back for a curator's decision (factual_error only keeps the "
-        "flagged answer from being `chosen`).",
+        description="Flags that hold an item back for a curator's decision. Without it here, factual_error still "
+        "stops a pair whose preferred answer a reviewer flagged (the better of two wrong answers teaches nothing).",
     )
     teacher_gap: float = Field(
         1.5,
