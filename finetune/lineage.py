@@ -106,7 +106,12 @@ def _model_lineage(recipe: Recipe) -> dict:
 
 def _dataset_lineage(section: DatasetSection) -> dict:
     if section.format == "review":  # the store changes as reviews arrive: the data card counts what was read
-        return {"review": section.location, "session": section.session, "format": section.record_format}
+        return {
+            "review": section.location,
+            "session": section.session,
+            "format": section.record_format,
+            "as_of": section.as_of.isoformat() if section.as_of else None,
+        }
     path = Path(section.path)
     return {"path": str(path), "format": section.format, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 

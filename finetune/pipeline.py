@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from finetune import speed
@@ -97,6 +98,7 @@ def start(
     problems = preflight(recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))
+    pinned = pin_review_data(recipe)
     check_data(recipe)
     if ranks.world_size > 1 and run_dir_path is None:
         raise WenmaiError(
@@ -110,7 +112,20 @@ def start(
     barrier()
     if not ranks.is_main:
         run_dir = RunDir.open(run_dir_path)
+        if pinned:  # every process reads the feedback rank 0 pinned
+            recipe = load_run_recipe(run_dir).recipe
     return run_stages(recipe, run_dir, log, force)
+
+
+def pin_review_data(recipe: Recipe) -> list[str]:
+    """Give each review-session dataset without an `as_of` the current time, so the run (and a resume of it) reads
+    the feedback stored when it started; returns the datasets pinned."""
+    pinned = []
+    for name, section in recipe.data.items():
+        if section.format == "review" and section.as_of is None:
+            section.as_of = datetime.now(timezone.utc)
+            pinned.append(name)
+    return pinned
 
 
 def resume(

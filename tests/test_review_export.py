@@ -11,11 +11,13 @@ import pytest
 from tiny_models import build_model
 
 from finetune import reviewing
+from finetune.config_io import load_run_recipe
 from finetune.data import load_records
 from finetune.errors import ConfigError
 from finetune.pipeline import load_recipe, start
 from finetune.recipe.review import ReviewCleaning
 from finetune.review.accounts import check_password
+from finetune.review.records import read_session
 from finetune.review.schema import Dimension, NewAnswer, NewItem, ReviewInput, SessionSettings
 from finetune.review.store import ReviewStore
 
@@ -197,10 +199,23 @@ def test_reward_and_dpo_stages_train_on_a_review_session(wide_model, tmp_path, w
     lineage = json.loads(run.lineage_path.read_text(encoding="utf-8"))
     assert lineage["data"]["pairs"]["session"] == "bronzes-r1"
 
+    # the run pinned the feedback it read: a review edited afterwards is not in what its recipe names
+    stored = load_run_recipe(run).recipe.data["ratings"]
+    assert stored.as_of is not None and lineage["data"]["ratings"]["as_of"] == stored.as_of.isoformat()
+    opened = ReviewStore.open(db)
+    first = opened.items("bronzes-r1")[0]
+    opened.submit_review(first.id, "r2", ReviewInput(scores={"A": {"accuracy": 1, "safety": 1}}))
+    opened.close()
+    pinned = read_session(db, "bronzes-r1", "ratings", RAW, as_of=stored.as_of).records["ratings"]
+    latest = read_session(db, "bronzes-r1", "ratings", RAW).records["ratings"]
+    scores = [r["scores"] for _, r in pinned if r["rater"] == "r2" and r["review"]["item"] == first.id]
+    assert scores == [{"accuracy": 4, "safety": 5}, {"accuracy": 2, "safety": 3}]
+    assert all(r["review"]["item"] != first.id for _, r in latest)  # now 4 against 1: held back by cleaning
+
     # the run's reward model as the teacher: its disagreements are listed, and nothing is dropped for them
     done = reviewing.export(db, "bronzes-r1", tmp_path / "out", reward_run=str(run.root), log=lambda _: None)
     report = json.loads((tmp_path / "out" / "cleaning_report.json").read_text(encoding="utf-8"))
-    assert report["teacher"] == str(run.root) and done.counts["pairs"] == 16
+    assert report["teacher"] == str(run.root) and done.counts["pairs"] == 15  # 16, less the one just held back
     assert {d["dimension"] for d in report["disagreements"]} <= {"accuracy", "safety"}
 
     # a new session answered by the dpo stage: its tokenizer checked against the stage's template contract

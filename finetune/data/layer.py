@@ -217,7 +217,7 @@ def dataset_records(
         ) from None
 
     rows = review_records.read_session(
-        section.db, section.session, section.record_format, section.cleaning, _scrub_text(scrubber)
+        section.db, section.session, section.record_format, section.cleaning, _scrub_text(scrubber), section.as_of
     )
     if report is not None:
         for reason, count in rows.excluded.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -102,6 +103,11 @@ class DatasetSection(Section):
     cleaning: ReviewCleaning = Field(
         default_factory=ReviewCleaning, description="format review: how the feedback is cleaned before it trains."
     )
+    as_of: datetime | None = Field(
+        None,
+        description="format review: read the reviews stored up to this time (UTC). A run sets it when it starts, "
+        "so its recipe.yaml names exactly the feedback it trained on and a resumed run reads the same.",
+    )
     on_bad_record: Literal["fail", "skip"] = Field(
         "fail", description="fail: stop at the first bad record; skip: drop bad records and report how many."
     )
@@ -130,7 +136,7 @@ class DatasetSection(Section):
         else:
             if self.path is None:
                 raise ValueError("a dataset needs `path` (JSONL, JSON, Parquet or CSV file)")
-            given = [key for key in ("db", "session", "records") if getattr(self, key) is not None]
+            given = [key for key in ("db", "session", "records", "as_of") if getattr(self, key) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} belong to `format: review` datasets; remove them")
         return self

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from finetune.recipe.review import ReviewCleaning
@@ -32,12 +33,17 @@ class SessionRecords:
 
 
 def read_session(
-    db: str | Path, session: str, kind: str, options: ReviewCleaning, scrub: Scrub | None = None
+    db: str | Path,
+    session: str,
+    kind: str,
+    options: ReviewCleaning,
+    scrub: Scrub | None = None,
+    as_of: datetime | None = None,
 ) -> SessionRecords:
-    """One kind of record from a session's latest, cleaned feedback (a `format: review` dataset)."""
+    """One kind of record from a session's latest (up to `as_of`), cleaned feedback: a `format: review` dataset."""
     store = ReviewStore.open(db, must_exist=True)
     try:
-        found = session_records(store, session, options, scrub, kinds=(kind,))
+        found = session_records(store, session, options, scrub, kinds=(kind,), as_of=as_of)
     finally:
         store.close()
     found.records = {kind: found.records[kind]}
@@ -51,11 +57,12 @@ def session_records(
     scrub: Scrub | None = None,
     teacher: Teacher | None = None,
     kinds: tuple[str, ...] = RECORD_KINDS,
+    as_of: datetime | None = None,
 ) -> SessionRecords:
-    """Clean a session's latest reviews and build its records of each kind in `kinds`."""
+    """Clean a session's latest reviews (as stored at `as_of`) and build its records of each kind in `kinds`."""
     settings = store.session(session)
-    items = store.items(session)
-    reviews = store.latest_reviews(session)
+    items = store.items(session, as_of)
+    reviews = store.latest_reviews(session, as_of)
     cleaning = clean(items, reviews, settings.dimension_names, options, teacher(items) if teacher else None)
     by_item: dict[int, list[Review]] = {}
     for review in reviews:

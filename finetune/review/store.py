@@ -141,12 +141,14 @@ class ReviewStore:
         with self.transaction() as db:
             return self._add_items(db, self._session_row(db, session), items)
 
-    def items(self, session: str) -> list[Item]:
-        """Every item of `session`, in the order they were added."""
+    def items(self, session: str, as_of: datetime | None = None) -> list[Item]:
+        """Every item of `session` (added up to `as_of`, when given), in the order they were added."""
         with self.transaction() as db:
             row = self._session_row(db, session)
-            found = db.scalars(select(ItemRow).where(ItemRow.session_id == row.id).order_by(ItemRow.id))
-            return [_item(r, session) for r in found]
+            query = select(ItemRow).where(ItemRow.session_id == row.id)
+            if as_of is not None:
+                query = query.where(ItemRow.created_at <= _utc(as_of))
+            return [_item(r, session) for r in db.scalars(query.order_by(ItemRow.id))]
 
     def item(self, item_id: int) -> Item:
         with self.transaction() as db:
@@ -223,17 +225,19 @@ class ReviewStore:
                 time.sleep(0.01 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def latest_reviews(self, session: str) -> list[Review]:
-        """Each reviewer's latest version of each item's review in `session`."""
+    def latest_reviews(self, session: str, as_of: datetime | None = None) -> list[Review]:
+        """Each reviewer's latest version of each item's review in `session` (as stored at `as_of`, when given:
+        nothing is overwritten, so a time pins exactly what an export or a run read)."""
         with self.transaction() as db:
             row = self._session_row(db, session)
             newest = (
                 select(ReviewRow.item_id, ReviewRow.reviewer_id, func.max(ReviewRow.version).label("version"))
                 .join(ItemRow, ItemRow.id == ReviewRow.item_id)
                 .where(ItemRow.session_id == row.id)
-                .group_by(ReviewRow.item_id, ReviewRow.reviewer_id)
-                .subquery()
             )
+            if as_of is not None:
+                newest = newest.where(ReviewRow.created_at <= _utc(as_of))
+            newest = newest.group_by(ReviewRow.item_id, ReviewRow.reviewer_id).subquery()
             found = db.scalars(
                 select(ReviewRow)
                 .join(
@@ -373,6 +377,12 @@ def _check_review(review: ReviewInput, item: ItemRow, session: SessionRow) -> No
 
 def _dimensions(settings: SessionSettings) -> list[dict]:
     return [d.model_dump() for d in settings.dimensions]
+
+
+def _utc(moment: datetime) -> datetime:
+    """A time to compare with stored ones: SQLite keeps UTC without its zone, so compare in UTC without it."""
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _aware(moment: datetime) -> datetime:
