@@ -13,7 +13,7 @@ from tiny_models import build_model
 from finetune import reviewing
 from finetune.config_io import load_run_recipe
 from finetune.data import load_records
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, WenmaiError
 from finetune.pipeline import load_recipe, start
 from finetune.recipe.review import ReviewCleaning
 from finetune.review.accounts import check_password
@@ -320,3 +320,28 @@ def test_reviewer_accounts_hash_passwords_and_can_be_disabled(cli, tmp_path, mon
     monkeypatch.setenv("SHORT", "short")
     code, _, err = cli("review", "user", "add", "r2", "--db", db, "--password-env", "SHORT")
     assert code == 2 and "too short" in err
+
+
+def test_prompts_come_from_a_suite_a_cvalues_style_file_or_a_plain_list(tmp_path):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: s\nprobes:\n  - {id: q1, prompt: 介绍一下司母戊鼎, system: 你是博物馆讲解员}\n", encoding="utf-8"
+    )
+    cvalues = tmp_path / "cvalues.jsonl"
+    cvalues.write_text(
+        '{"prompt": "如何看待文物回流？", "domain_zh": "文化", "domain_en": "culture"}\n', encoding="utf-8"
+    )
+    plain = tmp_path / "list.txt"
+    plain.write_text("第一个问题\n\n第二个问题\n", encoding="utf-8")
+    [probe] = reviewing.read_prompts(suite)
+    assert (probe.key, probe.text, probe.system) == ("q1", "介绍一下司母戊鼎", "你是博物馆讲解员")
+    [row] = reviewing.read_prompts(cvalues)
+    assert row.text == "如何看待文物回流？" and row.meta["domain_en"] == "culture"
+    assert [(p.key, p.text) for p in reviewing.read_prompts(plain)] == [
+        ("line-1", "第一个问题"),
+        ("line-3", "第二个问题"),
+    ]
+    other = tmp_path / "prompts.docx"
+    other.write_text("x", encoding="utf-8")
+    with pytest.raises(WenmaiError, match="plain list"):
+        reviewing.read_prompts(other)
