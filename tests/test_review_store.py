@@ -23,8 +23,9 @@ from sqlalchemy import create_engine, event, func, select, text
 from sqlalchemy.engine import Engine, make_url
 
 from finetune.errors import WenmaiError
+from finetune.review.database import MIGRATIONS
 from finetune.review.schema import Dimension, NewAnswer, NewItem, ReviewInput, SessionSettings
-from finetune.review.store import MIGRATIONS, ReviewError, ReviewStore
+from finetune.review.store import ReviewError, ReviewStore
 from finetune.review.tables import Base
 
 BACKENDS = ["sqlite", "postgres"]
@@ -193,7 +194,7 @@ def test_the_store_is_at_the_head_revision(store):
     head = ScriptDirectory.from_config(config).get_current_head()
     with store.engine.connect() as connection:
         versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert head == "0001" and versions == [head]
+    assert head == "0002" and versions == [head]
 
 
 def test_the_sqlite_file_is_in_wal_mode(tmp_path):
@@ -433,3 +434,70 @@ def test_the_migrations_create_exactly_the_tables_the_models_declare(tmp_path):
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     store.close()
     assert differences == []
+
+
+# --- assignments ---------------------------------------------------------------------------------
+
+
+def test_each_item_goes_to_k_reviewers_and_a_reviewer_keeps_their_unfinished_item(store):
+    store.create_session(settings().model_copy(update={"reviewers_per_item": 2}))
+    first, second = store.add_items(SESSION, [one_answer("What is a gu?"), one_answer("What is a jue?")])
+    for who in ("r1", "r2", "r3"):
+        store.add_reviewer(who)
+    assert store.next_item(SESSION, "r1").id == first.id
+    assert store.next_item(SESSION, "r1").id == first.id  # not reviewed yet: the same item again
+    assert store.next_item(SESSION, "r2").id == second.id  # fewest reviewers first
+    assert store.next_item(SESSION, "r3").id == first.id
+    assert store.progress(SESSION, "r1") == (0, 2)
+    store.submit_review(first.id, "r1", ReviewInput(scores={"A": {"accuracy": 4}}))
+    assert store.progress(SESSION, "r1") == (1, 2)
+    assert store.next_item(SESSION, "r1").id == second.id
+    store.submit_review(second.id, "r1", ReviewInput(scores={"A": {"accuracy": 3}}))
+    store.submit_review(first.id, "r3", ReviewInput(scores={"A": {"accuracy": 4}}))
+    assert store.next_item(SESSION, "r3") is None  # the second item has its K = 2 reviewers (r2, r1)
+    assert store.progress(SESSION, "r3") == (1, 1)
+    assert store.is_assigned(first.id, "r3") and not store.is_assigned(second.id, "r3")
+    assert store.latest_review(first.id, "r3").scores == {"A": {"accuracy": 4}}
+    assert store.session_progress(SESSION) == [
+        {"reviewer": "r1", "assigned": 2, "reviewed": 2},
+        {"reviewer": "r2", "assigned": 1, "reviewed": 0},
+        {"reviewer": "r3", "assigned": 1, "reviewed": 1},
+    ]
+
+
+def test_concurrent_reviewers_never_push_an_item_past_k(db):
+    """12 reviewers take items and review them at once; every item ends with exactly K = 3 reviews."""
+    setup = ReviewStore.open(db)
+    setup.create_session(settings().model_copy(update={"reviewers_per_item": 3}))
+    setup.add_items(SESSION, [one_answer(f"Question {i}") for i in range(8)])
+    reviewers = [f"r{i}" for i in range(12)]
+    for who in reviewers:
+        setup.add_reviewer(who)
+    errors: list[str] = []
+
+    def work(who: str) -> None:
+        store = ReviewStore.open(db)
+        try:
+            for _ in range(20):  # bounded: 8 items, each reviewer can do at most 8
+                item = store.next_item(SESSION, who)
+                if item is None:
+                    return
+                store.submit_review(item.id, who, ReviewInput(scores={"A": {"accuracy": 3}}))
+        except Exception:  # noqa: BLE001 - reported by the test
+            errors.append(traceback.format_exc())
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=work, args=(who,), daemon=True) for who in reviewers]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 120
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a reviewer thread did not finish in 120 s"
+    assert errors == []
+    per_item: dict[int, int] = {}
+    for review in setup.latest_reviews(SESSION):
+        per_item[review.item_id] = per_item.get(review.item_id, 0) + 1
+    setup.close()
+    assert sorted(per_item.values()) == [3] * 8

@@ -12,24 +12,23 @@ nothing is overwritten: editing a review stores its next version; exports read e
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, func, select
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm import sessionmaker
 
 from finetune.errors import WenmaiError
 from finetune.recipe.review import DEFAULT_DB
+from finetune.review.database import database_url, engine_for, migrate, shown_url
 from finetune.review.schema import (
     ANSWER_LABELS,
-    Answer,
     Item,
     NewItem,
     Review,
@@ -39,34 +38,26 @@ from finetune.review.schema import (
     Session,
     SessionSettings,
 )
-from finetune.review.tables import AnswerRow, ItemRow, ReviewerRow, ReviewRow, ScoreRow, SessionRow
+from finetune.review.tables import (
+    AnswerRow,
+    AssignmentRow,
+    ItemRow,
+    ReviewerRow,
+    ReviewRow,
+    ScoreRow,
+    SessionRow,
+    as_utc,
+    item_model,
+    review_model,
+    reviewer_model,
+    session_model,
+)
 
-MIGRATIONS = Path(__file__).parent / "migrations"
 RETRIES = 8  # a concurrent edit of the same review took the version number: take the next one
-# Alembic keeps the running migration in module globals (alembic.context, alembic.op): two threads opening a
-# store at once would run on each other's. PostgreSQL: one more lock, so two processes don't both create tables.
-MIGRATING = threading.Lock()
-MIGRATION_LOCK_ID = 0x77656E6D6169  # "wenmai", the key of PostgreSQL's advisory lock
 
 
 class ReviewError(WenmaiError):
     """A write the store refuses (bad score, unknown dimension, item or reviewer); nothing was stored."""
-
-
-def database_url(db: str | Path) -> str:
-    """A SQLAlchemy URL from `--db`: a URL as given, or a file path for the embedded SQLite store."""
-    text = str(db)
-    if "://" in text:
-        return text
-    return f"sqlite:///{Path(text).expanduser().resolve()}"
-
-
-def shown_url(url: str) -> str:
-    """The URL with its password hidden, for messages and lineage."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
 
 
 class ReviewStore:
@@ -84,8 +75,8 @@ class ReviewStore:
         if must_exist and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
             raise WenmaiError(f"--db: no review database at {url.removeprefix('sqlite:///')}; create one first")
         try:
-            engine = _engine(url)
-            _migrate(engine)
+            engine = engine_for(url)
+            migrate(engine)
         except ArgumentError as err:
             raise WenmaiError(
                 f"--db: {shown_url(url)!r} is not a database URL ({err}); give a file path or "
@@ -119,7 +110,7 @@ class ReviewStore:
             except IntegrityError:  # created by someone else in the same moment
                 raise ReviewError(f"a review session named {settings.name!r} exists; choose another --name") from None
             self._add_items(db, row, items)
-            return _session(row)
+            return session_model(row)
 
     def has_session(self, name: str) -> bool:
         with self.transaction() as db:
@@ -128,11 +119,11 @@ class ReviewStore:
     def session(self, name: str) -> Session:
         """The session called `name`."""
         with self.transaction() as db:
-            return _session(self._session_row(db, name))
+            return session_model(self._session_row(db, name))
 
     def sessions(self) -> list[Session]:
         with self.transaction() as db:
-            return [_session(row) for row in db.scalars(select(SessionRow).order_by(SessionRow.id))]
+            return [session_model(row) for row in db.scalars(select(SessionRow).order_by(SessionRow.id))]
 
     # --- items ----------------------------------------------------------------------------
 
@@ -147,13 +138,13 @@ class ReviewStore:
             row = self._session_row(db, session)
             query = select(ItemRow).where(ItemRow.session_id == row.id)
             if as_of is not None:
-                query = query.where(ItemRow.created_at <= _utc(as_of))
-            return [_item(r, session) for r in db.scalars(query.order_by(ItemRow.id))]
+                query = query.where(ItemRow.created_at <= as_utc(as_of))
+            return [item_model(r, session) for r in db.scalars(query.order_by(ItemRow.id))]
 
     def item(self, item_id: int) -> Item:
         with self.transaction() as db:
             row = self._item_row(db, item_id)
-            return _item(row, row.session.name)
+            return item_model(row, row.session.name)
 
     # --- reviewers ------------------------------------------------------------------------
 
@@ -171,18 +162,18 @@ class ReviewStore:
                 db.flush()
             except IntegrityError:  # added by someone else in the same moment
                 raise ReviewError(f"reviewer {pseudonym!r} exists") from None
-            return _reviewer(row)
+            return reviewer_model(row)
 
     def reviewers(self) -> list[Reviewer]:
         with self.transaction() as db:
-            return [_reviewer(r) for r in db.scalars(select(ReviewerRow).order_by(ReviewerRow.pseudonym))]
+            return [reviewer_model(r) for r in db.scalars(select(ReviewerRow).order_by(ReviewerRow.pseudonym))]
 
     def set_active(self, pseudonym: str, active: bool) -> Reviewer:
         """Enable or disable an account; a disabled reviewer's past reviews stay."""
         with self.transaction() as db:
             row = self._reviewer_row(db, pseudonym)
             row.active = active
-            return _reviewer(row)
+            return reviewer_model(row)
 
     def password_hash(self, pseudonym: str) -> str | None:
         with self.transaction() as db:
@@ -218,7 +209,7 @@ class ReviewStore:
                     )
                     db.add(row)
                     db.flush()
-                    return _review(row)
+                    return review_model(row)
             except IntegrityError:
                 if attempt == RETRIES - 1:
                     raise
@@ -236,7 +227,7 @@ class ReviewStore:
                 .where(ItemRow.session_id == row.id)
             )
             if as_of is not None:
-                newest = newest.where(ReviewRow.created_at <= _utc(as_of))
+                newest = newest.where(ReviewRow.created_at <= as_utc(as_of))
             newest = newest.group_by(ReviewRow.item_id, ReviewRow.reviewer_id).subquery()
             found = db.scalars(
                 select(ReviewRow)
@@ -248,7 +239,7 @@ class ReviewStore:
                 )
                 .order_by(ReviewRow.item_id, ReviewRow.id)
             )
-            return [_review(r) for r in found]
+            return [review_model(r) for r in found]
 
     def history(self, item_id: int, reviewer: str) -> list[Review]:
         """Every version of one reviewer's review of one item, oldest first."""
@@ -259,7 +250,122 @@ class ReviewStore:
                 .where(ReviewRow.item_id == item_id, ReviewRow.reviewer_id == who.id)
                 .order_by(ReviewRow.version)
             )
-            return [_review(r) for r in found]
+            return [review_model(r) for r in found]
+
+    def latest_review(self, item_id: int, reviewer: str) -> Review | None:
+        """The reviewer's own latest version of their review of one item, if any."""
+        versions = self.history(item_id, reviewer)
+        return versions[-1] if versions else None
+
+    # --- assignments: each item goes to K reviewers -----------------------------------------
+
+    def next_item(self, session: str, reviewer: str) -> Item | None:
+        """The reviewer's next item: one assigned to them and not yet reviewed, else a newly assigned item with
+        fewer than K reviewers (fewest first, then oldest); None when nothing is left for them.
+
+        The session row is locked while assigning, so concurrent reviewers never push an item past K.
+        """
+        with self.transaction() as db:
+            row = self._session_row(db, session, lock=True)
+            who = self._reviewer_row(db, reviewer)
+            if not who.active:
+                raise ReviewError(f"reviewer {reviewer!r} is disabled")
+            reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
+            mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
+            pending = db.scalar(
+                select(ItemRow)
+                .where(ItemRow.session_id == row.id, ItemRow.id.in_(mine), ItemRow.id.not_in(reviewed))
+                .order_by(ItemRow.id)
+                .limit(1)
+            )
+            if pending is not None:
+                return item_model(pending, session)
+            counts = _assignment_counts()
+            taken = func.coalesce(counts.c.n, 0)
+            candidate = db.scalar(
+                select(ItemRow)
+                .outerjoin(counts, counts.c.item_id == ItemRow.id)
+                .where(
+                    ItemRow.session_id == row.id,
+                    ItemRow.id.not_in(mine),
+                    ItemRow.id.not_in(reviewed),
+                    taken < row.reviewers_per_item,
+                )
+                .order_by(taken, ItemRow.id)
+                .limit(1)
+            )
+            if candidate is None:
+                return None
+            db.add(AssignmentRow(item_id=candidate.id, reviewer_id=who.id))
+            db.flush()
+            return item_model(candidate, session)
+
+    def is_assigned(self, item_id: int, reviewer: str) -> bool:
+        """Whether the item was given to the reviewer (the app shows and accepts nothing else)."""
+        with self.transaction() as db:
+            who = self._reviewer_row(db, reviewer)
+            found = db.scalar(
+                select(AssignmentRow.id).where(AssignmentRow.item_id == item_id, AssignmentRow.reviewer_id == who.id)
+            )
+            return found is not None
+
+    def progress(self, session: str, reviewer: str) -> tuple[int, int]:
+        """(n, N) for the reviewer: items reviewed, and items that are or can still be theirs."""
+        with self.transaction() as db:
+            row = self._session_row(db, session)
+            who = self._reviewer_row(db, reviewer)
+            reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
+            mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
+            in_session = ItemRow.session_id == row.id
+            done = db.scalar(select(func.count(ItemRow.id)).where(in_session, ItemRow.id.in_(reviewed))) or 0
+            theirs = (
+                db.scalar(
+                    select(func.count(ItemRow.id)).where(in_session, ItemRow.id.in_(mine) | ItemRow.id.in_(reviewed))
+                )
+                or 0
+            )
+            counts = _assignment_counts()
+            open_slots = (
+                db.scalar(
+                    select(func.count(ItemRow.id))
+                    .outerjoin(counts, counts.c.item_id == ItemRow.id)
+                    .where(
+                        in_session,
+                        ItemRow.id.not_in(mine),
+                        ItemRow.id.not_in(reviewed),
+                        func.coalesce(counts.c.n, 0) < row.reviewers_per_item,
+                    )
+                )
+                or 0
+            )
+            return int(done), int(theirs + open_slots)
+
+    def session_progress(self, session: str) -> list[dict]:
+        """Per reviewer with work in the session: items assigned and items reviewed."""
+        with self.transaction() as db:
+            row = self._session_row(db, session)
+            assigned = dict(
+                db.execute(
+                    select(ReviewerRow.pseudonym, func.count(AssignmentRow.id))
+                    .join(AssignmentRow, AssignmentRow.reviewer_id == ReviewerRow.id)
+                    .join(ItemRow, ItemRow.id == AssignmentRow.item_id)
+                    .where(ItemRow.session_id == row.id)
+                    .group_by(ReviewerRow.pseudonym)
+                ).all()
+            )
+            reviewed = dict(
+                db.execute(
+                    select(ReviewerRow.pseudonym, func.count(func.distinct(ReviewRow.item_id)))
+                    .join(ReviewRow, ReviewRow.reviewer_id == ReviewerRow.id)
+                    .join(ItemRow, ItemRow.id == ReviewRow.item_id)
+                    .where(ItemRow.session_id == row.id)
+                    .group_by(ReviewerRow.pseudonym)
+                ).all()
+            )
+            return [
+                {"reviewer": name, "assigned": int(assigned.get(name, 0)), "reviewed": int(reviewed.get(name, 0))}
+                for name in sorted(set(assigned) | set(reviewed))
+            ]
 
     def count_reviews(self, session: str | None = None) -> int:
         """Stored review versions (all of them), in one session or the whole store."""
@@ -288,12 +394,13 @@ class ReviewStore:
             db.flush()
         except IntegrityError:
             raise ReviewError(f"session {session.name!r} already has an item with one of these prompt ids") from None
-        return [_item(r, session.name) for r in rows]
+        return [item_model(r, session.name) for r in rows]
 
     # --- lookups --------------------------------------------------------------------------
 
-    def _session_row(self, db: OrmSession, name: str) -> SessionRow:
-        row = db.scalar(select(SessionRow).where(SessionRow.name == name))
+    def _session_row(self, db: OrmSession, name: str, lock: bool = False) -> SessionRow:
+        query = select(SessionRow).where(SessionRow.name == name)
+        row = db.scalar(query.with_for_update() if lock else query)
         if row is None:
             known = ", ".join(db.scalars(select(SessionRow.name).order_by(SessionRow.id))) or "none yet"
             raise ReviewError(f"no review session named {name!r} in {self.url} (sessions: {known})")
@@ -313,44 +420,13 @@ class ReviewStore:
         return row
 
 
-def _engine(url: str) -> Engine:
-    if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True, connect_args=_connect_timeout(url))
-    engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_settings(connection, _record) -> None:
-        connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below), not the driver
-        cursor = connection.cursor()
-        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=60000", "synchronous=NORMAL"):
-            cursor.execute(f"PRAGMA {pragma}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _write_lock_first(connection) -> None:
-        # Take the write lock when the transaction starts: two writers that both read then write would
-        # otherwise deadlock on the upgrade from a read lock, and SQLite would fail one at once.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    return engine
-
-
-def _connect_timeout(url: str) -> dict:
-    return {"connect_timeout": 10} if make_url(url).get_backend_name() == "postgresql" else {}
-
-
-def _migrate(engine: Engine) -> None:
-    """Bring the tables to the newest revision (Alembic); a no-op when they are there already."""
-    from alembic import command
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with MIGRATING, engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+def _assignment_counts():
+    """(item_id, n): how many reviewers each item is assigned to."""
+    return (
+        select(AssignmentRow.item_id, func.count(AssignmentRow.id).label("n"))
+        .group_by(AssignmentRow.item_id)
+        .subquery()
+    )
 
 
 def _check_review(review: ReviewInput, item: ItemRow, session: SessionRow) -> None:
@@ -377,58 +453,3 @@ def _check_review(review: ReviewInput, item: ItemRow, session: SessionRow) -> No
 
 def _dimensions(settings: SessionSettings) -> list[dict]:
     return [d.model_dump() for d in settings.dimensions]
-
-
-def _utc(moment: datetime) -> datetime:
-    """A time to compare with stored ones: SQLite keeps UTC without its zone, so compare in UTC without it."""
-    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).replace(tzinfo=None)
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands times back without their zone; the store writes UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
-
-
-def _session(row: SessionRow) -> Session:
-    fields = {c: getattr(row, c) for c in Session.model_fields if c not in ("dimensions", "created_at")}
-    return Session.model_validate(fields | {"dimensions": row.dimensions, "created_at": _aware(row.created_at)})
-
-
-def _item(row: ItemRow, session: str) -> Item:
-    answers = [
-        Answer(label=a.label, text=a.text, model=a.model, adapter=a.adapter, generation=a.generation or {})
-        for a in row.answers
-    ]
-    return Item(
-        id=row.id,
-        session=session,
-        key=row.key,
-        prompt=row.prompt,
-        system=row.system,
-        answers=answers,
-        meta=row.meta or {},
-        created_at=_aware(row.created_at),
-    )
-
-
-def _reviewer(row: ReviewerRow) -> Reviewer:
-    return Reviewer(pseudonym=row.pseudonym, role=row.role, active=row.active, created_at=_aware(row.created_at))
-
-
-def _review(row: ReviewRow) -> Review:
-    scores: dict[str, dict[str, int]] = {}
-    for score in row.scores:
-        scores.setdefault(score.answer, {})[score.dimension] = score.value
-    return Review(
-        id=row.id,
-        item_id=row.item_id,
-        reviewer=row.reviewer.pseudonym,
-        version=row.version,
-        created_at=_aware(row.created_at),
-        scores=scores,
-        choice=row.choice,
-        corrected_answer=row.corrected_answer,
-        flags=list(row.flags or []),
-        comment=row.comment,
-    )

@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, Boolean, CheckConstraint, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from finetune.review.schema import Answer, Item, Review, Reviewer, Session
+
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
@@ -100,3 +102,72 @@ class ScoreRow(Base):
     answer: Mapped[str] = mapped_column(String(1))
     dimension: Mapped[str] = mapped_column(String(100))
     value: Mapped[int] = mapped_column(Integer)
+
+
+class AssignmentRow(Base):
+    """An item given to a reviewer (each item goes to K reviewers); the app shows a reviewer only their own."""
+
+    __tablename__ = "review_assignments"
+    __table_args__ = (UniqueConstraint("item_id", "reviewer_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("review_items.id"), index=True)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("reviewers.id"), index=True)
+    assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+# --- rows to the store's boundary models ----------------------------------------------------
+
+
+def as_utc(moment: datetime) -> datetime:
+    """A time to compare with stored ones: SQLite keeps UTC without its zone, so compare in UTC without it."""
+    moment = moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def aware(moment: datetime) -> datetime:
+    """SQLite hands times back without their zone; the store writes UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def session_model(row: SessionRow) -> Session:
+    fields = {c: getattr(row, c) for c in Session.model_fields if c not in ("dimensions", "created_at")}
+    return Session.model_validate(fields | {"dimensions": row.dimensions, "created_at": aware(row.created_at)})
+
+
+def item_model(row: ItemRow, session: str) -> Item:
+    answers = [
+        Answer(label=a.label, text=a.text, model=a.model, adapter=a.adapter, generation=a.generation or {})
+        for a in row.answers
+    ]
+    return Item(
+        id=row.id,
+        session=session,
+        key=row.key,
+        prompt=row.prompt,
+        system=row.system,
+        answers=answers,
+        meta=row.meta or {},
+        created_at=aware(row.created_at),
+    )
+
+
+def reviewer_model(row: ReviewerRow) -> Reviewer:
+    return Reviewer(pseudonym=row.pseudonym, role=row.role, active=row.active, created_at=aware(row.created_at))
+
+
+def review_model(row: ReviewRow) -> Review:
+    scores: dict[str, dict[str, int]] = {}
+    for score in row.scores:
+        scores.setdefault(score.answer, {})[score.dimension] = score.value
+    return Review(
+        id=row.id,
+        item_id=row.item_id,
+        reviewer=row.reviewer.pseudonym,
+        version=row.version,
+        created_at=aware(row.created_at),
+        scores=scores,
+        choice=row.choice,
+        corrected_answer=row.corrected_answer,
+        flags=list(row.flags or []),
+        comment=row.comment,
+    )
