@@ -518,6 +518,37 @@ def review_export(
     out.print(f"[green]cleaning report:[/] {done.folder / 'cleaning_report.md'}")
 
 
+@review_app.command("serve")
+def review_serve(
+    db: DbOption = DEFAULT_DB,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (loopback by default; sign-in is always required).")
+    ] = ("127.0.0.1"),
+    port: Annotated[int, typer.Option(help="Port.")] = 8765,
+    export_dir: Annotated[Path, typer.Option(help="Where the admin page's Export button writes.")] = Path(
+        "review-exports"
+    ),
+    secure_cookies: Annotated[
+        bool, typer.Option(help="Send the session cookie over HTTPS only (behind a TLS proxy).")
+    ] = False,
+) -> None:
+    """The review app curators use: sign in, score answers per dimension, A/B, corrections; admins export.
+
+    The session cookie's key comes from WENMAI_REVIEW_SECRET (kept out of the process list); without it a random
+    key is made and every sign-in ends when the server restarts.
+    """
+    import os
+
+    try:
+        from finetune.review_app import serve
+    except ModuleNotFoundError as err:
+        raise WenmaiError(
+            f"the review app needs the `review` extra ({err.name} is not installed): pip install 'wenmai[review]'"
+        ) from None
+    _reviewing().list_users(db)  # a missing or unreachable store is a one-line error before the server starts
+    serve(db, host, port, os.environ.get("WENMAI_REVIEW_SECRET") or None, export_dir, secure_cookies)
+
+
 def _reviewing():
     """The review commands' module, loaded when one runs: the store needs the `review` extra (SQLAlchemy)."""
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 from finetune.errors import WenmaiError
 from finetune.review.schema import Reviewer, Role
 from finetune.review.store import ReviewStore
@@ -23,17 +25,22 @@ def check_password(store: ReviewStore, pseudonym: str, password: str) -> Reviewe
     from argon2 import PasswordHasher
     from argon2.exceptions import InvalidHashError, VerificationError
 
-    reviewer = next((r for r in store.reviewers() if r.pseudonym == pseudonym), None)
-    if reviewer is None or not reviewer.active:
-        return None
-    stored = store.password_hash(pseudonym)
-    if stored is None:
-        return None
-    try:
-        PasswordHasher().verify(stored, password)
+    reviewer = store.reviewer(pseudonym)
+    stored = store.password_hash(pseudonym) if reviewer is not None else None
+    try:  # an unknown pseudonym costs one verification too, so the answer's timing does not tell who exists
+        PasswordHasher().verify(stored or _dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
+    if reviewer is None or stored is None or not reviewer.active:
+        return None
     return reviewer
+
+
+@cache
+def _dummy_hash() -> str:
+    from argon2 import PasswordHasher
+
+    return PasswordHasher().hash("not a password of anyone")
 
 
 def add_user(store: ReviewStore, pseudonym: str, password: str, role: Role = "reviewer") -> Reviewer:

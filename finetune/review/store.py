@@ -164,6 +164,12 @@ class ReviewStore:
                 raise ReviewError(f"reviewer {pseudonym!r} exists") from None
             return reviewer_model(row)
 
+    def reviewer(self, pseudonym: str) -> Reviewer | None:
+        """The account under `pseudonym`, or None."""
+        with self.transaction() as db:
+            row = db.scalar(select(ReviewerRow).where(ReviewerRow.pseudonym == pseudonym))
+            return reviewer_model(row) if row is not None else None
+
     def reviewers(self) -> list[Reviewer]:
         with self.transaction() as db:
             return [reviewer_model(r) for r in db.scalars(select(ReviewerRow).order_by(ReviewerRow.pseudonym))]
