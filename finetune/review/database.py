@@ -11,6 +11,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+READ_ONLY = "wenmai_read_only"  # execution option: a transaction that only reads
 # Alembic keeps the running migration in module globals (alembic.context, alembic.op): two threads opening a
 # store at once would run on each other's. PostgreSQL: one more lock, so two processes don't both create tables.
 MIGRATING = threading.Lock()
@@ -49,9 +50,11 @@ def engine_for(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _write_lock_first(connection) -> None:
-        # Take the write lock when the transaction starts: two writers that both read then write would
-        # otherwise deadlock on the upgrade from a read lock, and SQLite would fail one at once.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A writing transaction takes the write lock when it starts: two writers that both read then write would
+        # otherwise deadlock on the upgrade from a read lock, and SQLite would fail one at once. A read-only one
+        # (READ_ONLY) begins deferred: in WAL mode it reads a snapshot without waiting for writers.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import sessionmaker
 
 from finetune.errors import WenmaiError
 from finetune.recipe.review import DEFAULT_DB
-from finetune.review.database import database_url, engine_for, migrate, shown_url
+from finetune.review.database import READ_ONLY, database_url, engine_for, migrate, shown_url
 from finetune.review.schema import (
     ANSWER_LABELS,
     Item,
@@ -91,9 +91,13 @@ class ReviewStore:
         self.engine.dispose()
 
     @contextmanager
-    def transaction(self) -> Iterator[OrmSession]:
-        """One transaction: committed when the block ends, rolled back (nothing stored) when it raises."""
+    def transaction(self, write: bool = True) -> Iterator[OrmSession]:
+        """One transaction: committed when the block ends, rolled back (nothing stored) when it raises.
+
+        `write=False` marks one that only reads: on SQLite it does not wait for writers."""
         with self._sessions.begin() as db:
+            if not write:
+                db.connection(execution_options={READ_ONLY: True})
             yield db
 
     # --- sessions -------------------------------------------------------------------------
@@ -113,16 +117,16 @@ class ReviewStore:
             return session_model(row)
 
     def has_session(self, name: str) -> bool:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             return db.scalar(select(SessionRow.id).where(SessionRow.name == name)) is not None
 
     def session(self, name: str) -> Session:
         """The session called `name`."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             return session_model(self._session_row(db, name))
 
     def sessions(self) -> list[Session]:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             return [session_model(row) for row in db.scalars(select(SessionRow).order_by(SessionRow.id))]
 
     # --- items ----------------------------------------------------------------------------
@@ -134,7 +138,7 @@ class ReviewStore:
 
     def items(self, session: str, as_of: datetime | None = None) -> list[Item]:
         """Every item of `session` (added up to `as_of`, when given), in the order they were added."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = self._session_row(db, session)
             query = select(ItemRow).where(ItemRow.session_id == row.id)
             if as_of is not None:
@@ -142,7 +146,7 @@ class ReviewStore:
             return [item_model(r, session) for r in db.scalars(query.order_by(ItemRow.id))]
 
     def item(self, item_id: int) -> Item:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = self._item_row(db, item_id)
             return item_model(row, row.session.name)
 
@@ -166,12 +170,12 @@ class ReviewStore:
 
     def reviewer(self, pseudonym: str) -> Reviewer | None:
         """The account under `pseudonym`, or None."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = db.scalar(select(ReviewerRow).where(ReviewerRow.pseudonym == pseudonym))
             return reviewer_model(row) if row is not None else None
 
     def reviewers(self) -> list[Reviewer]:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             return [reviewer_model(r) for r in db.scalars(select(ReviewerRow).order_by(ReviewerRow.pseudonym))]
 
     def set_active(self, pseudonym: str, active: bool) -> Reviewer:
@@ -182,7 +186,7 @@ class ReviewStore:
             return reviewer_model(row)
 
     def password_hash(self, pseudonym: str) -> str | None:
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             return self._reviewer_row(db, pseudonym).password_hash
 
     # --- reviews --------------------------------------------------------------------------
@@ -225,7 +229,7 @@ class ReviewStore:
     def latest_reviews(self, session: str, as_of: datetime | None = None) -> list[Review]:
         """Each reviewer's latest version of each item's review in `session` (as stored at `as_of`, when given:
         nothing is overwritten, so a time pins exactly what an export or a run read)."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = self._session_row(db, session)
             newest = (
                 select(ReviewRow.item_id, ReviewRow.reviewer_id, func.max(ReviewRow.version).label("version"))
@@ -249,7 +253,7 @@ class ReviewStore:
 
     def history(self, item_id: int, reviewer: str) -> list[Review]:
         """Every version of one reviewer's review of one item, oldest first."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             who = self._reviewer_row(db, reviewer)
             found = db.scalars(
                 select(ReviewRow)
@@ -269,23 +273,23 @@ class ReviewStore:
         """The reviewer's next item: one assigned to them and not yet reviewed, else a newly assigned item with
         fewer than K reviewers (fewest first, then oldest); None when nothing is left for them.
 
-        The session row is locked while assigning, so concurrent reviewers never push an item past K.
+        The session row is locked while assigning, so concurrent reviewers never push an item past K; finding an
+        item already theirs only reads.
         """
+        with self.transaction(write=False) as db:
+            pending = self._pending(db, self._session_row(db, session), self._reviewer_row(db, reviewer))
+            if pending is not None:
+                return item_model(pending, session)
         with self.transaction() as db:
             row = self._session_row(db, session, lock=True)
             who = self._reviewer_row(db, reviewer)
             if not who.active:
                 raise ReviewError(f"reviewer {reviewer!r} is disabled")
-            reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
-            mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
-            pending = db.scalar(
-                select(ItemRow)
-                .where(ItemRow.session_id == row.id, ItemRow.id.in_(mine), ItemRow.id.not_in(reviewed))
-                .order_by(ItemRow.id)
-                .limit(1)
-            )
+            pending = self._pending(db, row, who)  # assigned meanwhile (another tab of the same reviewer)
             if pending is not None:
                 return item_model(pending, session)
+            reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
+            mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
             counts = _assignment_counts()
             taken = func.coalesce(counts.c.n, 0)
             candidate = db.scalar(
@@ -306,9 +310,21 @@ class ReviewStore:
             db.flush()
             return item_model(candidate, session)
 
+    @staticmethod
+    def _pending(db: OrmSession, session: SessionRow, who: ReviewerRow) -> ItemRow | None:
+        """The oldest item assigned to the reviewer that they have not reviewed."""
+        reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
+        mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
+        return db.scalar(
+            select(ItemRow)
+            .where(ItemRow.session_id == session.id, ItemRow.id.in_(mine), ItemRow.id.not_in(reviewed))
+            .order_by(ItemRow.id)
+            .limit(1)
+        )
+
     def is_assigned(self, item_id: int, reviewer: str) -> bool:
         """Whether the item was given to the reviewer (the app shows and accepts nothing else)."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             who = self._reviewer_row(db, reviewer)
             found = db.scalar(
                 select(AssignmentRow.id).where(AssignmentRow.item_id == item_id, AssignmentRow.reviewer_id == who.id)
@@ -317,7 +333,7 @@ class ReviewStore:
 
     def progress(self, session: str, reviewer: str) -> tuple[int, int]:
         """(n, N) for the reviewer: items reviewed, and items that are or can still be theirs."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = self._session_row(db, session)
             who = self._reviewer_row(db, reviewer)
             reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
@@ -348,7 +364,7 @@ class ReviewStore:
 
     def session_progress(self, session: str) -> list[dict]:
         """Per reviewer with work in the session: items assigned and items reviewed."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             row = self._session_row(db, session)
             assigned = dict(
                 db.execute(
@@ -375,7 +391,7 @@ class ReviewStore:
 
     def count_reviews(self, session: str | None = None) -> int:
         """Stored review versions (all of them), in one session or the whole store."""
-        with self.transaction() as db:
+        with self.transaction(write=False) as db:
             query = select(func.count(ReviewRow.id))
             if session is not None:
                 query = query.join(ItemRow, ItemRow.id == ReviewRow.item_id).where(

@@ -6,7 +6,8 @@
 Each simulated reviewer is an async HTTP client (httpx) with its own signed-in session: it opens the login
 page, signs in, then repeats "next item -> item page -> submit scores" until it has reviewed `--items` items
 or nothing is left; every request has a timeout and the loop is bounded. The server is the real app under
-uvicorn on 127.0.0.1 in this process's event loop thread. Prints p50/p95/max per page kind and checks that
+`wenmai review serve` (uvicorn, one worker) on 127.0.0.1 in its own process; the clients share the machine's two
+cores with it. Prints p50/p95/max per page kind and checks that
 the store holds every review the clients saw accepted (no score lost).
 """
 
@@ -53,6 +54,34 @@ def running_app(app, host: str = "127.0.0.1") -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+@contextmanager
+def served_elsewhere(db: str, host: str = "127.0.0.1") -> Iterator[str]:
+    """`wenmai review serve` in its own process (as in production: the clients do not share its interpreter)."""
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    code = f"from finetune.review_app import serve; serve({db!r}, {host!r}, {port})"
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection((host, port), timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the review app did not start: {server.stderr.read().decode()[-2000:]}"
+                    ) from None
+                time.sleep(0.1)
+        yield f"http://{host}:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def populate(db: str, reviewers: int, items: int, k: int) -> tuple[str, list[str]]:
@@ -154,10 +183,9 @@ def summary(latencies: dict[str, list[float]]) -> dict[str, dict[str, float]]:
 
 def bench(db: str, label: str, reviewers: int, items: int, per_reviewer: int, k: int) -> dict:
     from finetune.review.store import ReviewStore
-    from finetune.review_app.app import create_app
 
     session, names = populate(db, reviewers, items, k)
-    with running_app(create_app(db)) as base:
+    with served_elsewhere(db) as base:
         result = asyncio.run(simulate(base, session, names, per_reviewer))
     store = ReviewStore.open(db)
     stored = {(r.reviewer, r.item_id) for r in store.latest_reviews(session)}
