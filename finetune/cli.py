@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +22,7 @@ from finetune.cli_tables import (
     memory_table,
     option_fields,
     plan_table,
+    rounds_table,
     score_table,
     summary_table,
     type_name,
@@ -37,6 +40,7 @@ from finetune.post_run import export_stages, extend_run
 from finetune.recipe import OPTIONS, EvaluateOptions
 from finetune.recipe.review import DEFAULT_DB, ReviewCleaning
 from finetune.report import write_report
+from finetune.round_history import round_history
 from finetune.run_dir import RunDir, atomic_write_text
 from reward.score import score_file
 
@@ -426,6 +430,36 @@ def data_card(
         out.print(f"[green]wrote[/] {path}")
 
 
+@app.command()
+def iterate(
+    run_dir: Annotated[Path, typer.Argument(help="The finished parent run (or round).")],
+    feedback: Annotated[str, typer.Option(help="The review store with the feedback (a SQLite file or a URL).")],
+    session: Annotated[str, typer.Option(help="The review session whose cleaned feedback trains the round.")],
+    recipe: Annotated[
+        Path | None, typer.Option(help="Recipe for the round (default: the parent's); its model must be the parent's.")
+    ] = None,
+    new_run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Folder for the round (default: <root>/<name>-round<N>-<time>).")
+    ] = None,
+    reward_tolerance: Annotated[
+        float, typer.Option(min=0, help="How much each reward dimension's mean may fall below the parent's.")
+    ] = 0.0,
+    mc_tolerance: Annotated[
+        float | None,
+        typer.Option(min=0, help="Accuracy points each multiple-choice subject may lose (default: the recipe's gate)."),
+    ] = None,
+) -> None:
+    """The next LoRA round from cleaned feedback: trains, evaluates against the parent, exports only if no worse."""
+    done = _rounds().iterate(run_dir, feedback, session, recipe, new_run_dir, reward_tolerance, mc_tolerance, log=_log)
+    out.print(f"[green]round finished:[/] {done.root}")
+
+
+@app.command("rounds")
+def rounds_(run_dir: Annotated[Path, typer.Argument(help="A run folder (a round or the first run).")]) -> None:
+    """The history of a run's rounds: data added, scores per dimension, gate, export."""
+    out.print(rounds_table(round_history(run_dir)))
+
+
 review_app = typer.Typer(
     help="The review store: sessions of model answers for curators to score, reviewer accounts, cleaned exports.",
     no_args_is_help=True,
@@ -551,13 +585,27 @@ def review_serve(
 
 def _reviewing():
     """The review commands' module, loaded when one runs: the store needs the `review` extra (SQLAlchemy)."""
-    try:
+    with _review_extra():
         from finetune import reviewing
+    return reviewing
+
+
+def _rounds():
+    """`wenmai iterate`'s module (it reads the review store), loaded when it runs."""
+    with _review_extra():
+        from finetune import rounds
+    return rounds
+
+
+@contextmanager
+def _review_extra() -> Iterator[None]:
+    """A missing package of the `review` extra as a one-line error saying how to install it."""
+    try:
+        yield
     except ModuleNotFoundError as err:
         raise WenmaiError(
-            f"the review commands need the `review` extra ({err.name} is not installed): pip install 'wenmai[review]'"
+            f"this command needs the `review` extra ({err.name} is not installed): pip install 'wenmai[review]'"
         ) from None
-    return reviewing
 
 
 user_app = typer.Typer(help="Reviewer accounts (pseudonyms; passwords stored as argon2 hashes).", no_args_is_help=True)

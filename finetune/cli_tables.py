@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 from rich.table import Table
@@ -60,6 +61,35 @@ def score_table(scored: list[dict], names: list[str], rows: int) -> Table:
         )
     means = [sum(r["scores"][n] for r in scored) / len(scored) for n in names]
     table.add_row("", "[bold]mean[/]", *(f"{m:.3f}" for m in means))
+    return table
+
+
+def rounds_table(rows) -> Table:
+    """`wenmai rounds`: one row a round, oldest first."""
+    dimensions = list(dict.fromkeys(d for row in rows for d in row.scores))
+    sets = list(dict.fromkeys(m for row in rows for m in row.mc))
+    table = Table(title=f"Rounds ({len(rows)})", title_justify="left")
+    for column in ("round", "run", "data added (by source)", *dimensions, *(f"{m} %" for m in sets), "gate", "export"):
+        table.add_column(column, justify="right" if column in dimensions else "left")
+    for row in rows:
+        data = "; ".join(
+            f"{name}: " + ", ".join(f"{source} {n}" for source, n in sources.items())
+            for name, sources in row.data.items()
+        )
+        gate = (
+            "—"
+            if row.gate is None
+            else ("passed" if row.gate.get("passed") else "failed: " + ", ".join(row.gate.get("failed", [])))
+        )
+        table.add_row(
+            str(row.number),
+            Path(row.run).name,
+            data or "—",
+            *(f"{row.scores[d]:.3f}" if d in row.scores else "—" for d in dimensions),
+            *(f"{row.mc[m]:.1f}" if m in row.mc else "—" for m in sets),
+            gate,
+            "yes" if row.exported else "no",
+        )
     return table
 
 

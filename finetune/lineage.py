@@ -52,6 +52,7 @@ class Lineage(BaseModel):
     model: dict
     data: dict[str, dict]
     stages: list[StageLineage]
+    round: dict | None = None  # a `wenmai iterate` round: its parent run, number and feedback
 
 
 def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
@@ -86,6 +87,7 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
         model=previous.get("model") or _model_lineage(recipe),
         data=previous.get("data") or {name: _dataset_lineage(recipe.data[name]) for name in used_datasets(recipe)},
         stages=stages,
+        round=recipe.round.model_dump() if recipe.round is not None else None,
     )
     atomic_write_json(run_dir.lineage_path, lineage.model_dump())
 

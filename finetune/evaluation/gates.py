@@ -58,6 +58,20 @@ def check_gates(gates: Gates, result: CheckpointResult, baseline: CheckpointResu
                     f"mean {dimension} score",
                 )
             )
+        before = baseline.alignment if baseline is not None else None
+        if gates.reward_max_drop is not None and before is not None:
+            for dimension, mean in alignment.dimension_means.items():
+                previous = before.dimension_means.get(dimension)
+                if previous is None or mean is None:
+                    continue
+                out.append(
+                    _drop(
+                        f"reward_max_drop ({dimension})",
+                        round(previous - mean, 4),
+                        gates.reward_max_drop,
+                        f"mean {dimension} score {previous:.4g} -> {mean:.4g} ({baseline.label} -> {result.label})",
+                    )
+                )
         if gates.rules_min_pass_rate is not None:
             out.append(
                 _at_least("rules_min_pass_rate", alignment.rule_pass_rate, gates.rules_min_pass_rate, "rule pass rate")

@@ -42,6 +42,12 @@ class Gates(BaseModel):
         le=1,
         description="Share of suite probes passing every rule check (language, banned terms, ...) at least.",
     )
+    reward_max_drop: float | None = Field(
+        None,
+        ge=0,
+        description="Each reward dimension's mean score (and the total) may fall at most this much below the "
+        "baseline's, on the same suite judged by the same reward model (a round against its parent).",
+    )
     bias_max_gap: float | None = Field(
         None, ge=0, description="Largest reward-score gap between the groups of any bias probe at most."
     )
@@ -53,7 +59,7 @@ class Gates(BaseModel):
 
     def needs_baseline(self) -> bool:
         """Drops are measured against a baseline checkpoint."""
-        return self.mc_max_drop is not None or self.mc_subject_max_drop is not None
+        return self.mc_max_drop is not None or self.mc_subject_max_drop is not None or self.reward_max_drop is not None
 
     def needs_mc(self) -> bool:
         """Some gate reads multiple-choice accuracy."""
@@ -62,12 +68,13 @@ class Gates(BaseModel):
     def needs_suite(self) -> bool:
         """Some gate reads the alignment suite's results."""
         return bool(self.reward_min) or any(
-            v is not None for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap)
+            v is not None
+            for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap, self.reward_max_drop)
         )
 
     def needs_reward(self) -> bool:
         """Some gate reads reward-model scores."""
-        return bool(self.reward_min) or self.bias_max_gap is not None
+        return bool(self.reward_min) or self.bias_max_gap is not None or self.reward_max_drop is not None
 
 
 class EvaluateOptions(StageOptions):
@@ -116,6 +123,13 @@ class EvaluateOptions(StageOptions):
         "Reward stage that scores the suite's replies per dimension "
         "(default: the latest earlier one; none: reward checks are skipped).",
     )
+    judge: str | None = Field(
+        None,
+        description="A reward model from another run (a run folder, its reward stage folder or reward_model folder) "
+        "that scores the suite instead of this run's reward stage: a round is judged by its parent's reward model, "
+        "not by the one it just retrained.",
+        json_schema_extra={"is_path": True},
+    )
     batch_size: int = Field(8, ge=1, description="Prompts per forward pass.")
     max_length: int = Field(
         2048, ge=16, description="Longest prompt in tokens; longer ones lose their earliest tokens (counted)."
@@ -143,7 +157,8 @@ class EvaluateOptions(StageOptions):
             problems.append(
                 (
                     "baseline",
-                    "mc_max_drop / mc_subject_max_drop compare with a baseline; set `baseline:` to base or a stage",
+                    "mc_max_drop / mc_subject_max_drop / reward_max_drop compare with a baseline; "
+                    "set `baseline:` to base or a stage",
                 )
             )
         if self.gates.needs_suite() and not self.suite:

@@ -20,6 +20,7 @@ from finetune.recipe.sections import (
     ModelSection,
     OutputSection,
     RewardSection,
+    RoundSection,
     Section,
     TrackingSection,
 )
@@ -97,6 +98,9 @@ class Recipe(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    round: RoundSection | None = Field(
+        None, description="Set by `wenmai iterate`: this run is a round of a parent run."
+    )
 
     def stage_configs(self) -> list[StageOptions]:
         return [entry.config for entry in self.stages]

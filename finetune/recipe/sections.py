@@ -269,6 +269,14 @@ class RewardSection(Section):
         return self
 
 
+class RoundSection(Section):
+    """Set by `wenmai iterate`: the run this round continues, and the feedback it learned from."""
+
+    parent: str = Field(..., description="The parent run folder.", json_schema_extra={"is_path": True})
+    number: int = Field(..., ge=2, description="This round's number (the first run is round 1).")
+    feedback: str = Field("", description="The review store and session the round's feedback came from.")
+
+
 class TrackingSection(Section):
     """Where metrics go; `metrics.jsonl` in each stage folder is always written."""
 

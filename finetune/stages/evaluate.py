@@ -8,7 +8,7 @@ in the summary and lineage and goes on. The options are `finetune.recipe.Evaluat
 
 from __future__ import annotations
 
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, WenmaiError
 from finetune.evaluation import dashboards, runner
 from finetune.evaluation.gates import GateFailed, check_gates, failure_report
 from finetune.evaluation.mc import check_folder
@@ -18,6 +18,7 @@ from finetune.evaluation.targets import Target, base_target, stage_target
 from finetune.recipe import EvaluateOptions, Recipe
 from finetune.run_dir import METRICS_FILE, StageContext, StageResult, atomic_write_text
 from finetune.tracking import append_metrics
+from reward.model import find_reward_model
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -28,7 +29,10 @@ def run(ctx: StageContext) -> StageResult:
     targets = [_target(ctx, wired.get("model"))]
     if config.baseline != "none" and wired.get("baseline") != wired.get("model"):
         targets.append(_target(ctx, wired.get("baseline")))
-    spec = runner.EvalSpec.from_options(config, reward_model=ctx.inputs.get("reward_model", {}).get("reward_model"))
+    judge = str(find_reward_model(config.judge)) if config.judge else None
+    spec = runner.EvalSpec.from_options(
+        config, reward_model=judge or ctx.inputs.get("reward_model", {}).get("reward_model")
+    )
     results = runner.evaluate_targets(
         targets, spec, log=lambda message: print(f"[{config.stage_name}] {message}", flush=True)
     )
@@ -78,8 +82,13 @@ def check(options: EvaluateOptions, recipe: Recipe) -> list[tuple[str, str]]:
             ("gates.reward_min", f"unknown reward dimension {d!r} (declared: {', '.join([*dimensions, TOTAL])})")
             for d in unknown
         ]
+    if options.judge:
+        try:
+            find_reward_model(options.judge)
+        except WenmaiError as err:
+            problems.append(("judge", str(err)))
     needs_reward = options.gates.needs_reward() or (loaded is not None and uses_reward(loaded))
-    if needs_reward and not options.reward_model and not _earlier_reward_stage(recipe, options):
+    if needs_reward and not options.judge and not options.reward_model and not _earlier_reward_stage(recipe, options):
         problems.append(
             (
                 "reward_model",
