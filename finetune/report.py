@@ -13,7 +13,9 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import WenmaiError
 from finetune.plots import fmt, line_chart
+from finetune.round_history import round_history
 from finetune.run_dir import METRICS_FILE, RunDir, StageStatus, atomic_write_text, read_metrics
 
 REPORT_FILE = "report.html"
@@ -38,6 +40,8 @@ def render_report(run_dir: RunDir) -> str:
         {"name": p.parent.name, "kind": "?", "state": "?"} for p in sorted(run_dir.root.glob("*/status.json"))
     ]
     body = [f"<h1>Wenmai run <code>{escape(run_dir.name)}</code></h1>", _overview(run_dir, lineage, stages)]
+    if lineage.get("round"):
+        body.append(_rounds_section(run_dir))
     for stage in stages:
         body.append(_stage_section(run_dir, stage))
     body.append(_data_cards(run_dir, stages))
@@ -74,6 +78,33 @@ def _overview(run_dir: RunDir, lineage: dict, stages: list[dict]) -> str:
             ]
         )
     return _kv_table(facts) + "<h2>Stages</h2>" + _table(["stage", "kind", "state", "figures"], rows, raw=True)
+
+
+def _rounds_section(run_dir: RunDir) -> str:
+    """The rounds up to this one (`wenmai rounds`): data added, scores per dimension, gate, export."""
+    try:
+        rows = round_history(run_dir)
+    except WenmaiError as err:  # a parent folder moved away: say so, the rest of the report still stands
+        return f"<h2>Rounds</h2><p class=muted>{escape(str(err))}</p>"
+    dimensions = list(dict.fromkeys(d for row in rows for d in row.scores))
+    sets = list(dict.fromkeys(m for row in rows for m in row.mc))
+    table = []
+    for row in rows:
+        data = "; ".join(f"{n}: " + ", ".join(f"{s} {c}" for s, c in src.items()) for n, src in row.data.items())
+        table.append(
+            [
+                escape(str(row.number)),
+                escape(Path(row.run).name),
+                escape(data or "—"),
+                *(escape(f"{row.scores[d]:.3f}") if d in row.scores else "—" for d in dimensions),
+                *(escape(f"{row.mc[m]:.1f}") if m in row.mc else "—" for m in sets),
+                _gate_badge(row.gate) or "—",
+                "yes" if row.exported else "no",
+                escape(f"{row.seconds:.0f} s") if row.seconds is not None else "—",
+            ]
+        )
+    header = ["round", "run", "data added", *dimensions, *(f"{m} %" for m in sets), "gate", "exported", "wall time"]
+    return "<h2>Rounds</h2>" + _table(header, table, raw=True)
 
 
 def _stage_section(run_dir: RunDir, stage: dict) -> str:

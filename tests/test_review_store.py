@@ -194,7 +194,7 @@ def test_the_store_is_at_the_head_revision(store):
     head = ScriptDirectory.from_config(config).get_current_head()
     with store.engine.connect() as connection:
         versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    assert head == "0002" and versions == [head]
+    assert head == "0003" and versions == [head]
 
 
 def test_the_sqlite_file_is_in_wal_mode(tmp_path):

@@ -11,7 +11,8 @@ from finetune.recipe.review import FLAGS, Flag
 
 ANSWER_LABELS = ("A", "B")
 Choice = Literal["A", "B", "tie"]
-Role = Literal["reviewer", "admin"]
+Role = Literal["reviewer", "admin", "visitor"]  # a visitor gives feedback through `wenmai serve`; no sign-in
+Source = Literal["curator", "visitor"]
 
 
 class _Model(BaseModel):
@@ -101,6 +102,7 @@ class ReviewInput(_Model):
     corrected_answer: str | None = None
     flags: list[Flag] = Field(default_factory=list)
     comment: str | None = None
+    thumb: Literal["up", "down"] | None = Field(None, description="A visitor's thumbs up or down on the answer.")
 
 
 class Review(ReviewInput):
@@ -111,6 +113,7 @@ class Review(ReviewInput):
     reviewer: str
     version: int
     created_at: datetime
+    source: Source = "curator"
 
 
 __all__ = [

@@ -191,7 +191,7 @@ class ReviewStore:
 
     # --- reviews --------------------------------------------------------------------------
 
-    def submit_review(self, item_id: int, reviewer: str, review: ReviewInput) -> Review:
+    def submit_review(self, item_id: int, reviewer: str, review: ReviewInput, source: str = "curator") -> Review:
         """Store `reviewer`'s judgement of an item as that reviewer's next version; checked first, all or nothing."""
         for attempt in range(RETRIES):
             try:
@@ -211,6 +211,7 @@ class ReviewStore:
                         reviewer_id=who.id,
                         version=(latest or 0) + 1,
                         **review.model_dump(exclude={"scores"}),
+                        source=source,
                         scores=[
                             ScoreRow(answer=answer, dimension=dim, value=value)
                             for answer, scores in review.scores.items()
@@ -469,8 +470,8 @@ def _check_review(review: ReviewInput, item: ItemRow, session: SessionRow) -> No
                 raise ReviewError(f"scores.{answer}.{dim}: {value} is outside 1..5 (1 = worst, 5 = best)")
     if review.choice is not None and len(labels) < 2:
         raise ReviewError(f"choice: item {item.id} has one answer; A/B/tie needs two")
-    if not review.scores and review.choice is None and not review.corrected_answer and not review.flags:
-        raise ReviewError("an empty review: give scores, a choice, a corrected answer or a flag")
+    if not (review.scores or review.choice or review.corrected_answer or review.flags or review.thumb):
+        raise ReviewError("an empty review: give scores, a choice, a corrected answer, a flag or a thumb")
 
 
 def _dimensions(settings: SessionSettings) -> list[dict]:

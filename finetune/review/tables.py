@@ -77,12 +77,15 @@ class ReviewRow(Base):
     __table_args__ = (
         UniqueConstraint("item_id", "reviewer_id", "version"),
         CheckConstraint("choice IS NULL OR choice IN ('A', 'B', 'tie')", name="ck_review_choice"),
+        CheckConstraint("thumb IS NULL OR thumb IN ('up', 'down')", name="ck_review_thumb"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("review_items.id"), index=True)
     reviewer_id: Mapped[int] = mapped_column(ForeignKey("reviewers.id"), index=True)
     version: Mapped[int] = mapped_column(Integer)
     choice: Mapped[str | None] = mapped_column(String(3))
+    thumb: Mapped[str | None] = mapped_column(String(4))
+    source: Mapped[str] = mapped_column(String(20), default="curator", server_default="curator")
     corrected_answer: Mapped[str | None] = mapped_column(Text)
     flags: Mapped[list] = mapped_column(JSON, default=list)
     comment: Mapped[str | None] = mapped_column(Text)
@@ -113,6 +116,20 @@ class AssignmentRow(Base):
     item_id: Mapped[int] = mapped_column(ForeignKey("review_items.id"), index=True)
     reviewer_id: Mapped[int] = mapped_column(ForeignKey("reviewers.id"), index=True)
     assigned_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class ConversationRow(Base):
+    """A served answer kept for feedback when conversation logging is on (PII-scrubbed, deleted when expired)."""
+
+    __tablename__ = "conversations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    response_id: Mapped[str] = mapped_column(String(100), unique=True)
+    model: Mapped[str] = mapped_column(Text)
+    messages: Mapped[list] = mapped_column(JSON)
+    answer: Mapped[str] = mapped_column(Text)
+    generation: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 # --- rows to the store's boundary models ----------------------------------------------------
@@ -170,4 +187,6 @@ def review_model(row: ReviewRow) -> Review:
         corrected_answer=row.corrected_answer,
         flags=list(row.flags or []),
         comment=row.comment,
+        thumb=row.thumb,
+        source=row.source or "curator",
     )
