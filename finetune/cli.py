@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from finetune import pipeline
+from finetune import pipeline, watermark
 from finetune.checks import preflight as compatibility
 from finetune.cli_tables import (
     data_table,
@@ -428,6 +428,113 @@ def data_card(
 
     for path in data_commands.card(target, out_dir, format_, recipe):
         out.print(f"[green]wrote[/] {path}")
+
+
+@app.command("serve")
+def serve_(
+    source: Annotated[str, typer.Argument(help="An export folder (runs/<run>/export) or a run folder.")],
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="With a run folder: the stage whose adapter or model to serve (default: the last)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; beyond loopback an API key is required.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding the API key (the key never goes on the command line)."),
+    ] = None,
+    model_id: Annotated[
+        str | None, typer.Option(help="The model name clients ask for (default: the run's id).")
+    ] = None,
+    max_concurrency: Annotated[int, typer.Option(min=1, help="Requests generating at once; the others queue.")] = 8,
+    max_queue: Annotated[int, typer.Option(min=0, help="Requests waiting at most; more are answered 429.")] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Answer length when a request sets none.")] = 512,
+    label_position: Annotated[
+        str, typer.Option(help="Where the visible AI-generated-content label goes: prefix, suffix or none.")
+    ] = "suffix",
+    label_language: Annotated[str, typer.Option(help="The label's language: auto, zh, en or both.")] = "auto",
+    label_text: Annotated[str | None, typer.Option(help="Your own label text instead of the default.")] = None,
+    banned_terms: Annotated[
+        Path | None,
+        typer.Option(help="A file of terms (one a line) no answer may contain (default: the run's rlhf rule)."),
+    ] = None,
+    filter_mode: Annotated[str, typer.Option("--filter", help="refuse (the whole answer) or redact (***).")] = "refuse",
+    watermark_key_env: Annotated[
+        str | None, typer.Option(help="Watermark every answer with the key in this environment variable.")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="continuous-batching (transformers' batcher) or plain (generate, one at a time).")
+    ] = "continuous-batching",
+    feedback_db: Annotated[
+        str | None, typer.Option(help="Review store for POST /v1/feedback (visitor feedback reaches curators there).")
+    ] = None,
+    log_days: Annotated[
+        int, typer.Option(min=0, help="Keep PII-scrubbed conversations this many days for feedback (0: not logged).")
+    ] = 0,
+) -> None:
+    """Serve an exported model with an OpenAI-compatible API, AIGC labels, an output filter and optional watermark."""
+    choices = {
+        "--label-position": (label_position, ("prefix", "suffix", "none")),
+        "--label-language": (label_language, ("auto", "zh", "en", "both")),
+        "--filter": (filter_mode, ("refuse", "redact")),
+        "--backend": (backend, ("continuous-batching", "plain")),
+    }
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise WenmaiError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
+    try:
+        from finetune.serving import serve
+    except ModuleNotFoundError as err:
+        raise WenmaiError(
+            f"wenmai serve needs the `serve` extra ({err.name} is not installed): pip install 'wenmai[serve]'"
+        ) from None
+    watermarking = None
+    if watermark_key_env:
+        watermarking = watermark.watermarking_config(watermark.key_from_env(watermark_key_env))
+    serve(
+        source,
+        host,
+        port,
+        adapter_stage=adapter,
+        model_id=model_id,
+        api_key_env=api_key_env,
+        max_concurrency=max_concurrency,
+        max_queue=max_queue,
+        default_max_tokens=max_tokens,
+        label_position=label_position,
+        label_language=label_language,
+        label_text=label_text,
+        banned_terms=banned_terms,
+        filter_mode=filter_mode,
+        watermarking_config=watermarking,
+        backend=backend,
+        feedback_db=feedback_db,
+        log_days=log_days,
+    )
+
+
+@app.command()
+def detect(
+    file: Annotated[
+        str, typer.Argument(help="Text to check: a file (JSONL with text/content per line, or plain text) or -.")
+    ],
+    model: Annotated[Path, typer.Option(help="The export (or run folder) whose tokenizer the answers came from.")],
+    key_env: Annotated[
+        str, typer.Option(help="Environment variable holding the watermark key the server used.")
+    ] = watermark.DEFAULT_KEY_ENV,
+    threshold: Annotated[
+        float, typer.Option(help="z-score at or above which a text counts as watermarked.")
+    ] = watermark.THRESHOLD,
+) -> None:
+    """Check text for Wenmai's watermark: a z-score and p-value per text, and the verdict."""
+    import json
+
+    results = watermark.detect_file(file, model, watermark.key_from_env(key_env), threshold)
+    for result in results:
+        out.print(json.dumps(result.to_json(), ensure_ascii=False), highlight=False, markup=False, soft_wrap=True)
+    console.print(json.dumps(watermark.summary(results), ensure_ascii=False), highlight=False, markup=False)
 
 
 @app.command()

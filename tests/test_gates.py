@@ -75,7 +75,10 @@ def test_gate_options_are_checked_before_anything_runs(tmp_path, tiny_model, cha
     with pytest.raises(ConfigError) as err:
         load_recipe(recipe)
     text = str(err.value)
-    assert "stages[1].evaluate.baseline: mc_max_drop / mc_subject_max_drop / reward_max_drop compare with a baseline" in text
+    assert (
+        "stages[1].evaluate.baseline: mc_max_drop / mc_subject_max_drop / reward_max_drop compare with a baseline"
+        in text
+    )
     assert "stages[1].evaluate.gates: suite gates (reward_min, rules_min_pass_rate, bias_*) need `suite:`" in text
     assert f"({recipe}:8)" in text
 

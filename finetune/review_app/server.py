@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 from pathlib import Path
 
+from finetune.net import is_loopback
 from finetune.review_app.app import create_app
-
-LOOPBACK_NAMES = ("localhost",)
 
 
 def serve(
@@ -36,13 +34,3 @@ def serve(
         )
     app = create_app(db, secret_key=secret_key, export_dir=export_dir, secure_cookies=secure_cookies)
     uvicorn.run(app, host=host, port=port, proxy_headers=True, server_header=False)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` is only reachable from this machine (127.0.0.0/8, ::1, localhost)."""
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
