@@ -11,17 +11,23 @@ import json
 import textwrap
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
+from test_serve import running_app
 from tiny_models import build_model, write_jsonl
 
+from finetune import reviewing
 from finetune.errors import WenmaiError
 from finetune.evaluation.gates import GateFailed
 from finetune.pipeline import load_recipe, start
+from finetune.review.feedback import visitor_session
 from finetune.review.schema import Dimension, NewAnswer, NewItem, ReviewInput, SessionSettings
 from finetune.review.store import ReviewStore
 from finetune.round_history import round_history
 from finetune.rounds import iterate
 from finetune.run_dir import RunDir
+from finetune.serving import create_app
 
 GOOD, BAD = "ZZZ ZZZ ZZZ", "QQQ QQQ QQQ"
 PROMPTS = [f"Tell me about object {i} in the museum." for i in range(24)]
@@ -97,10 +103,24 @@ def feedback(db: Path, session: str, correction: str) -> None:
     store.close()
 
 
-def test_a_round_trains_on_feedback_passes_its_gate_is_exported_and_linked(parent, tmp_path, cli):
+def test_a_round_trains_on_served_feedback_passes_its_gate_is_exported_and_linked(parent, tmp_path, cli):
+    """Visitors correct the served parent's answers through POST /v1/feedback; the round learns from them."""
     db = tmp_path / "review.db"
-    feedback(db, "good", GOOD)
-    child = iterate(parent.root, db, "good", run_dir=tmp_path / "round2", reward_tolerance=0.5, log=lambda _: None)
+    with running_app(create_app(parent.root / "export", feedback_db=str(db))) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=60, max_retries=0)
+        for prompt in PROMPTS:
+            reply = client.chat.completions.create(
+                model="round1", messages=[{"role": "user", "content": prompt}], max_tokens=6
+            )
+            sent = httpx.post(
+                f"{base}/v1/feedback", json={"response_id": reply.id, "corrected_answer": GOOD}, timeout=60
+            )
+            assert sent.status_code == 200, sent.text
+    session = visitor_session("round1")
+    exported = reviewing.export(db, session, tmp_path / "feedback", log=lambda _: None)  # what curators would see
+    assert exported.counts == {"ratings": 0, "pairs": 0, "chat": len(PROMPTS)}
+
+    child = iterate(parent.root, db, session, run_dir=tmp_path / "round2", reward_tolerance=0.5, log=lambda _: None)
     assert child.status("export").state == "done"
     lineage = json.loads(child.lineage_path.read_text(encoding="utf-8"))
     assert lineage["round"]["number"] == 2 and lineage["round"]["parent"] == str(parent.root.resolve())
@@ -108,11 +128,11 @@ def test_a_round_trains_on_feedback_passes_its_gate_is_exported_and_linked(paren
     assert evaluation["passed"] and any(g["gate"].startswith("reward_max_drop") for g in evaluation["gates"])
     history = round_history(child)
     assert [r.number for r in history] == [1, 2] and history[1].exported
-    assert history[1].data == {"feedback_chat": {"Museum / review session good": 72}}
+    assert history[1].data == {"feedback_chat": {f"review session {session}": len(PROMPTS)}}
     code, out, _ = cli("rounds", child.root)
     assert code == 0 and "round2" in out and "round1" in out and "passed" in out
     report = (child.root / "report.html").read_text(encoding="utf-8")
-    assert "<h2>Rounds</h2>" in report and "round1" in report and "review session good" in report
+    assert "<h2>Rounds</h2>" in report and "round1" in report and session in report
 
 
 def test_a_round_that_got_worse_is_refused_by_the_gate_and_not_exported(parent, tmp_path):
