@@ -555,9 +555,18 @@ def iterate(
         float | None,
         typer.Option(min=0, help="Accuracy points each multiple-choice subject may lose (default: the recipe's gate)."),
     ] = None,
+    licence: Annotated[
+        str | None, typer.Option(help="Licence of feedback whose session names none (the data policy may need one).")
+    ] = None,
+    rights_holder: Annotated[
+        str | None, typer.Option(help="Rights holder of feedback whose session names none.")
+    ] = None,
 ) -> None:
     """The next LoRA round from cleaned feedback: trains, evaluates against the parent, exports only if no worse."""
-    done = _rounds().iterate(run_dir, feedback, session, recipe, new_run_dir, reward_tolerance, mc_tolerance, log=_log)
+    rights = {"licence": licence, "rights_holder": rights_holder} if licence or rights_holder else None
+    done = _rounds().iterate(
+        run_dir, feedback, session, recipe, new_run_dir, reward_tolerance, mc_tolerance, rights=rights, log=_log
+    )
     out.print(f"[green]round finished:[/] {done.root}")
 
 

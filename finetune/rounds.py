@@ -13,6 +13,7 @@ gate passes. Its recipe and lineage name the parent and the round number.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,15 +44,20 @@ def iterate(
     reward_tolerance: float = 0.0,
     mc_tolerance: float | None = None,
     cleaning: ReviewCleaning | None = None,
+    rights: dict | None = None,
     log: Log = print,
 ) -> RunDir:
-    """Train, evaluate against the parent, and (when no gate fails) merge and export the next round."""
+    """Train, evaluate against the parent, and (when no gate fails) merge and export the next round.
+
+    `rights` ({licence, rights_holder, source}) are the feedback's defaults where the session names none (the
+    recipe's data policy decides whether feedback without a licence may train).
+    """
     parent_dir = RunDir.open(parent)
     parent_recipe = load_run_recipe(parent_dir).recipe
     _check_finished(parent_dir, parent_recipe)
     recipe = load_recipe(recipe_path).recipe if recipe_path else parent_recipe
     _check_same_model(recipe, parent_recipe, recipe_path)
-    counts = _feedback_counts(db, session, cleaning or ReviewCleaning())
+    counts = _feedback_counts(db, session, cleaning or ReviewCleaning(), log)
     evaluate = _parent_stage(recipe, "evaluate")
     if evaluate is None:
         raise WenmaiError(
@@ -60,7 +66,7 @@ def iterate(
         )
     base = _merged_model(parent_dir, parent_recipe, log)
     number = (parent_recipe.round.number if parent_recipe.round else 1) + 1
-    data = _child_recipe(recipe, parent_dir, parent_recipe, base, db, session, counts, number)
+    data = _child_recipe(recipe, parent_dir, parent_recipe, base, db, session, counts, number, rights)
     _gate_against_parent(data, evaluate, parent_dir, parent_recipe, reward_tolerance, mc_tolerance)
     text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -92,14 +98,24 @@ def _check_same_model(recipe: Recipe, parent: Recipe, recipe_path: str | Path | 
         )
 
 
-def _feedback_counts(db: str | Path, session: str, cleaning: ReviewCleaning) -> dict[str, int]:
-    """Records of each kind the session gives after cleaning; refuses a session with none."""
+def _feedback_counts(db: str | Path, session: str, cleaning: ReviewCleaning, log: Log) -> dict[str, int]:
+    """Records of each kind the session gives after cleaning (ratings only when they can refresh a reward model);
+    refuses a session with none."""
     store = ReviewStore.open(db, must_exist=True)
     try:
         found = session_records(store, session, cleaning)
     finally:
         store.close()
     counts = {kind: len(rows) for kind, rows in found.records.items()}
+    responses: dict[str, set[str]] = {}
+    for _, record in found.records["ratings"]:
+        responses.setdefault(json.dumps(record["prompt"], ensure_ascii=False), set()).add(record["response"])
+    if counts["ratings"] and not any(len(answers) > 1 for answers in responses.values()):
+        log(
+            f"{counts['ratings']} ratings left out: a reward model learns from two or more rated answers to the "
+            "same prompt, and every prompt of this session has one (create A/B sessions with --against)"
+        )
+        counts["ratings"] = 0
     if not any(counts.values()):
         held = len(found.cleaning.held_back)
         raise WenmaiError(
@@ -132,6 +148,7 @@ def _child_recipe(
     session: str,
     counts: dict[str, int],
     number: int,
+    rights: dict | None = None,
 ) -> dict:
     """The round's recipe: the parent's, on the merged model, with the feedback datasets and stages."""
     data = recipe.model_dump(mode="json", exclude_none=True)
@@ -143,6 +160,8 @@ def _child_recipe(
     for kind, dataset in FEEDBACK.items():
         if counts.get(kind):
             data["data"][dataset] = {"format": "review", "db": db_text, "session": session, "records": kind}
+            if rights:
+                data["data"][dataset]["defaults"] = {k: v for k, v in rights.items() if v is not None}
     if counts.get("chat"):
         stages.append({"sft": _options(recipe, "sft", dataset=FEEDBACK["chat"], name="sft")})
     if counts.get("ratings"):

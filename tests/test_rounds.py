@@ -166,3 +166,16 @@ def test_bad_rounds_are_clear_errors(parent, tmp_path, write_recipe):
     unfinished.recipe_path.write_text(parent.recipe_path.read_text(encoding="utf-8"), encoding="utf-8")
     with pytest.raises(WenmaiError, match="has not finished"):
         iterate(unfinished.root, db, "good", log=lambda _: None)
+
+
+def test_feedback_rights_given_to_iterate_become_the_feedback_datasets_defaults(parent, tmp_path):
+    from finetune.config_io import load_run_recipe
+    from finetune.rounds import _child_recipe
+
+    recipe = load_run_recipe(parent).recipe
+    counts = {"chat": 3, "ratings": 0, "pairs": 0}
+    rights = {"licence": "CC-BY-4.0", "rights_holder": "Museum", "source": None}
+    data = _child_recipe(recipe, parent, recipe, "merged", tmp_path / "r.db", "s", counts, 2, rights)
+    assert data["data"]["feedback_chat"]["defaults"] == {"licence": "CC-BY-4.0", "rights_holder": "Museum"}
+    assert [next(iter(s)) for s in data["stages"]] == ["sft", "evaluate", "merge", "export"]
+    assert data["round"] == {"parent": str(parent.root.resolve()), "number": 2, "feedback": f"{tmp_path / 'r.db'}#s"}
