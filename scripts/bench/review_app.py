@@ -21,39 +21,17 @@ import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from serve_speed import running_app  # noqa: F401 - the tests start the app in-process with it
+
 ROOT = Path(__file__).resolve().parents[2]
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 ITEM_URL = re.compile(r"/s/([^/]+)/item/(\d+)$")
 PASSWORD = "bench-password-123"
-
-
-@contextmanager
-def running_app(app, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL; stops it after."""
-    import uvicorn
-
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the review app did not start within 30 s")
-        time.sleep(0.05)
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @contextmanager
