@@ -133,11 +133,8 @@ def purge_conversations(store: ReviewStore, now: datetime | None = None) -> int:
 
 def _item(store: ReviewStore, session: str, conversation: Conversation, scrub: Scrub) -> Item:
     """The item of this response in the visitor session, made on its first feedback."""
-    with store.transaction(write=False) as db:
-        session_id = store.session(session).id
-        found = db.scalar(
-            select(ItemRow.id).where(ItemRow.session_id == session_id, ItemRow.key == conversation.response_id)
-        )
+    session_id = store.session(session).id
+    found = _item_id(store, session_id, conversation.response_id)
     if found is not None:
         return store.item(found)
     system = next((m["content"] for m in conversation.messages if m.get("role") == "system"), None)
@@ -157,6 +154,10 @@ def _item(store: ReviewStore, session: str, conversation: Conversation, scrub: S
     try:
         return store.add_items(session, [new])[0]
     except (ReviewError, IntegrityError):  # another visitor's feedback made it in the same moment
-        with store.transaction(write=False) as db:
-            found = db.scalar(select(ItemRow.id).where(ItemRow.key == conversation.response_id))
-        return store.item(found)
+        return store.item(_item_id(store, session_id, conversation.response_id))
+
+
+def _item_id(store: ReviewStore, session_id: int, response_id: str) -> int | None:
+    """The id of the response's item in the session, if it has one."""
+    with store.transaction(write=False) as db:
+        return db.scalar(select(ItemRow.id).where(ItemRow.session_id == session_id, ItemRow.key == response_id))
