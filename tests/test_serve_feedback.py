@@ -93,3 +93,14 @@ def test_logging_needs_a_store_and_feedback_needs_it_turned_on(export, tmp_path)
     with running_app(create_app(export)) as base:
         answer = post(base, {"response_id": "x", "thumb": "up"})
     assert answer.status_code == 404 and answer.json()["error"]["code"] == "feedback_disabled"
+
+
+def test_the_serve_command_names_bad_options_before_loading_anything(export, tmp_path, cli):
+    code, _, err = cli("serve", export, "--filter", "hide")
+    assert code == 2 and "--filter: 'hide' is not one of refuse, redact" in err
+    code, _, err = cli("serve", tmp_path, "--port", "1")
+    assert code == 2 and "neither a Wenmai export" in err and "Traceback" not in err
+    code, _, err = cli("serve", export, "--host", "0.0.0.0", "--port", "1")
+    assert code == 2 and "needs an API key" in err
+    code, _, err = cli("serve", export, "--log-days", "3", "--port", "1")
+    assert code == 2 and "--feedback-db" in err
