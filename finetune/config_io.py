@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,11 +93,14 @@ def load_recipe(
     _resolve_paths(data, origins)
     raw = copy.deepcopy(data)
     secret_paths = _expand_env(data, (), origins, problems)
+    problems += _number_problems(data, origins)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         problems += [_problem_from_pydantic(e, origins) for e in err.errors()]
         raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
     loaded = LoadedRecipe(recipe, path.resolve(), origins, secret_paths, raw)
     found = recipe_problems(recipe) + [p for check in checks for p in check(recipe)]
     problems += [loaded.locate(p) for p in found]
@@ -210,6 +215,37 @@ def _deep_merge(base: dict, base_origins: dict, top: dict, top_origins: dict, lo
 
 
 # --- paths and ${env:VAR} --------------------------------------------------------------------
+
+
+def _number_problems(data: Any, origins: dict, loc: Loc = ()) -> list[Problem]:
+    """Values pydantic would take but the run could not: yes/no where a number goes (`seq_len: true` becomes 1),
+    and infinities or NaN (saved as null in JSON, so every later resume, merge or export of the run fails)."""
+    found: list[Problem] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            found += _number_problems(value, origins, (*loc, key))
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found += _number_problems(value, origins, (*loc, i))
+    elif isinstance(data, bool | float):
+        info = field_at(loc)
+        kinds = _scalar_types(info.annotation) if info is not None else set()
+        where = origins.get(loc) or _nearest(origins, loc)
+        if isinstance(data, bool) and bool not in kinds and kinds & {int, float}:
+            found.append(Problem(format_loc(loc), f"{str(data).lower()} is a yes/no value; give a number", str(where)))
+        elif isinstance(data, float) and not math.isfinite(data) and float in kinds:
+            found.append(Problem(format_loc(loc), f"{data} is not a finite number; give one", str(where)))
+    return found
+
+
+def _scalar_types(annotation: Any) -> set[type]:
+    """The plain types an annotation accepts (through Optional, unions and Annotated)."""
+    if isinstance(annotation, type):
+        return {annotation}
+    out: set[type] = set()
+    for arg in typing.get_args(annotation):
+        out |= _scalar_types(arg)
+    return out
 
 
 def _resolve_paths(data: Any, origins: dict, loc: Loc = ()) -> None:

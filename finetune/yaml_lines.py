@@ -77,9 +77,33 @@ def read_yaml(path: Path, kind: str, problems: list[Problem]) -> tuple[dict, dic
             )
         )
         return {}, {}
+    problems += duplicate_keys(node, (), str(path))
     origins: dict[Loc, Origin] = {(): Origin(kind, str(path), 1)}
     record_lines(node, (), str(path), kind, origins)
     return data, origins
+
+
+def duplicate_keys(node: yaml.Node | None, loc: Loc, file: str) -> list[Problem]:
+    """A key given twice in one mapping: YAML keeps the last one silently, so the first would be lost unseen."""
+    found: list[Problem] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in seen and key != "<<":
+                found.append(
+                    Problem(
+                        format_loc((*loc, key)),
+                        f"given twice (lines {seen[key]} and {line}); YAML would keep only the second: remove one",
+                        f"{display_path(file)}:{line}",
+                    )
+                )
+            seen.setdefault(key, line)
+            found += duplicate_keys(value_node, (*loc, key), file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found += duplicate_keys(item, (*loc, i), file)
+    return found
 
 
 def record_lines(node: yaml.Node, loc: Loc, file: str, kind: str, origins: dict[Loc, Origin]) -> None:

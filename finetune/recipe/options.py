@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 if TYPE_CHECKING:
@@ -107,7 +107,9 @@ class TrainingOptions(StageOptions):
     # the stage's trainer can run padding-free batches (speed.padding_free)
     supports_padding_free: ClassVar[bool] = False
 
-    max_steps: int = Field(-1, description="Stop after this many optimiser steps; -1 trains for `epochs`.")
+    max_steps: int = Field(
+        -1, ge=-1, le=100_000_000, description="Stop after this many optimiser steps; -1 trains for `epochs`."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training set when `max_steps` is -1.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (LoRA usually 1e-4 .. 3e-4).")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -135,6 +137,13 @@ class TrainingOptions(StageOptions):
     eval_steps: int = Field(50, ge=1, description="Evaluate every this many steps (when the stage has an eval set).")
     save_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every this many steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _some_steps(cls, steps: int) -> int:
+        if steps == 0:
+            raise ValueError("0 steps trains nothing; give a step count of 1 or more, or -1 to train for `epochs`")
+        return steps
 
     @model_validator(mode="before")
     @classmethod

@@ -63,7 +63,7 @@ class ModelSection(Section):
 class LoraSection(Section):
     """The LoRA adapter every training stage trains (PEFT)."""
 
-    r: int = Field(16, gt=0, description="Adapter rank.")
+    r: int = Field(16, gt=0, le=4096, description="Adapter rank (LoRA ranks above a few hundred buy nothing).")
     alpha: int = Field(32, gt=0, description="Scaling numerator (scale = alpha / r, or alpha / sqrt(r) for rslora).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
     targets: Literal["all-linear"] | list[str] = Field(
