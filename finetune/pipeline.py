@@ -6,9 +6,10 @@ calls. Each stage's method is `finetune.stages.STAGES[kind].run`; the lineage is
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,16 +106,18 @@ def start(
             "a run with several processes needs the same --run-dir on every process; start it with `wenmai launch`"
         )
     _convert_once_per_node(recipe, ranks)
-    if ranks.is_main:  # rank 0 owns the run folder; the others wait until it exists
-        run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
-        atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
-        log(f"run folder: {run_dir.root}")
-    barrier()
-    if not ranks.is_main:
-        run_dir = RunDir.open(run_dir_path)
-        if pinned:  # every process reads the feedback rank 0 pinned
-            recipe = load_run_recipe(run_dir).recipe
-    return run_stages(recipe, run_dir, log, force)
+    with contextlib.ExitStack() as held:
+        if ranks.is_main:  # rank 0 owns the run folder and holds its lock; the others wait until it exists
+            run_dir = RunDir.create(recipe.output.root, recipe.name, run_dir_path)
+            held.enter_context(run_dir.lock(log))
+            atomic_write_text(run_dir.recipe_path, loaded.to_yaml())
+            log(f"run folder: {run_dir.root}")
+        barrier()
+        if not ranks.is_main:
+            run_dir = RunDir.open(run_dir_path)
+            if pinned:  # every process reads the feedback rank 0 pinned
+                recipe = load_run_recipe(run_dir).recipe
+        return run_stages(recipe, run_dir, log, force)
 
 
 def pin_review_data(recipe: Recipe) -> list[str]:
@@ -137,6 +140,28 @@ def resume(
 ) -> RunDir:
     """Continue a run: finished stages are skipped, an interrupted one restarts from its last checkpoint."""
     run_dir = RunDir.open(run_dir_path)
+    log = main_only(log)
+    with own_run_folder(run_dir, log):
+        return _resume(run_dir, recipe_path, overrides, log, force)
+
+
+def own_run_folder(run_dir: RunDir, log: Log) -> contextlib.AbstractContextManager[None]:
+    """For a command that continues a run folder: rank 0 holds its lock (`RunDir.lock`) for the whole command and
+    first removes what interrupted atomic writes left; the other ranks of a launch write nothing there and take none."""
+    return _locked_and_cleared(run_dir, log) if is_main_process() else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _locked_and_cleared(run_dir: RunDir, log: Log) -> Iterator[None]:
+    with run_dir.lock(log):
+        for path in run_dir.remove_leftovers():
+            log(f"removed {run_dir.relative(path)}, left by an interrupted write")
+        yield
+
+
+def _resume(
+    run_dir: RunDir, recipe_path: str | Path | None, overrides: tuple[str, ...], log: Log, force: bool
+) -> RunDir:
     stored = load_run_recipe(run_dir)
     if overrides and recipe_path is None:
         raise WenmaiError("--set cannot change a run being resumed; start a new run to change settings")
@@ -150,7 +175,6 @@ def resume(
                 f"{run_dir.root}` alone, or start a new run",
             )
     ranks = connect(stored.recipe.distributed)
-    log = main_only(log)
     problems = preflight(stored.recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))

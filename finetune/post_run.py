@@ -13,7 +13,7 @@ import yaml
 from finetune.config_io import load_resolved, load_run_recipe
 from finetune.errors import WenmaiError
 from finetune.gguf_export import GGUF_TYPES
-from finetune.pipeline import Log, run_stages
+from finetune.pipeline import Log, own_run_folder, run_stages
 from finetune.recipe import wiring
 from finetune.run_dir import RunDir, atomic_write_text, utc_now
 from finetune.tracking import check_backends
@@ -22,8 +22,15 @@ from finetune.tracking import check_backends
 def extend_run(
     run_dir_path: str | Path, stages: list[tuple[str, dict]], force: bool = False, log: Log = print
 ) -> RunDir:
-    """Run `stages` ((kind, options) pairs) on a run folder; a done stage reruns only if its options changed or `force`."""
+    """Run `stages` ((kind, options) pairs) on a run folder; a done stage reruns only if its options changed or `force`.
+
+    The folder is locked for the whole command (a second merge, export or resume on it is refused meanwhile)."""
     run_dir = RunDir.open(run_dir_path)
+    with own_run_folder(run_dir, log):
+        return _extend(run_dir, stages, force, log)
+
+
+def _extend(run_dir: RunDir, stages: list[tuple[str, dict]], force: bool, log: Log) -> RunDir:
     data = yaml.safe_load(run_dir.recipe_path.read_text(encoding="utf-8"))
     targets, changed = [], set()
     for kind, options in stages:

@@ -1,4 +1,4 @@
-"""The run folder: its layout, atomic writes, stage status and metrics, and what a stage receives and returns.
+"""The run folder: its layout, its lock, atomic writes, stage status and metrics, and what a stage receives and returns.
 
 Nothing else builds these paths: a stage's folder, checkpoints, metrics, status and the files every
 training stage leaves are named here.
@@ -7,12 +7,16 @@ training stage leaves are named here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +25,11 @@ from typing import TYPE_CHECKING, Any, Literal, TextIO
 from pydantic import BaseModel, Field
 
 from finetune.errors import WenmaiError
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked there
+    fcntl = None
 
 if TYPE_CHECKING:
     from finetune.recipe import Recipe
@@ -32,6 +41,15 @@ METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 DATA_CARD_FILE = "data_card.md"
 REGISTER_FILE = "sensitive_register.jsonl"
+LOCK_FILE = ".lock"
+
+# What atomic_open / atomic_dir leave when a kill stops them: `.<name>.<8 characters of tempfile's>.tmp`
+# (mkstemp / mkdtemp with the prefix and suffix below), and `.<name>.old` (the replaced folder, once the new
+# one is in place). Nothing else in a run folder is ever removed as a leftover.
+TEMP_SUFFIX = ".tmp"
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+OLD_NAME = re.compile(r"\.(?P<name>.+)\.old")
+_UMASK_LOCK = threading.Lock()  # the one piece of module state: it serialises current_umask's fallback
 
 
 class StageStatus(BaseModel):
@@ -68,7 +86,10 @@ class RunDir:
                 f"run folder {root} already exists; continue it with `wenmai run --resume {root}`, "
                 "or choose another folder with `--run-dir`"
             )
-        root.mkdir(parents=True)
+        try:
+            root.mkdir(parents=True)
+        except FileExistsError:  # another `wenmai run` made it a moment ago
+            raise WenmaiError(f"run folder {root} already exists; choose another folder with `--run-dir`") from None
         return cls(root)
 
     @staticmethod
@@ -98,6 +119,49 @@ class RunDir:
     @property
     def lineage_path(self) -> Path:
         return self.root / LINEAGE_FILE
+
+    @contextlib.contextmanager
+    def lock(self, log: Callable[[str], None] | None = None) -> Iterator[None]:
+        """Hold the run folder for this process, or refuse (`WenmaiError`, naming the holder) when another has it.
+
+        An OS lock (`flock`) on `<run>/.lock`: it ends with the process that holds it, even after a kill -9,
+        so there is never a stale lock to delete. The file says who holds it (pid, host, start time) for the
+        message another process shows. A file system without locks (some network mounts) runs unlocked, with a
+        warning through `log`.
+        """
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask applies
+        try:
+            if not _try_lock(fd, path, log):
+                raise WenmaiError(_held_message(self.root, path))
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now()}
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(holder).encode())
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # a later reader never names a process that has let go
+        finally:
+            os.close(fd)  # closing the only descriptor releases the lock
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove what killed atomic writes left in the run folder and its stage folders; returns what was removed.
+
+        Only the names `atomic_open` and `atomic_dir` give their temporary files and folders are touched, and only
+        while no other process writes the folder: call it holding `lock()`.
+        """
+        folders = [self.root] + sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        removed = []
+        for folder in folders:
+            for path in sorted(folder.iterdir()):
+                if not _is_leftover(path):
+                    continue
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+        return removed
 
     def stage_dir(self, stage: str) -> Path:
         path = self.root / stage
@@ -178,14 +242,18 @@ def truncate_metrics(path: Path, after_step: int) -> None:
 
 @contextlib.contextmanager
 def atomic_open(path: Path) -> Iterator[TextIO]:
-    """A text file that appears at `path` complete (flushed, fsynced, renamed over it) or not at all."""
+    """A text file that appears at `path` complete (flushed, fsynced, renamed over it) or not at all.
+
+    It gets the mode a plain `open` would give a new file under the umask (mkstemp makes it 0600).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -205,11 +273,16 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `final` in one rename, on failure it is removed."""
+    """Yield a temporary folder; on success it replaces `final` in one rename, on failure it is removed.
+
+    The folder gets the mode a plain `mkdir` would give it under the umask (mkdtemp makes it 0700); what is
+    written into it keeps the modes its writers gave.
+    """
     final = Path(final)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=TEMP_SUFFIX))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~current_umask())
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -221,6 +294,62 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux: /proc/self/status).
+
+    Elsewhere the only way is to set it and set it back, which is racy: a file another thread creates in between
+    gets the temporary umask. We set 0o077 in between (so such a file is private, never world-writable) and
+    serialise our own readers with `_UMASK_LOCK`.
+    """
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return umask
+
+
+def _try_lock(fd: int, path: Path, log: Callable[[str], None] | None) -> bool:
+    """Take the lock on `fd` without waiting; False when another process holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        if log is not None:  # refusing every run on such a file system would be worse than running unlocked
+            log(f"warning: {path} cannot be locked on this file system ({err.strerror}); run one command at a time")
+    return True
+
+
+def _held_message(root: Path, path: Path) -> str:
+    holder: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+    if isinstance(holder, dict) and "pid" in holder:
+        who = f"process {holder['pid']} on host {holder.get('host', '?')} (since {holder.get('started', '?')})"
+    else:  # it has just taken the lock and not yet written its details
+        who = "another process"
+    return (
+        f"run folder {root} is in use by {who}; two commands on one run folder would write the same files. "
+        "Wait for it to finish (or stop it), then run this again. The lock ends with that process, even a killed "
+        f"one: if it is gone, the folder is already free, and there is nothing to delete (not even {path.name})"
+    )
+
+
+def _is_leftover(path: Path) -> bool:
+    """A temporary name of atomic_open / atomic_dir, or an `.<name>.old` folder whose `<name>` is in place."""
+    if TEMP_NAME.fullmatch(path.name):
+        return True
+    old = OLD_NAME.fullmatch(path.name)
+    return bool(old) and path.is_dir() and (path.parent / old["name"]).exists()
 
 
 def sha256_file(path: Path) -> str:
