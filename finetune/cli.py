@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -44,6 +45,11 @@ from finetune.round_history import round_history
 from finetune.run_dir import RunDir, atomic_write_text
 from reward.score import score_file
 
+try:  # newer typer (0.29) carries its own copy of click, typer._click, and raises that copy's exceptions
+    from typer._click.exceptions import ClickException as TyperClickException
+except ImportError:  # older typer (0.20, which the federated extra needs) raises click's own
+    TyperClickException = click.ClickException
+
 app = typer.Typer(
     name="wenmai",
     help="Wenmai (文脉): fine-tune language models into cultural vertical models from one YAML recipe.",
@@ -51,8 +57,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
-out = Console()
+# Markup off: messages, paths and table cells are printed as they are (`pip install 'wenmai[gpu]'` is not a Rich
+# tag); our own colours are Text styles (`_labelled`).
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
 
 SetOption = Annotated[
     list[str], typer.Option("--set", help="Override a recipe key: a.b.c=value (e.g. stages.sft.max_steps=5).")
@@ -73,17 +81,17 @@ def validate(
 ) -> None:
     """Check a recipe and its data without loading weights; print the resolved recipe and the plan."""
     loaded = pipeline.load_recipe(recipe, set_ or [])
-    out.print("[bold]Resolved recipe[/] (each value's origin after #)")
+    out.print(Text("Resolved recipe", style="bold"), "(each value's origin after #)")
     out.print(loaded.to_yaml(annotate=True), highlight=False, markup=False)
     checked = pipeline.validate(loaded.recipe, gpus, nodes)
     out.print(plan_table(loaded.recipe, checked.counts))
     out.print(data_table([c["report"] for c in checked.counts.values() if c.get("report")]))
     for problem in checked.warnings:
-        console.print(f"[yellow]warning:[/] {problem}")
+        console.print(_labelled("warning:", "yellow", problem))
     show_report(checked.report, planning=True)
     for line in checked.speed_lines:
-        out.print(f"[bold]speed on this machine[/] {line}", highlight=False)
-    out.print("[green]recipe is valid[/]")
+        out.print(_labelled("speed on this machine", "bold", line))
+    out.print("recipe is valid", style="green")
 
 
 @app.command()
@@ -133,7 +141,7 @@ def show_report(report, planning: bool) -> None:
     blocking = report.blocking(planning)
     for finding in report.findings:
         if finding not in blocking:
-            console.print(f"[yellow]warning:[/] {finding}", highlight=False)
+            console.print(_labelled("warning:", "yellow", finding))
     if report.estimates:
         out.print(memory_table(report))
     if blocking:
@@ -157,18 +165,31 @@ def run(
     """Run every stage of a recipe into a new run folder (or resume one)."""
 
     quiet_other_ranks()  # under `wenmai launch`, only rank 0 talks
-    log = lambda message: console.print(f"[cyan]wenmai[/] {message}", highlight=False)  # noqa: E731
-    if resume is not None:
-        if run_dir is not None:
-            raise WenmaiError("--run-dir and --resume cannot be combined: --resume names the folder to continue")
-        folder = pipeline.resume(resume, recipe, tuple(set_ or ()), log=log, force=force)
-    elif recipe is None:
+    if resume is not None and run_dir is not None:
+        raise WenmaiError("--run-dir and --resume cannot be combined: --resume names the folder to continue")
+    if resume is None and recipe is None:
         raise WenmaiError("give a recipe file (wenmai run recipes/quickstart.yaml) or --resume RUN_DIR")
-    else:
-        folder = pipeline.start(pipeline.load_recipe(recipe, set_ or []), run_dir, log=log, force=force)
+    try:
+        if resume is not None:
+            folder = pipeline.resume(resume, recipe, tuple(set_ or ()), log=_log, force=force)
+        else:
+            folder = pipeline.start(pipeline.load_recipe(recipe, set_ or []), run_dir, log=_log, force=force)
+    except KeyboardInterrupt as err:  # the stage is marked failed; say how to go on, and exit 130 so `&&` stops
+        if is_main_process():
+            console.print(
+                _resume_hint(getattr(err, "run_dir", None) or resume or run_dir), style="yellow", soft_wrap=True
+            )
+        raise typer.Exit(130) from None
     if is_main_process():
         out.print(summary_table(folder))
-        out.print(f"[green]run finished:[/] {folder.root}")
+        out.print(_labelled("run finished:", "green", folder.root))
+
+
+def _resume_hint(folder: Path | None) -> str:
+    """The line an interrupted run ends with: the command that resumes it, naming its folder once it exists."""
+    if folder is not None and RunDir(folder).recipe_path.is_file():
+        return f"interrupted; resume with `wenmai run --resume {folder}`"
+    return "interrupted; resume with `wenmai run --resume <RUN>` (RUN: the run folder printed above, if any)"
 
 
 def _about(option: str, prefix: str = "") -> str:
@@ -235,19 +256,17 @@ def eval_(
         batch_size=batch_size,
         max_length=max_length,
     )
-    evaluation = comparison.compare(
-        entries, spec, recipe, log=lambda m: console.print(f"[cyan]wenmai[/] {m}", highlight=False)
-    )
+    evaluation = comparison.compare(entries, spec, recipe, log=_log)
     out.print(comparison.comparison_table(evaluation))
     path = comparison.write_json(evaluation, output or comparison.default_output(entries))
-    out.print(f"[green]results:[/] {path}")
+    out.print(_labelled("results:", "green", path))
 
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
     """(Re)write a run's self-contained HTML report (curves, evaluations, gates, data cards, lineage)."""
 
-    out.print(f"[green]report:[/] {write_report(run_dir)}")
+    out.print(_labelled("report:", "green", write_report(run_dir)))
 
 
 @app.command()
@@ -255,7 +274,8 @@ def stages() -> None:
     """List the stage kinds and their options."""
 
     for kind, options in OPTIONS.items():
-        table = Table(title=f"[bold]{kind}[/] — {(options.__doc__ or '').strip()}", title_justify="left", expand=True)
+        title = Text.assemble((kind, "bold"), f" — {(options.__doc__ or '').strip()}")
+        table = Table(title=title, title_justify="left", expand=True)
         table.add_column("option", style="cyan", no_wrap=True)
         table.add_column("type")
         table.add_column("default")
@@ -281,7 +301,7 @@ def merge(
     options.update({"adapter": adapter} if adapter else {})
     folder = extend_run(run_dir, [("merge", options)], force=force, log=_log)
     out.print(summary_table(folder))
-    out.print(f"[green]merged model:[/] {folder.output(name, 'model')}")
+    out.print(_labelled("merged model:", "green", folder.output(name, "model")))
 
 
 @app.command()
@@ -298,7 +318,7 @@ def export(
 
     folder = extend_run(run_dir, export_stages(run_dir, format_, gguf_types, name), force=force, log=_log)
     out.print(summary_table(folder))
-    out.print(f"[green]exported:[/] {folder.output(name, 'model')}")
+    out.print(_labelled("exported:", "green", folder.output(name, "model")))
 
 
 @app.command()
@@ -334,7 +354,7 @@ def chat(
     if prompt is not None:
         answer(prompt)
         return
-    console.print(f"[dim]{model.folder} — {EXPLICIT_LABEL}; empty line or Ctrl-D ends[/]")
+    console.print(f"{model.folder} — {EXPLICIT_LABEL}; empty line or Ctrl-D ends", style="dim")
     while True:
         try:
             text = input("> ").strip()
@@ -346,7 +366,13 @@ def chat(
 
 
 def _log(message: str) -> None:
-    console.print(f"[cyan]wenmai[/] {message}", highlight=False)
+    """Progress from the modules the commands call, on stderr."""
+    console.print(_labelled("wenmai", "cyan", message))
+
+
+def _labelled(label: str, style: str, text: object) -> Text:
+    """Our coloured label, then `text` exactly as it is (no Rich markup, no pretty-printing of objects)."""
+    return Text.assemble((label, style), " ", str(text))
 
 
 reward_app = typer.Typer(help="Reward models: score answers with a trained reward model.", no_args_is_help=True)
@@ -374,7 +400,7 @@ def reward_score(
         atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in scored))
     out.print(score_table(scored, names, rows=0 if output else 50))
     if output is not None:
-        out.print(f"[green]scores written:[/] {output}")
+        out.print(_labelled("scores written:", "green", output))
 
 
 data_app = typer.Typer(
@@ -412,7 +438,7 @@ def data_scrub(
 
     report = data_commands.scrub(source, dest, format_, recipe, dedup)
     out.print(data_table([report]))
-    out.print(f"[green]wrote {report.kept} records to {dest}[/]")
+    out.print(f"wrote {report.kept} records to {dest}", style="green")
 
 
 @data_app.command("card")
@@ -427,7 +453,7 @@ def data_card(
     """Write a data card (markdown + JSON) and the sensitive-topic register for a recipe's datasets or a file."""
 
     for path in data_commands.card(target, out_dir, format_, recipe):
-        out.print(f"[green]wrote[/] {path}")
+        out.print(_labelled("wrote", "green", path))
 
 
 @app.command("serve")
@@ -567,7 +593,7 @@ def iterate(
     done = _rounds().iterate(
         run_dir, feedback, session, recipe, new_run_dir, reward_tolerance, mc_tolerance, rights=rights, log=_log
     )
-    out.print(f"[green]round finished:[/] {done.root}")
+    out.print(_labelled("round finished:", "green", done.root))
 
 
 @app.command("rounds")
@@ -617,7 +643,7 @@ def review_create(
         reviewers_per_item, max_new_tokens, batch_size, limit, log=_log,
     )  # fmt: skip
     kind = "A/B pairs" if against else "answers"
-    out.print(f"[green]session {session.name!r}:[/] {len(items)} {kind} to review in {db}")
+    out.print(_labelled(f"session {session.name!r}:", "green", f"{len(items)} {kind} to review in {db}"))
 
 
 @review_app.command("export")
@@ -665,7 +691,7 @@ def review_export(
         f"held back {done.held_back} items; noisy raters: {', '.join(done.noisy_raters) or 'none'}; "
         f"teacher disagreements to look at: {done.disagreements}"
     )
-    out.print(f"[green]cleaning report:[/] {done.folder / 'cleaning_report.md'}")
+    out.print(_labelled("cleaning report:", "green", done.folder / "cleaning_report.md"))
 
 
 @review_app.command("serve")
@@ -747,7 +773,7 @@ def review_user_add(
     else:
         password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
     reviewer = _reviewing().add_user(db, pseudonym, password, "admin" if admin else "reviewer")
-    out.print(f"[green]added {reviewer.role}[/] {reviewer.pseudonym}")
+    out.print(_labelled(f"added {reviewer.role}", "green", reviewer.pseudonym))
 
 
 @user_app.command("list")
@@ -767,31 +793,35 @@ def review_user_disable(
 ) -> None:
     """Disable a reviewer account; past reviews stay in the store."""
     _reviewing().set_active(db, pseudonym, False)
-    out.print(f"[green]disabled[/] {pseudonym}")
+    out.print(_labelled("disabled", "green", pseudonym))
 
 
 def main() -> None:
-    """Entry point: user errors print one red block and exit 2; tracebacks only with --debug."""
-    import click
+    """Entry point: user errors print one red block and exit 2; tracebacks only with --debug.
 
+    Typer runs without standalone mode so that errors are printed here; in that mode it returns the exit code of
+    `typer.Exit` and of Ctrl-C (130) instead of exiting, so `main` exits with it.
+    """
     debug = "--debug" in sys.argv
     if not debug:  # library deprecation notices are not actionable for a recipe author
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="wenmai")
     except WenmaiError as err:
         if debug:
             console.print_exception()
         console.print(Text("error: ", style="bold red") + Text(str(err)), soft_wrap=True, highlight=False)
         sys.exit(2)
-    except click.exceptions.Abort:
-        console.print("[red]aborted[/]")
+    except (click.exceptions.Abort, typer.Abort):
+        console.print("aborted", style="red")
         sys.exit(130)
-    except click.ClickException as err:
+    except (click.ClickException, TyperClickException) as err:  # a usage error: its usage line and the error
         err.show()
         sys.exit(2)
-    except click.exceptions.Exit as err:
+    except (click.exceptions.Exit, typer.Exit) as err:
         sys.exit(err.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The tables the `wenmai` command prints: the plan, the data layer, memory, a run's stages, reward scores, options."""
+"""The tables the `wenmai` command prints: the plan, the data layer, memory, a run's stages, reward scores, options.
+
+Cells hold user text (stage names, messages, paths): print them on a console with markup off, as `finetune.cli`
+does, so that `wenmai[gpu]` stays as it is; the tables' own styling is Text styles, not markup.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 from rich.table import Table
+from rich.text import Text
 
 from finetune.config_io import load_run_recipe
 from finetune.distributed.memory import estimate_lora_parameters, gib
@@ -60,7 +65,7 @@ def score_table(scored: list[dict], names: list[str], rows: int) -> Table:
             str(i), answer[:40] + ("…" if len(answer) > 40 else ""), *(f"{record['scores'][n]:.3f}" for n in names)
         )
     means = [sum(r["scores"][n] for r in scored) / len(scored) for n in names]
-    table.add_row("", "[bold]mean[/]", *(f"{m:.3f}" for m in means))
+    table.add_row("", Text("mean", style="bold"), *(f"{m:.3f}" for m in means))
     return table
 
 

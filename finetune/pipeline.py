@@ -276,6 +276,8 @@ def _run_each(
                 status.error = f"{type(err).__name__}: {err}"[:2000]
                 run_dir.write_status(status)
                 write_lineage(recipe, run_dir)
+            if isinstance(err, KeyboardInterrupt):
+                err.run_dir = run_dir.root  # the CLI names the folder to resume
             raise
         finally:
             release_memory()  # the stage's models are gone; give their memory back before the next stage

@@ -26,7 +26,15 @@ from finetune.merging import apply_contract, choose_device, merge_section, plan_
 from finetune.model import resolve_source
 from finetune.model_card import PROVENANCE_FILE
 from finetune.recipe import ExportOptions, Recipe
-from finetune.run_dir import StageContext, StageResult, atomic_dir, atomic_write_json, sha256_file, utc_now
+from finetune.run_dir import (
+    StageContext,
+    StageResult,
+    atomic_dir,
+    atomic_write_json,
+    current_umask,
+    sha256_file,
+    utc_now,
+)
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -303,7 +311,6 @@ def _copy_data_cards(run_root: Path, stage_names: list[str], target: Path) -> li
 
 def _make_readable(folder: Path) -> None:
     """Temporary folders and files are private; an export is meant to be shared (the umask still applies)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for path in [folder, *folder.rglob("*")]:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
