@@ -93,7 +93,10 @@ class ScoreInput(BaseModel):
     @model_validator(mode="after")
     def _one_shape(self) -> ScoreInput:
         if self.messages is not None:
-            if not self.messages or self.messages[-1].get("role") != "assistant":
+            incomplete = [i for i, m in enumerate(self.messages) if not {"role", "content"} <= m.keys()]
+            if incomplete:
+                raise ValueError(f"messages[{incomplete[0]}] needs a `role` and a `content`")
+            if not self.messages or self.messages[-1]["role"] != "assistant":
                 raise ValueError("`messages` must end with the assistant answer to score")
         elif self.prompt is None or self.response is None:
             raise ValueError("give `prompt` and `response`, or `messages` ending with an assistant turn")
@@ -121,7 +124,8 @@ def read_score_inputs(path: Path) -> list[dict]:
             continue
         records.append({"raw": raw, "pair": item.as_pair()})
     if bad:
-        raise DataError(f"{len(bad)} bad line(s) in {path}:\n  - " + "\n  - ".join(bad[:MAX_LISTED_PROBLEMS]))
+        more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
+        raise DataError(f"{len(bad)} bad line(s) in {path}:\n  - " + "\n  - ".join(bad[:MAX_LISTED_PROBLEMS]) + more)
     if not records:
         raise DataError(f"{path}: nothing to score")
     return records

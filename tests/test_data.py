@@ -135,7 +135,7 @@ def test_metadata_fields_ride_along(tmp_path):
     assert records.records[0]["licence"] == "CC0-1.0" and records.records[0]["id"] == "a1"
 
 
-def test_parquet_and_csv_are_read_through_datasets(tmp_path):
+def test_parquet_and_csv_are_read(tmp_path):
     from datasets import Dataset
 
     rows = [{"instruction": "Name the poet", "input": "静夜思", "output": "李白"}] * 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from finetune.config_io import load_recipe
@@ -20,6 +21,7 @@ from finetune.recipe.data_policy import DataPolicy
 from finetune.run_dir import REGISTER_FILE, atomic_open, utc_now
 
 RECIPE_SUFFIXES = (".yaml", ".yml")
+DETECT_ROWS = 20  # rows looked at to tell a file's record format
 
 
 @dataclass
@@ -92,19 +94,24 @@ def targets(target: Path, fmt: str | None, recipe: Path | None) -> list[Target]:
 
 
 def detect_format(path: Path) -> str:
-    """The first record format whose model accepts the file's first record."""
-    for where, raw in iter_raw(path):
+    """The first record format whose model accepts one of the file's first readable records.
+
+    Rows that cannot be read are passed over here: the data layer lists them all, with file:line.
+    """
+    first_problem = None
+    for where, raw in islice(iter_raw(path), DETECT_ROWS):
         if isinstance(raw, Exception):
-            raise DataError(f"{where}: {raw}")
+            first_problem = first_problem or f"{where}: {raw}"
+            continue
         for name, model in RECORD_MODELS.items():
             with contextlib.suppress(ValueError):
                 model.model_validate(raw)
                 return name
-        raise DataError(
+        first_problem = first_problem or (
             f"{where}: cannot tell the record format (fields: {', '.join(raw)}); give --format "
             f"({', '.join(RECORD_MODELS)})"
         )
-    raise DataError(f"{path}: no records")
+    raise DataError(first_problem or f"{path}: no records")
 
 
 def _run(item: Target) -> tuple[DatasetReport, list[RegisterEntry]]:

@@ -379,13 +379,7 @@ def _strings(row: dict) -> list[str]:
 
 
 def _eval_rows(path: Path) -> Iterator[dict]:
-    """Rows of an evaluation file; CSV with the csv module (no cache files), the rest as data files are read."""
-    if path.suffix.lower() == ".csv":
-        import csv
-
-        with path.open(encoding="utf-8", newline="") as f:
-            yield from csv.DictReader(f)
-        return
+    """Rows of an evaluation file, read as data files are (a bad row is named, not a crash)."""
     for where, row in iter_raw(path):
         if isinstance(row, Exception):
             raise DataError(f"{where}: {row} (in data.policy.dedup.check_against)")
