@@ -330,7 +330,7 @@ def chat(
         str | None, typer.Option(help="Ask one question and exit (default: an interactive session).")
     ] = None,
     system: Annotated[str | None, typer.Option(help="System message.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer, in tokens.")] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 answers greedily; above 0 samples.")] = 0.0,
     label: Annotated[
         bool, typer.Option(help="Print each answer as JSON with the AI-generated-content implicit label.")

@@ -112,7 +112,21 @@ def load_recipe(
 
 def load_resolved(text: str, path: Path) -> LoadedRecipe:
     """Validate an already-resolved recipe (the copy stored in a run folder)."""
-    data = _without_refused_speed_defaults(yaml.safe_load(text))
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{display_path(path)}:{mark.line + 1}" if mark else display_path(path)
+        raise ConfigError(
+            [Problem(display_path(path), f"damaged: not valid YAML ({getattr(err, 'problem', err)})", where)],
+            f"cannot read the run's recipe {path}; restore it from a copy, or start a new run",
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [Problem(display_path(path), "damaged: not a recipe (a mapping of sections)", f"{display_path(path)}:1")],
+            f"cannot read the run's recipe {path}; restore it from a copy, or start a new run",
+        )
+    data = _without_refused_speed_defaults(data)
     problems: list[Problem] = []
     origins = {(): Origin("recipe", str(path), 1)}
     secret_paths = _expand_env(data, (), origins, problems)

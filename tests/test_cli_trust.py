@@ -229,3 +229,17 @@ def test_every_print_of_the_cli_goes_to_a_console_without_markup():
                 receiver = node.func.value
                 assert isinstance(receiver, ast.Name) and receiver.id in markup_off, f"{path}: {ast.unparse(node)}"
                 assert not any(k.arg == "markup" and k.value.value is True for k in node.keywords), ast.unparse(node)
+
+
+@pytest.mark.parametrize("text", ["name: x\nmodel: [unclosed\n", "- a\n- b\n"])
+def test_a_damaged_recipe_in_a_run_folder_is_one_clear_error(text, tmp_path, cli):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(text, encoding="utf-8")
+    code, _, err = cli("run", "--resume", run)
+    assert code == 2 and "cannot read the run's recipe" in err and "damaged" in err and "Traceback" not in err
+
+
+def test_chat_refuses_a_negative_answer_length(tmp_path, cli):
+    code, _, err = cli("chat", tmp_path, "--max-new-tokens", "-1")
+    assert code == 2 and "--max-new-tokens" in err and "Traceback" not in err
