@@ -1,17 +1,27 @@
-"""`lineage.json`: what went into a run (recipe, model, data files, package versions, code) and what each stage made."""
+"""`lineage.json`: what went into a run (recipe, model, data files, package versions, code) and what each stage made.
+
+It is rewritten after every stage, and each write looks at the inputs again: a data file that changed after a
+finished stage read it stops the run (the lineage could no longer say what that stage trained on); one that only
+stages still to run will read is recorded as a change. Package versions and the code's git commit are read again too,
+so a resume under other versions shows; a local model folder gets a combined sha256, re-hashed only for files whose
+size or modification time changed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 import finetune
+from finetune.errors import WenmaiError
 from finetune.model import resolve_source
-from finetune.recipe import DatasetSection, Recipe, used_datasets
+from finetune.recipe import DatasetSection, Recipe, stage_datasets, used_datasets
 from finetune.run_dir import RunDir, atomic_write_json, sha256_file, utc_now
 
 TRACKED_PACKAGES = (
@@ -25,6 +35,11 @@ TRACKED_PACKAGES = (
     "deepspeed",
     "liger-kernel",
 )
+# The files of a model folder that `from_pretrained` reads: config, tokenizer, weights, custom code. Only the top
+# level: a hub snapshot's `original/` holds a second copy of the weights that nothing here loads.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".model", ".txt", ".jinja", ".tiktoken", ".py")
+
+Log = Callable[[str], None]
 
 
 class StageLineage(BaseModel):
@@ -47,16 +62,23 @@ class Lineage(BaseModel):
     created: str
     updated: str
     wenmai_version: str
-    git_commit: str | None
-    packages: dict[str, str]
-    model: dict
-    data: dict[str, dict]
+    git_commit: str | None  # of the checkout the `finetune` package runs from; None when it is not a git checkout
+    git_commit_at_start: str | None = None  # set only when a resume runs other code than the run started with
+    packages: dict[str, str]  # the versions of the latest write (a resume may run under others)
+    packages_at_start: dict[str, str] | None = None  # set only when they differ from `packages`
+    model: dict  # a local folder's `sha256` combines its files' (listed under `files` with size and mtime)
+    data: dict[str, dict]  # a file changed before the stages reading it ran lists its new hashes under `changes`
     stages: list[StageLineage]
     round: dict | None = None  # a `wenmai iterate` round: its parent run, number and feedback
 
 
-def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
-    """(Re)write lineage.json from the recipe, the input files, and every stage's status."""
+def write_lineage(recipe: Recipe, run_dir: RunDir, log: Log | None = None) -> None:
+    """(Re)write lineage.json from the recipe, the input files, and every stage's status.
+
+    Raises `WenmaiError` when a data file changed after a finished stage read it; `log` gets a line for each change
+    that is recorded instead.
+    """
+    log = log or (lambda line: None)
     previous = {}
     if run_dir.lineage_path.is_file():
         previous = Lineage.model_validate_json(run_dir.lineage_path.read_text(encoding="utf-8")).model_dump()
@@ -76,23 +98,75 @@ def write_lineage(recipe: Recipe, run_dir: RunDir) -> None:
                 used=status.summary.get("used") if status else None,
             )
         )
+    data = _data_lineage(recipe, stages, previous.get("data") or {}, run_dir, log)
+    git_commit = _git_commit()
+    packages = _package_versions()
     lineage = Lineage(
         run=run_dir.name,
         recipe=recipe.name,
         created=previous.get("created") or utc_now(),
         updated=utc_now(),
         wenmai_version=finetune.__version__,
-        git_commit=previous.get("git_commit") or _git_commit(),
-        packages=previous.get("packages") or _package_versions(),
-        model=previous.get("model") or _model_lineage(recipe),
-        data=previous.get("data") or {name: _dataset_lineage(recipe.data[name]) for name in used_datasets(recipe)},
+        git_commit=git_commit,
+        git_commit_at_start=_first_if_different(previous, "git_commit", git_commit),
+        packages=packages,
+        packages_at_start=_first_if_different(previous, "packages", packages),
+        model=_model_lineage(recipe, previous.get("model") or {}, log),
+        data=data,
         stages=stages,
         round=recipe.round.model_dump() if recipe.round is not None else None,
     )
     atomic_write_json(run_dir.lineage_path, lineage.model_dump())
 
 
-def _model_lineage(recipe: Recipe) -> dict:
+def _first_if_different(previous: dict, key: str, current: object) -> object:
+    """The value `key` had when the run started, once it differs from `current` (None before it ever did)."""
+    if not previous:
+        return None
+    first = previous.get(f"{key}_at_start") or previous.get(key)
+    return first if first != current else None
+
+
+def _data_lineage(recipe: Recipe, stages: list[StageLineage], previous: dict, run_dir: RunDir, log: Log) -> dict:
+    """Each used dataset's entry, hashed again; a change is refused (a finished stage read the file) or recorded."""
+    states = {s.name: s.state for s in stages}
+    data = {}
+    for name in used_datasets(recipe):
+        section = recipe.data[name]
+        entry = previous.get(name)
+        if entry is None or section.format == "review":  # a review dataset is pinned by `as_of`, not by a hash
+            data[name] = entry or _dataset_lineage(section)
+            continue
+        path = Path(section.path)
+        if not path.is_file():  # the stage that reads it says so; nothing new to record
+            data[name] = entry
+            continue
+        latest = (entry.get("changes") or [entry])[-1]
+        current = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        if current["sha256"] != latest.get("sha256"):
+            configs = recipe.stage_configs()
+            readers = [c.stage_name for c in configs if states[c.stage_name] == "done" and name in stage_datasets(c)]
+            if readers:
+                raise WenmaiError(_changed_message(name, path, latest["sha256"], current["sha256"], readers, run_dir))
+            entry = {**entry, "changes": [*entry.get("changes", []), {**current, "seen": utc_now()}]}
+            log(
+                f"data '{name}' ({path}) changed since the run started (sha256 {latest['sha256'][:12]} -> "
+                f"{current['sha256'][:12]}); no finished stage read it, so the stages still to run read the new "
+                "file: recorded in lineage.json"
+            )
+        data[name] = entry
+    return data
+
+
+def _changed_message(name: str, path: Path, old: str, new: str, readers: list[str], run_dir: RunDir) -> str:
+    return (
+        f"data '{name}': {path} changed after finished stage(s) {', '.join(readers)} read it "
+        f"(sha256 {old[:12]} then, {new[:12]} now); resuming would train on records the lineage does not describe. "
+        f"Restore the file as it was and resume {run_dir.root} again, or start a new run with the changed file"
+    )
+
+
+def _model_lineage(recipe: Recipe, previous: dict, log: Log) -> dict:
     info = {
         "path": recipe.model.path,
         "revision": recipe.model.revision,
@@ -102,8 +176,46 @@ def _model_lineage(recipe: Recipe) -> dict:
     source = resolve_source(recipe.model, convert=False)
     info.update(source.describe())
     if source.gguf_path is not None:
-        info["gguf_sha256"] = sha256_file(source.gguf_path)
+        files = _hashed_files(source.gguf_path.parent, [source.gguf_path], previous.get("gguf_files") or {})
+        info["gguf_sha256"], info["gguf_files"] = files[source.gguf_path.name]["sha256"], files
+    elif source.is_local and not recipe.model.path.startswith("pkg:"):
+        folder = Path(source.location)
+        files = _hashed_files(folder, _model_files(folder), previous.get("files") or {})
+        info["sha256"], info["files"] = _combined_sha256(files), files
+        changes = list(previous.get("changes") or [])
+        latest = (changes or [previous])[-1].get("sha256")
+        if latest and latest != info["sha256"]:  # the base model's files changed between writes of this run
+            changes.append({"sha256": info["sha256"], "seen": utc_now()})
+            log(f"model folder {folder} changed since the run started (sha256 {latest[:12]} -> {info['sha256'][:12]})")
+            info["sha256"] = previous["sha256"]  # the entry keeps what the run started with, like a data file's
+        if changes:
+            info["changes"] = changes
     return info
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix in MODEL_FILE_SUFFIXES
+    )
+
+
+def _hashed_files(folder: Path, paths: list[Path], previous: dict) -> dict[str, dict]:
+    """Each file's size, mtime and sha256; the previous sha256 is reused while size and mtime are unchanged, so a
+    resume does not read gigabytes of weights again."""
+    files = {}
+    for path in paths:
+        stat = path.stat()
+        known = previous.get(str(path.relative_to(folder)), {})
+        unchanged = known.get("bytes") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns
+        digest = known["sha256"] if unchanged and known.get("sha256") else sha256_file(path)
+        files[str(path.relative_to(folder))] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    return dict(sorted(files.items()))
+
+
+def _combined_sha256(files: dict[str, dict]) -> str:
+    """One hash over the sorted `<sha256>  <relative path>` lines (what `sha256sum` would print for the folder)."""
+    listing = "".join(f"{f['sha256']}  {name}\n" for name, f in sorted(files.items()))
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
 def _dataset_lineage(section: DatasetSection) -> dict:
@@ -129,11 +241,20 @@ def _package_versions() -> dict[str, str]:
 
 
 def _git_commit() -> str | None:
+    """The commit of the checkout the `finetune` package is imported from (`+dirty` with uncommitted changes); None
+    for an installed package, even one in a virtual environment inside some other git repository."""
+    package = Path(finetune.__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True, timeout=5)
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
+        if git("ls-files", "--error-unmatch", "__init__.py").returncode != 0:  # not tracked: not our checkout
+            return None
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None

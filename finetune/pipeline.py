@@ -204,7 +204,7 @@ def run_stages(
         raise ConfigError(problems)
     main = is_main_process()  # only rank 0 writes statuses, metrics, lineage and the report; every rank trains
     if main:
-        write_lineage(recipe, run_dir)
+        write_lineage(recipe, run_dir, log)
     try:
         _run_each(recipe, run_dir, resolved_inputs, log, force, main, only)
     finally:
@@ -275,7 +275,10 @@ def _run_each(
                 status.state, status.finished = "failed", utc_now()
                 status.error = f"{type(err).__name__}: {err}"[:2000]
                 run_dir.write_status(status)
-                write_lineage(recipe, run_dir)
+                try:
+                    write_lineage(recipe, run_dir, log)
+                except WenmaiError as lineage_error:  # the stage's own error is the one to show
+                    log(f"lineage.json not updated: {lineage_error}")
             if isinstance(err, KeyboardInterrupt):
                 err.run_dir = run_dir.root  # the CLI names the folder to resume
             raise
@@ -285,7 +288,7 @@ def _run_each(
             status.state, status.finished = "done", utc_now()
             status.outputs, status.summary = result.outputs, result.summary
             run_dir.write_status(status)
-            write_lineage(recipe, run_dir)
+            write_lineage(recipe, run_dir, log)
         barrier()  # the next stage reads this one's status.json
         log(f"[{number}/{len(configs)}] {name}: done")
 
