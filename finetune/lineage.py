@@ -81,7 +81,13 @@ def write_lineage(recipe: Recipe, run_dir: RunDir, log: Log | None = None) -> No
     log = log or (lambda line: None)
     previous = {}
     if run_dir.lineage_path.is_file():
-        previous = Lineage.model_validate_json(run_dir.lineage_path.read_text(encoding="utf-8")).model_dump()
+        try:
+            previous = Lineage.model_validate_json(run_dir.lineage_path.read_text(encoding="utf-8")).model_dump()
+        except (ValueError, OSError) as err:  # pydantic's ValidationError is a ValueError
+            raise WenmaiError(
+                f"{run_dir.lineage_path} is damaged ({str(err).splitlines()[0]}); restore it from a copy, or move it "
+                "aside: a new one is written from the stage statuses, without the hashes taken when the run started"
+            ) from None
     stages = []
     for config in recipe.stage_configs():
         status = run_dir.status(config.stage_name)

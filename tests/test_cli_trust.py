@@ -243,3 +243,14 @@ def test_a_damaged_recipe_in_a_run_folder_is_one_clear_error(text, tmp_path, cli
 def test_chat_refuses_a_negative_answer_length(tmp_path, cli):
     code, _, err = cli("chat", tmp_path, "--max-new-tokens", "-1")
     assert code == 2 and "--max-new-tokens" in err and "Traceback" not in err
+
+
+def test_a_damaged_lineage_in_a_run_folder_is_one_clear_error(tmp_path, tiny_model, chat_file, write_recipe, cli):
+    from conftest import tiny_recipe
+
+    recipe = write_recipe(tiny_recipe(tiny_model, chat_file, tmp_path / "runs", max_steps=1))
+    run = tmp_path / "runs" / "r"
+    assert cli("run", recipe, "--run-dir", run)[0] == 0
+    (run / "lineage.json").write_text('{"run": "r", "stages": [', encoding="utf-8")
+    code, _, err = cli("run", "--resume", run)
+    assert code == 2 and "lineage.json is damaged" in err and "Traceback" not in err
