@@ -38,12 +38,9 @@ class ExportedModel:
     """An export folder loaded for chat: model, verified tokenizer, stop ids and provenance."""
 
     def __init__(self, export_dir: str | Path, gguf_file: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        self.folder = find_export(Path(export_dir))
-        self.contract = read_contract(self.folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder))
-        verify_contract(self.tokenizer, self.contract, f"load of {self.folder}")
+        self.folder, self.tokenizer, self.contract = export_tokenizer(export_dir, "load of")
         if gguf_file is not None and not (self.folder / gguf_file).is_file():
             found = ", ".join(p.name for p in self.folder.glob("*.gguf")) or "none"
             raise WenmaiError(f"--gguf: {gguf_file} is not in {self.folder} (GGUF files there: {found})")
@@ -75,6 +72,18 @@ class ExportedModel:
         stopped = bool(new) and new[-1] in self.stop_ids
         answer = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True).strip()
         return Reply(answer, new, stopped, implicit_label(answer, self.provenance) if label else None)
+
+
+def export_tokenizer(export_dir: str | Path, purpose: str) -> tuple[Path, Any, dict]:
+    """An export's folder, its tokenizer checked against the template contract training recorded (errors name
+    `purpose` and the folder), and the contract."""
+    from transformers import AutoTokenizer
+
+    folder = find_export(Path(export_dir))
+    contract = read_contract(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    verify_contract(tokenizer, contract, f"{purpose} {folder}")
+    return folder, tokenizer, contract
 
 
 def find_export(path: Path) -> Path:

@@ -18,9 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from finetune.data.template import read_contract, verify_contract
 from finetune.errors import WenmaiError
-from finetune.generate import find_export
+from finetune.generate import export_tokenizer
 
 if TYPE_CHECKING:
     from transformers import WatermarkingConfig
@@ -154,12 +153,10 @@ def detect_file(
     A file whose non-empty lines are all JSON objects (or any `.jsonl` file) holds one text a line, in its
     `text` or `content` field (`wenmai chat` and the server's answers have `content`); anything else is one text.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     sources, texts = read_texts(str(path_or_dash))
-    folder = find_export(Path(export_dir))
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    verify_contract(tokenizer, read_contract(folder), f"watermark detection with {folder}")
+    folder, tokenizer, _ = export_tokenizer(export_dir, "watermark detection with")
     vocab_size = AutoConfig.from_pretrained(str(folder)).get_text_config().vocab_size
     results = detect(texts, tokenizer, vocab_size, key, threshold)
     for source, result in zip(sources, results, strict=True):
