@@ -258,6 +258,36 @@ def _local_gpu() -> int:
 
 
 def _from_pretrained(cls, section: ModelSection, source: ModelSource, **kwargs):
+    if source.is_local:
+        _refuse_pickle_only(Path(source.location), section)
+    try:
+        return _load(cls, section, source, **kwargs)
+    except ValueError as err:  # transformers' refusals: custom code, a tokenizer it cannot build, ...
+        text = str(err).strip()
+        if "trust_remote_code" in text:
+            raise WenmaiError(
+                f"model.path: {section.path} ships its own Python code to run (trust_remote_code). Wenmai never runs "
+                "a model's code unless the recipe sets `model.trust_remote_code: true`; set it only for a model you "
+                "trust, or use a family transformers supports natively"
+            ) from None
+        first = text.splitlines()[0] if text else type(err).__name__
+        raise WenmaiError(f"model.path: cannot load {section.path} ({cls.__name__}): {first}") from None
+
+
+def _refuse_pickle_only(folder: Path, section: ModelSection) -> None:
+    """Pickle weights can run code when loaded: a folder with nothing else is refused, saying why."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or section.gguf_file:
+        return
+    pickled = sorted(p.name for p in folder.glob("*.bin") if p.name.startswith(("pytorch_model", "model")))
+    if pickled:
+        raise WenmaiError(
+            f"model.path: {folder} holds only pickle weights ({', '.join(pickled[:3])}); loading pickle can run code, "
+            "and Wenmai never loads it. Convert them to safetensors where you trust the file (transformers: "
+            "`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)`) and point model.path there"
+        )
+
+
+def _load(cls, section: ModelSection, source: ModelSource, **kwargs):
     common = {"trust_remote_code": section.trust_remote_code}
     if not source.is_local:
         common["revision"] = section.revision
