@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 from collections.abc import Iterator
@@ -796,6 +797,23 @@ def review_user_disable(
     out.print(_labelled("disabled", "green", pseudonym))
 
 
+MACHINE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
+def _machine_error(err: OSError) -> str:
+    """A folder Wenmai may not write, or a full disk, in one line: which file, what happened, what to do."""
+    where = err.filename or "a file"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"cannot write {where}: the disk is full ({err.strerror}); free space or point output.root at another "
+            "disk, then resume the run (wenmai run --resume RUN): finished stages are kept"
+        )
+    return (
+        f"cannot write {where}: {err.strerror}; choose a folder you may write (output.root, --run-dir, --to) or "
+        "change its permissions"
+    )
+
+
 def main() -> None:
     """Entry point: user errors print one red block and exit 2; tracebacks only with --debug.
 
@@ -820,6 +838,13 @@ def main() -> None:
         sys.exit(2)
     except (click.exceptions.Exit, typer.Exit) as err:
         sys.exit(err.exit_code)
+    except OSError as err:
+        if err.errno not in MACHINE_ERRORS:
+            raise
+        if debug:
+            console.print_exception()
+        console.print(Text("error: ", style="bold red") + Text(_machine_error(err)), soft_wrap=True, highlight=False)
+        sys.exit(2)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -254,3 +254,28 @@ def test_a_damaged_lineage_in_a_run_folder_is_one_clear_error(tmp_path, tiny_mod
     (run / "lineage.json").write_text('{"run": "r", "stages": [', encoding="utf-8")
     code, _, err = cli("run", "--resume", run)
     assert code == 2 and "lineage.json is damaged" in err and "Traceback" not in err
+
+
+def test_a_folder_that_may_not_be_written_and_a_full_disk_are_one_line_errors(
+    tmp_path, tiny_model, chat_file, write_recipe, cli, monkeypatch
+):
+    import errno
+
+    from conftest import tiny_recipe
+
+    recipe = write_recipe(tiny_recipe(tiny_model, chat_file, tmp_path / "runs", max_steps=1))
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "runs" / "r"))
+
+    monkeypatch.setattr("finetune.run_dir.Path.mkdir", refuse)
+    code, _, err = cli("run", recipe, "--run-dir", tmp_path / "runs" / "r")
+    assert code == 2 and "cannot write" in err and "Permission denied" in err and "Traceback" not in err
+    monkeypatch.undo()
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/r/sft/adapter")
+
+    monkeypatch.setattr("finetune.pipeline.run_stages", full)
+    code, _, err = cli("run", recipe, "--run-dir", tmp_path / "runs" / "r2")
+    assert code == 2 and "the disk is full" in err and "resume" in err and "Traceback" not in err
