@@ -27,6 +27,7 @@ from finetune.overrides import apply_override
 from finetune.recipe import OPTIONS, Recipe, SpeedOptions
 from finetune.recipe import problems as recipe_problems
 from finetune.recipe.fields import field_at, model_at
+from finetune.recipe.secrets import env_values, mark_secrets, redact
 from finetune.run_dir import RunDir
 from finetune.yaml_lines import (
     Loc,
@@ -93,6 +94,23 @@ def load_recipe(
     _resolve_paths(data, origins)
     raw = copy.deepcopy(data)
     secret_paths = _expand_env(data, (), origins, problems)
+    secrets = env_values([(_get_at(raw, loc), _get_at(data, loc)) for loc in secret_paths])
+    try:
+        return _validated(data, path, origins, secret_paths, raw, problems, checks)
+    except ConfigError as err:  # a message shows a secret's `${env:...}` reference, never its value
+        redacted = [Problem(p.path, redact(p.message, secrets), p.where) for p in err.problems]
+        raise ConfigError(redacted, redact(err.title, secrets)) from None
+
+
+def _validated(
+    data: dict,
+    path: Path,
+    origins: dict[Loc, Origin],
+    secret_paths: set[Loc],
+    raw: dict,
+    problems: list[Problem],
+    checks: Sequence[Check],
+) -> LoadedRecipe:
     problems += _number_problems(data, origins)
     try:
         recipe = Recipe.model_validate(data)
@@ -101,6 +119,7 @@ def load_recipe(
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
+    mark_secrets(recipe, {loc: _get_at(raw, loc) for loc in secret_paths})
     loaded = LoadedRecipe(recipe, path.resolve(), origins, secret_paths, raw)
     found = recipe_problems(recipe) + [p for check in checks for p in check(recipe)]
     problems += [loaded.locate(p) for p in found]
@@ -132,13 +151,16 @@ def load_resolved(text: str, path: Path) -> LoadedRecipe:
     secret_paths = _expand_env(data, (), origins, problems)
     if problems:
         raise ConfigError(problems, f"cannot resume from {path}")
+    raw = yaml.safe_load(text)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(
-            [_problem_from_pydantic(e, origins) for e in err.errors()], f"{path} is not a valid recipe"
-        ) from None
-    return LoadedRecipe(recipe, path, origins, secret_paths, yaml.safe_load(text))
+        secrets = env_values([(_get_at(raw, loc), _get_at(data, loc)) for loc in secret_paths])
+        found = [_problem_from_pydantic(e, origins) for e in err.errors()]
+        redacted = [Problem(p.path, redact(p.message, secrets), p.where) for p in found]
+        raise ConfigError(redacted, f"{path} is not a valid recipe") from None
+    mark_secrets(recipe, {loc: _get_at(raw, loc) for loc in secret_paths})
+    return LoadedRecipe(recipe, path, origins, secret_paths, raw)
 
 
 def _without_refused_speed_defaults(data: Any) -> Any:

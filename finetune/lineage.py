@@ -22,6 +22,7 @@ import finetune
 from finetune.errors import WenmaiError
 from finetune.model import resolve_source
 from finetune.recipe import DatasetSection, Recipe, stage_datasets, used_datasets
+from finetune.recipe.secrets import redact, redact_data, secrets_of
 from finetune.run_dir import RunDir, atomic_write_json, sha256_file, utc_now
 
 TRACKED_PACKAGES = (
@@ -76,9 +77,14 @@ def write_lineage(recipe: Recipe, run_dir: RunDir, log: Log | None = None) -> No
     """(Re)write lineage.json from the recipe, the input files, and every stage's status.
 
     Raises `WenmaiError` when a data file changed after a finished stage read it; `log` gets a line for each change
-    that is recorded instead.
+    that is recorded instead. Values that came from `${env:...}` are written, and said, as their reference.
     """
-    log = log or (lambda line: None)
+    secrets = secrets_of(recipe)
+    say = log or (lambda line: None)
+
+    def log(line: str) -> None:
+        say(redact(line, secrets))
+
     previous = {}
     if run_dir.lineage_path.is_file():
         try:
@@ -122,7 +128,7 @@ def write_lineage(recipe: Recipe, run_dir: RunDir, log: Log | None = None) -> No
         stages=stages,
         round=recipe.round.model_dump() if recipe.round is not None else None,
     )
-    atomic_write_json(run_dir.lineage_path, lineage.model_dump())
+    atomic_write_json(run_dir.lineage_path, redact_data(lineage.model_dump(), secrets))
 
 
 def _first_if_different(previous: dict, key: str, current: object) -> object:
@@ -153,7 +159,8 @@ def _data_lineage(recipe: Recipe, stages: list[StageLineage], previous: dict, ru
             configs = recipe.stage_configs()
             readers = [c.stage_name for c in configs if states[c.stage_name] == "done" and name in stage_datasets(c)]
             if readers:
-                raise WenmaiError(_changed_message(name, path, latest["sha256"], current["sha256"], readers, run_dir))
+                message = _changed_message(name, path, latest["sha256"], current["sha256"], readers, run_dir)
+                raise WenmaiError(redact(message, secrets_of(recipe)))
             entry = {**entry, "changes": [*entry.get("changes", []), {**current, "seen": utc_now()}]}
             log(
                 f"data '{name}' ({path}) changed since the run started (sha256 {latest['sha256'][:12]} -> "

@@ -12,6 +12,7 @@ from finetune.data.template import resolve_template
 from finetune.distributed.ranks import current
 from finetune.errors import WenmaiError
 from finetune.recipe import LoraSection, ModelSection
+from finetune.recipe.secrets import from_env, public_model_name
 from finetune.run_dir import atomic_dir, sha256_file
 
 
@@ -120,6 +121,8 @@ def load_tokenizer(section: ModelSection, source: ModelSource):
         )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if from_env(section, "path"):  # saved into tokenizer_config.json by some versions
+        tokenizer.name_or_path = public_model_name(section)
     return tokenizer
 
 
@@ -153,8 +156,16 @@ def load_model(
             model = _from_pretrained(AutoModelForSequenceClassification, section, source, **kwargs)
         if pad_token_id is not None:
             model.config.get_text_config().pad_token_id = pad_token_id
-        return model
-    return _from_pretrained(AutoModelForCausalLM, section, source, **kwargs)
+        return _named(model, section)
+    return _named(_from_pretrained(AutoModelForCausalLM, section, source, **kwargs), section)
+
+
+def _named(model, section: ModelSection):
+    """`model` calling its base by a name that may be written: PEFT copies `name_or_path` into adapter_config.json
+    and TRL into its model card, so a `model.path` from `${env:...}` becomes a neutral name (`finetune.recipe.secrets`)."""
+    if from_env(section, "path"):
+        model.name_or_path = model.config._name_or_path = public_model_name(section)
+    return model
 
 
 def quantization_config(section: ModelSection, dtype=None):

@@ -48,11 +48,21 @@ def provenance(
         "producer": {"organisation": producer, "tool": "Wenmai", "tool_version": __version__},
         "run_id": run_name,
         "recipe": recipe.name,
-        "base_model": {k: model.get(k) for k in ("path", "revision", "gguf_file", "gguf_sha256") if model.get(k)},
+        "base_model": {
+            k: shipped_name(model[k]) if k == "path" else model.get(k)
+            for k in ("path", "revision", "gguf_file", "gguf_sha256")
+            if model.get(k)
+        },
         "adapter_stage": adapter_stage,
         "date": created,
         "files_sha256": files,
     }
+
+
+def shipped_name(model_path: str) -> str:
+    """How a shipped file names the base model: a local folder by its name only (a path of the machine that trained
+    it says nothing to the user and tells where things are kept), a hub id, `pkg:` or `${env:...}` as is."""
+    return Path(model_path).name if Path(model_path).expanduser().is_absolute() else model_path
 
 
 def implicit_label(text: str, provenance_block: dict) -> dict:

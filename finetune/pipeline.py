@@ -24,6 +24,7 @@ from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.lineage import write_lineage
 from finetune.model import check_hardware, resolve_source
 from finetune.recipe import Recipe, used_datasets, wiring
+from finetune.recipe.secrets import redact, secrets_of
 from finetune.report import write_report
 from finetune.run_dir import RunDir, StageContext, StageStatus, atomic_write_text, truncate_metrics, utc_now
 from finetune.stages import STAGES, stage_problems
@@ -273,7 +274,7 @@ def _run_each(
         except BaseException as err:
             if main:
                 status.state, status.finished = "failed", utc_now()
-                status.error = f"{type(err).__name__}: {err}"[:2000]
+                status.error = redact(f"{type(err).__name__}: {err}", secrets_of(recipe))[:2000]
                 run_dir.write_status(status)
                 try:
                     write_lineage(recipe, run_dir, log)

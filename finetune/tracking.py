@@ -14,6 +14,7 @@ from typing import Any
 
 from finetune.errors import WenmaiError
 from finetune.recipe import TrackingSection
+from finetune.recipe.secrets import from_env
 
 DASHBOARDS = ("tensorboard", "wandb", "mlflow")
 _PACKAGES = {
@@ -38,7 +39,11 @@ def check_backends(tracking: TrackingSection) -> list[str]:
 
 
 def backend_env(tracking: TrackingSection, run_root: Path, stage: str, run_name: str) -> dict[str, str]:
-    """Environment variables that point transformers' dashboard callbacks at this run and stage."""
+    """Environment variables that point transformers' dashboard callbacks at this run and stage.
+
+    A `run_name` that came from `${env:...}` is replaced by the run folder's name (`finetune.recipe.secrets`)."""
+    if from_env(tracking, "run_name") and run_name == tracking.run_name:
+        run_name = run_root.name
     env = {}
     if "tensorboard" in tracking.backends:
         env["TENSORBOARD_LOGGING_DIR"] = str(run_root / stage / "tensorboard")

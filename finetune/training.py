@@ -18,6 +18,7 @@ from typing import Any
 from finetune.distributed import config as distributed_config
 from finetune.distributed.ranks import current
 from finetune.recipe import Recipe, TrainingOptions
+from finetune.recipe.secrets import public_run_name
 from finetune.run_dir import CHECKPOINTS_DIR
 from finetune.tracking import report_to
 
@@ -73,7 +74,7 @@ def build_training_args(
         "eval_steps": options.eval_steps,
         "eval_on_start": has_eval,
         "report_to": report_to(recipe.tracking),
-        "run_name": recipe.tracking.run_name or run_name,
+        "run_name": public_run_name(recipe, run_name),
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
         "disable_tqdm": False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_serializer, model_validator
 
 from finetune.recipe.evaluate import EvaluateOptions
 from finetune.recipe.merge import ExportOptions, MergeOptions
@@ -101,6 +101,8 @@ class Recipe(Section):
     round: RoundSection | None = Field(
         None, description="Set by `wenmai iterate`: this run is a round of a parent run."
     )
+    # each value that came from `${env:...}` -> its reference (set by `finetune.recipe.secrets`)
+    _env_values: dict[str, str] = PrivateAttr(default_factory=dict)
 
     def stage_configs(self) -> list[StageOptions]:
         return [entry.config for entry in self.stages]

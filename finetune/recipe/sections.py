@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from finetune.errors import Problem
 from finetune.recipe.data_policy import DataPolicy, RecordMetadata
@@ -25,6 +25,8 @@ DEFAULT_DIMENSION = "overall"  # the one reward dimension of a recipe without a 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # names of this section's fields whose value came from `${env:...}` (set by `finetune.recipe.secrets`)
+    _from_env: frozenset[str] = PrivateAttr(default=frozenset())
 
 
 class ModelSection(Section):

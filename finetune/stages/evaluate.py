@@ -16,6 +16,7 @@ from finetune.evaluation.results import EVALUATION_FILE, Evaluation, key_part, s
 from finetune.evaluation.suite import TOTAL, check_dimensions, load_suite, uses_reward
 from finetune.evaluation.targets import Target, base_target, stage_target
 from finetune.recipe import EvaluateOptions, Recipe
+from finetune.recipe.secrets import public_run_name
 from finetune.run_dir import METRICS_FILE, StageContext, StageResult, atomic_write_text
 from finetune.tracking import append_metrics
 from reward.model import find_reward_model
@@ -52,7 +53,7 @@ def run(ctx: StageContext) -> StageResult:
         recipe.tracking,
         ctx.run_dir.root,
         config.stage_name,
-        recipe.tracking.run_name or ctx.run_dir.name,
+        public_run_name(recipe, ctx.run_dir.name),
         figures,
         dashboards.tables(evaluation),
     )

@@ -13,13 +13,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from finetune import gguf_export, model_card, parity
+from finetune.data.card import CARD_JSON, DataCard, render_markdown
 from finetune.data.template import trained_tokenizer, verify_contract, write_contract
 from finetune.errors import WenmaiError
 from finetune.merging import apply_contract, choose_device, merge_section, plan_memory
@@ -31,6 +31,7 @@ from finetune.run_dir import (
     StageResult,
     atomic_dir,
     atomic_write_json,
+    atomic_write_text,
     current_umask,
     sha256_file,
     utc_now,
@@ -304,9 +305,21 @@ def _copy_data_cards(run_root: Path, stage_names: list[str], target: Path) -> li
     for stage, path, notes in model_card.data_cards(run_root, stage_names):
         (target / "data_cards").mkdir(exist_ok=True)
         name = f"{stage}-{path.name}"
-        shutil.copy2(path, target / "data_cards" / name)
+        atomic_write_text(target / "data_cards" / name, _shipped_data_card(path))
         copied.append((stage, f"data_cards/{name}", notes))
     return copied
+
+
+def _shipped_data_card(path: Path) -> str:
+    """A stage's data card (`path`: its .json or .md) as shipped: each dataset named without this machine's folders.
+
+    A card the data layer did not write (another shape, or no .json beside the .md) is shipped as it is."""
+    try:
+        card = DataCard.model_validate_json((path.parent / CARD_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+        return path.read_text(encoding="utf-8")
+    card.datasets = [d.model_copy(update={"path": model_card.shipped_name(d.path)}) for d in card.datasets]
+    return card.model_dump_json(indent=2) if path.name == CARD_JSON else render_markdown(card)
 
 
 def _make_readable(folder: Path) -> None:
