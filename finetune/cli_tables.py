@@ -17,6 +17,7 @@ from finetune.config_io import load_run_recipe
 from finetune.distributed.memory import estimate_lora_parameters, gib
 from finetune.model import model_config_dict
 from finetune.recipe import TrainingOptions, stage_datasets, wiring
+from finetune.round_history import score_columns
 
 
 def memory_table(report) -> Table:
@@ -71,28 +72,17 @@ def score_table(scored: list[dict], names: list[str], rows: int) -> Table:
 
 def rounds_table(rows) -> Table:
     """`wenmai rounds`: one row a round, oldest first."""
-    dimensions = list(dict.fromkeys(d for row in rows for d in row.scores))
-    sets = list(dict.fromkeys(m for row in rows for m in row.mc))
+    dimensions, sets = score_columns(rows)
     table = Table(title=f"Rounds ({len(rows)})", title_justify="left")
     for column in ("round", "run", "data added (by source)", *dimensions, *(f"{m} %" for m in sets), "gate", "export"):
         table.add_column(column, justify="right" if column in dimensions else "left")
     for row in rows:
-        data = "; ".join(
-            f"{name}: " + ", ".join(f"{source} {n}" for source, n in sources.items())
-            for name, sources in row.data.items()
-        )
-        gate = (
-            "—"
-            if row.gate is None
-            else ("passed" if row.gate.get("passed") else "failed: " + ", ".join(row.gate.get("failed", [])))
-        )
         table.add_row(
             str(row.number),
             Path(row.run).name,
-            data or "—",
-            *(f"{row.scores[d]:.3f}" if d in row.scores else "—" for d in dimensions),
-            *(f"{row.mc[m]:.1f}" if m in row.mc else "—" for m in sets),
-            gate,
+            row.data_text(),
+            *row.score_cells(dimensions, sets),
+            row.gate_text(),
             "yes" if row.exported else "no",
         )
     return table

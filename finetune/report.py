@@ -15,7 +15,7 @@ from typing import Any
 
 from finetune.errors import WenmaiError
 from finetune.plots import fmt, line_chart
-from finetune.round_history import round_history
+from finetune.round_history import round_history, score_columns
 from finetune.run_dir import METRICS_FILE, RunDir, StageStatus, atomic_write_text, read_metrics
 
 REPORT_FILE = "report.html"
@@ -86,18 +86,15 @@ def _rounds_section(run_dir: RunDir) -> str:
         rows = round_history(run_dir)
     except WenmaiError as err:  # a parent folder moved away: say so, the rest of the report still stands
         return f"<h2>Rounds</h2><p class=muted>{escape(str(err))}</p>"
-    dimensions = list(dict.fromkeys(d for row in rows for d in row.scores))
-    sets = list(dict.fromkeys(m for row in rows for m in row.mc))
+    dimensions, sets = score_columns(rows)
     table = []
     for row in rows:
-        data = "; ".join(f"{n}: " + ", ".join(f"{s} {c}" for s, c in src.items()) for n, src in row.data.items())
         table.append(
             [
                 escape(str(row.number)),
                 escape(Path(row.run).name),
-                escape(data or "—"),
-                *(escape(f"{row.scores[d]:.3f}") if d in row.scores else "—" for d in dimensions),
-                *(escape(f"{row.mc[m]:.1f}") if m in row.mc else "—" for m in sets),
+                escape(row.data_text()),
+                *map(escape, row.score_cells(dimensions, sets)),
                 _gate_badge(row.gate) or "—",
                 "yes" if row.exported else "no",
                 escape(f"{row.seconds:.0f} s") if row.seconds is not None else "—",

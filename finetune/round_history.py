@@ -32,6 +32,34 @@ class RoundRow(BaseModel):
     exported: bool = False
     seconds: float | None = None
 
+    def data_text(self) -> str:
+        """`dataset: source n, ...; ...`, or — when the round added no data."""
+        return (
+            "; ".join(
+                f"{name}: " + ", ".join(f"{source} {n}" for source, n in sources.items())
+                for name, sources in self.data.items()
+            )
+            or "—"
+        )
+
+    def gate_text(self) -> str:
+        """passed, failed: <gates>, or — without a gate."""
+        if self.gate is None:
+            return "—"
+        return "passed" if self.gate.get("passed") else "failed: " + ", ".join(self.gate.get("failed", []))
+
+    def score_cells(self, dimensions: list[str], sets: list[str]) -> list[str]:
+        """This round's mean per dimension and accuracy per multiple-choice set, — where it has none."""
+        return [f"{self.scores[d]:.3f}" if d in self.scores else "—" for d in dimensions] + [
+            f"{self.mc[m]:.1f}" if m in self.mc else "—" for m in sets
+        ]
+
+
+def score_columns(rows: list[RoundRow]) -> tuple[list[str], list[str]]:
+    """The reward dimensions and multiple-choice sets any of `rows` has scores for, in order of appearance."""
+    dimensions = list(dict.fromkeys(d for row in rows for d in row.scores))
+    return dimensions, list(dict.fromkeys(m for row in rows for m in row.mc))
+
 
 def round_history(run: str | Path | RunDir) -> list[RoundRow]:
     """Every round up to `run`, oldest first (a run that is no round is round 1 alone)."""

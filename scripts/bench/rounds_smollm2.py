@@ -27,7 +27,7 @@ from finetune.evaluation.gates import GateFailed
 from finetune.pipeline import load_recipe, start
 from finetune.review.schema import ReviewInput
 from finetune.review.store import ReviewStore
-from finetune.round_history import round_history, round_row
+from finetune.round_history import round_history, round_row, score_columns
 from finetune.rounds import iterate
 from finetune.run_dir import RunDir
 
@@ -115,8 +115,7 @@ def main() -> None:
         round_row(RunDir.open(f)) for f in attempts if f.resolve() != parent.root.resolve()
     ]
     history = [h for i, h in enumerate(history) if h.run not in {x.run for x in history[:i]}]
-    dimensions = list(dict.fromkeys(d for row in history for d in row.scores))
-    sets = list(dict.fromkeys(m for row in history for m in row.mc))
+    dimensions, sets = score_columns(history)
     print(
         "| run | round | wall s | feedback records | "
         + " | ".join(dimensions + [f"{m} %" for m in sets])
@@ -125,16 +124,9 @@ def main() -> None:
     print("| --- " * (6 + len(dimensions) + len(sets)) + "|")
     for row in history:
         data = sum(sum(v.values()) for k, v in row.data.items() if k.startswith("feedback"))
-        gate = (
-            "—"
-            if row.gate is None
-            else ("passed" if row.gate.get("passed") else "failed: " + ", ".join(row.gate["failed"]))
-        )
-        cells = [f"{row.scores.get(d, float('nan')):.3f}" for d in dimensions] + [
-            f"{row.mc.get(m, float('nan')):.1f}" for m in sets
-        ]
+        cells = row.score_cells(dimensions, sets)
         print(f"| {Path(row.run).name} | {row.number} | {seconds.get(Path(row.run).name, row.seconds or float('nan')):.0f} | {data or '—'} | " + " | ".join(cells)
-              + f" | {gate} | {'yes' if row.exported else 'no'} |")  # fmt: skip
+              + f" | {row.gate_text()} | {'yes' if row.exported else 'no'} |")  # fmt: skip
     (args.out / "rounds.json").write_text(
         json.dumps({"rounds": [r.model_dump() for r in history], "seconds": seconds}, indent=2), encoding="utf-8"
     )
