@@ -289,8 +289,7 @@ class ReviewStore:
             pending = self._pending(db, row, who)  # assigned meanwhile (another tab of the same reviewer)
             if pending is not None:
                 return item_model(pending, session)
-            reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
-            mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
+            reviewed, mine = _items_of(who)
             counts = _assignment_counts()
             taken = func.coalesce(counts.c.n, 0)
             candidate = db.scalar(
@@ -314,8 +313,7 @@ class ReviewStore:
     @staticmethod
     def _pending(db: OrmSession, session: SessionRow, who: ReviewerRow) -> ItemRow | None:
         """The oldest item assigned to the reviewer that they have not reviewed."""
-        reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
-        mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
+        reviewed, mine = _items_of(who)
         return db.scalar(
             select(ItemRow)
             .where(ItemRow.session_id == session.id, ItemRow.id.in_(mine), ItemRow.id.not_in(reviewed))
@@ -337,8 +335,7 @@ class ReviewStore:
         with self.transaction(write=False) as db:
             row = self._session_row(db, session)
             who = self._reviewer_row(db, reviewer)
-            reviewed = select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id)
-            mine = select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id)
+            reviewed, mine = _items_of(who)
             in_session = ItemRow.session_id == row.id
             done = db.scalar(select(func.count(ItemRow.id)).where(in_session, ItemRow.id.in_(reviewed))) or 0
             theirs = (
@@ -441,6 +438,14 @@ class ReviewStore:
         if row is None:
             raise ReviewError(f"no reviewer {pseudonym!r}; add one with `wenmai review user add {pseudonym}`")
         return row
+
+
+def _items_of(who: ReviewerRow):
+    """(items the reviewer reviewed, items assigned to them), as subqueries."""
+    return (
+        select(ReviewRow.item_id).where(ReviewRow.reviewer_id == who.id),
+        select(AssignmentRow.item_id).where(AssignmentRow.reviewer_id == who.id),
+    )
 
 
 def _assignment_counts():
