@@ -154,7 +154,7 @@ def _data_lineage(recipe: Recipe, stages: list[StageLineage], previous: dict, ru
             data[name] = entry
             continue
         latest = (entry.get("changes") or [entry])[-1]
-        current = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        current = _hashed_files(path.parent, [path], {path.name: latest})[path.name]  # unchanged size+time: no re-read
         if current["sha256"] != latest.get("sha256"):
             configs = recipe.stage_configs()
             readers = [c.stage_name for c in configs if states[c.stage_name] == "done" and name in stage_datasets(c)]
@@ -240,7 +240,7 @@ def _dataset_lineage(section: DatasetSection) -> dict:
             "as_of": section.as_of.isoformat() if section.as_of else None,
         }
     path = Path(section.path)
-    return {"path": str(path), "format": section.format, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"path": str(path), "format": section.format, **_hashed_files(path.parent, [path], {})[path.name]}
 
 
 def _package_versions() -> dict[str, str]:
