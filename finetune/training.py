@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,44 @@ def fit(trainer: Any, resume_from: Path | None, final_eval_every: int | None = N
     `final_eval_every`: the stage's eval_steps when it has an eval set, so the held-out figures describe the
     trained model and not only the last eval_steps boundary. Returns the trainer's TrainOutput.
     """
+    trainer.add_callback(_token_count_callback(trainer))
+    if resume_from:
+        _restore_token_count(trainer, resume_from)
+        # the first attempt logged the evaluation before training (and at every eval boundary up to the
+        # checkpoint): evaluating again at the resume step would log that row twice
+        trainer.args.eval_on_start = False
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if final_eval_every and trainer.state.global_step % final_eval_every:
         trainer.evaluate()
     return result
+
+
+TOKEN_COUNT_FILE = "wenmai_tokens.json"
+
+
+def _token_count_callback(trainer: Any) -> Any:
+    """A callback that saves TRL's running `num_tokens` count into each checkpoint.
+
+    TRL keeps it in the trainer (`_total_train_tokens`), not in the trainer state a checkpoint holds, so
+    without this a resumed stage logs `num_tokens` from 0 again (Axolotl #3291 hit the same).
+    """
+    from transformers import TrainerCallback
+
+    class TokenCount(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            count = getattr(trainer, "_total_train_tokens", None)
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if count is not None and state.is_world_process_zero and folder.is_dir():
+                (folder / TOKEN_COUNT_FILE).write_text(json.dumps({"num_tokens": int(count)}), encoding="utf-8")
+
+    return TokenCount()
+
+
+def _restore_token_count(trainer: Any, checkpoint: Path) -> None:
+    saved = Path(checkpoint) / TOKEN_COUNT_FILE
+    if hasattr(trainer, "_total_train_tokens") and saved.is_file():
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            trainer._total_train_tokens = int(json.loads(saved.read_text(encoding="utf-8"))["num_tokens"])
 
 
 def loss_summary(log_history: list[dict], eval_loss: bool = True) -> dict:

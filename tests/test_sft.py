@@ -139,9 +139,16 @@ def test_resume_continues_loss_curve_after_kill(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(64))
     recipe = tmp_path / "resume.yaml"
     recipe.write_text(
-        tiny_recipe(tiny_model, data, tmp_path / "runs", max_steps=160, save_steps=20, learning_rate=0.003).replace(
-            "dropout: 0.0", "dropout: 0.1"
-        ),
+        tiny_recipe(
+            tiny_model,
+            data,
+            tmp_path / "runs",
+            max_steps=160,
+            save_steps=20,
+            learning_rate=0.003,
+            eval_fraction=0.25,
+            eval_steps=40,
+        ).replace("dropout: 0.0", "dropout: 0.1"),
         encoding="utf-8",
     )
     reference = _run_cli(["run", str(recipe), "--run-dir", str(tmp_path / "reference")])
@@ -172,3 +179,14 @@ def test_resume_continues_loss_curve_after_kill(tmp_path, tiny_model):
     for step in want:
         assert got[step] == pytest.approx(want[step], abs=1e-4), f"step {step}"
     assert json.loads((killed_dir / "sft" / "status.json").read_text())["attempts"] == 2
+
+    # the held-out evaluation is logged once per boundary (not again at the resume step), and TRL's running
+    # token count carries on from the checkpoint instead of restarting at 0
+    def evals(folder: Path) -> list[int]:
+        return [r["step"] for r in read_metrics(folder / "sft" / "metrics.jsonl") if "eval_loss" in r]
+
+    def tokens(folder: Path) -> dict[int, float]:
+        return {r["step"]: r["num_tokens"] for r in read_metrics(folder / "sft" / "metrics.jsonl") if "num_tokens" in r}
+
+    assert evals(killed_dir) == evals(tmp_path / "reference") == [0, 40, 80, 120, 160]
+    assert tokens(killed_dir) == tokens(tmp_path / "reference")
