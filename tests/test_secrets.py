@@ -17,6 +17,7 @@ from finetune.post_run import extend_run
 QUIET = {"log": lambda _: None}
 RUN_CANARY = "run-canary-5d2c91"
 MODEL_CANARY = "canary-7f3a"
+DATA_CANARY = "canary-d4t4"
 ROWS = [
     {"messages": [{"role": "user", "content": f"Who wrote poem {i % 3}?"}, {"role": "assistant", "content": "Li Bai."}]}
     for i in range(16)
@@ -29,15 +30,17 @@ def secret_run(tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("secrets")
     model = tmp / f"model-{MODEL_CANARY}"
     shutil.copytree(tiny_model, model)
-    data = write_jsonl(tmp / "chat.jsonl", ROWS)
-    text = tiny_recipe(Path("MODEL"), data, tmp / "runs", max_steps=2, save_steps=1, batch_size=8)
+    data = write_jsonl(tmp / f"chat-{DATA_CANARY}.jsonl", ROWS)
+    text = tiny_recipe(Path("MODEL"), Path("DATA"), tmp / "runs", max_steps=2, save_steps=1, batch_size=8)
     text = text.replace("{path: MODEL}", "{path: '${env:WENMAI_CANARY_MODEL}'}")
+    text = text.replace("{path: DATA,", "{path: '${env:WENMAI_CANARY_DATA}',")
     text += "tracking: {backends: [jsonl, tensorboard], run_name: '${env:WENMAI_CANARY_RUN}'}\n"
     recipe = tmp / "recipe.yaml"
     recipe.write_text(text, encoding="utf-8")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WENMAI_CANARY_RUN", RUN_CANARY)
         env.setenv("WENMAI_CANARY_MODEL", str(model))
+        env.setenv("WENMAI_CANARY_DATA", str(data))
         run_dir = start(load_recipe(recipe), tmp / "runs" / "run", **QUIET)
         run_dir = extend_run(run_dir.root, [("merge", {}), ("export", {"formats": ["hf"]})], **QUIET)
     return run_dir, model, tmp
@@ -55,6 +58,9 @@ def test_env_values_reach_no_file_of_the_run_folder(secret_run):
     assert list((run_dir.root / "sft").rglob("*tfevents*"))
     assert files_containing(run_dir.root, RUN_CANARY) == []
     assert files_containing(run_dir.root, MODEL_CANARY) == []
+    assert files_containing(run_dir.root, DATA_CANARY) == []
+    card = json.loads((run_dir.root / "sft" / "data_card.json").read_text(encoding="utf-8"))
+    assert card["datasets"][0]["path"] == "${env:WENMAI_CANARY_DATA}" and card["datasets"][0]["kept"] > 0
     assert files_containing(run_dir.root, str(model)) == []
     recipe = run_dir.recipe_path.read_text(encoding="utf-8")
     assert "${env:WENMAI_CANARY_RUN}" in recipe and "${env:WENMAI_CANARY_MODEL}" in recipe

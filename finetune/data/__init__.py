@@ -12,6 +12,7 @@ from finetune.data.layer import LayerRecords, load_dataset
 from finetune.distributed.ranks import is_main_process
 from finetune.errors import Problem
 from finetune.recipe import Recipe
+from finetune.recipe.secrets import redact_data, secrets_of
 
 
 def policy_file_problems(recipe: Recipe) -> list[Problem]:
@@ -32,7 +33,11 @@ def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> La
     """
     records = load_dataset(recipe, name)
     if stage_dir is not None and is_main_process():
-        write_stage_files(Path(stage_dir), records.report, records.register, recipe.data.policy)
+        # a data path given as ${env:...} is written as the reference (finetune.recipe.secrets)
+        secrets = secrets_of(recipe)
+        report = type(records.report).model_validate(redact_data(records.report.model_dump(), secrets))
+        register = [type(e).model_validate(redact_data(e.model_dump(), secrets)) for e in records.register]
+        write_stage_files(Path(stage_dir), report, register, recipe.data.policy)
     return records
 
 
