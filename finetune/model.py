@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from dataclasses import dataclass
@@ -220,7 +221,22 @@ def attach_new_adapter(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, lora_config(section, task_type, modules_to_save), **_adapter_dtype_kwargs(quantized))
+    peft_model = get_peft_model(
+        model, lora_config(section, task_type, modules_to_save), **_adapter_dtype_kwargs(quantized)
+    )
+    return _without_vocabulary_lookup(peft_model)
+
+
+def _without_vocabulary_lookup(peft_model):
+    """Every save of this adapter passes `save_embedding_layers=False`.
+
+    PEFT's default ("auto") asks the Hub whether `base_model_name_or_path` has a config.json, to see whether the
+    vocabulary was resized: a network call at every checkpoint for a hub id, and for a model path given as
+    `${env:...}` (saved as "base-model", `finetune.recipe.secrets`) a lookup of a repository that is not ours.
+    Wenmai never resizes the vocabulary, so there is nothing to find out.
+    """
+    peft_model.save_pretrained = functools.partial(peft_model.save_pretrained, save_embedding_layers=False)
+    return peft_model
 
 
 def load_adapter(model, adapter_path: Path, trainable: bool):
@@ -230,8 +246,8 @@ def load_adapter(model, adapter_path: Path, trainable: bool):
     if not (Path(adapter_path) / "adapter_config.json").is_file():
         raise WenmaiError(f"{adapter_path} is not a PEFT adapter folder (no adapter_config.json)")
     quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    return PeftModel.from_pretrained(
-        model, str(adapter_path), is_trainable=trainable, **_adapter_dtype_kwargs(quantized)
+    return _without_vocabulary_lookup(
+        PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable, **_adapter_dtype_kwargs(quantized))
     )
 
 

@@ -41,8 +41,11 @@ def secret_run(tmp_path_factory, tiny_model):
         env.setenv("WENMAI_CANARY_RUN", RUN_CANARY)
         env.setenv("WENMAI_CANARY_MODEL", str(model))
         env.setenv("WENMAI_CANARY_DATA", str(data))
+        lookups = []
+        env.setattr("peft.utils.save_and_load.check_file_exists_on_hf_hub", lambda *a, **k: lookups.append(a))
         run_dir = start(load_recipe(recipe), tmp / "runs" / "run", **QUIET)
         run_dir = extend_run(run_dir.root, [("merge", {}), ("export", {"formats": ["hf"]})], **QUIET)
+    assert lookups == []  # PEFT never asked the Hub about "base-model" (or anything) while saving adapters
     return run_dir, model, tmp
 
 
