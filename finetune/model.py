@@ -83,16 +83,13 @@ def model_config_dict(section: ModelSection) -> dict | None:
 def check_hardware(section: ModelSection) -> list[str]:
     """Problems with running this model section on this machine (no weights are loaded)."""
     problems = []
-    if section.quantization != "none":
-        import torch
-
-        if not torch.cuda.is_available():
-            problems.append(
-                f"model.quantization: {section.quantization} (QLoRA) needs a CUDA GPU and this machine has none; "
-                "set `model.quantization: none` to train unquantised, or run on a GPU machine"
-            )
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            problems.append(f"model.quantization: {section.quantization} needs bitsandbytes: pip install 'wenmai[gpu]'")
+    # bitsandbytes (0.45 and later) runs its 4-bit and 8-bit layers on CPU too: slow, but real (pre-flight
+    # warns, `finetune.checks.preflight.cuda_rules`), so QLoRA is tested on CPU rather than faked
+    if section.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            f"model.quantization: {section.quantization} needs bitsandbytes: pip install 'wenmai[gpu]' "
+            "(on a CPU-only machine `pip install bitsandbytes` is enough)"
+        )
     if section.attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         problems.append("model.attention: flash_attention_2 needs the flash-attn package; use sdpa instead")
     return problems
@@ -148,7 +145,7 @@ def load_model(
     if section.quantization != "none":
         kwargs["quantization_config"] = quantization_config(section)
         if not _shards_weights():  # ZeRO-3 / FSDP place the weights themselves and refuse a device_map
-            kwargs["device_map"] = {"": _local_gpu()}
+            kwargs["device_map"] = {"": _local_device()}
     if task == "sequence-classification":
         from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -279,9 +276,11 @@ def _adapter_dtype_kwargs(quantized: bool) -> dict[str, Any]:
     return {"autocast_adapter_dtype": False} if is_deepspeed_zero3_enabled() and not quantized else {}
 
 
-def _local_gpu() -> int:
+def _local_device() -> int | str:
+    """Where this process places quantised weights: its GPU, or the CPU on a machine without CUDA."""
+    import torch
 
-    return current().local_rank
+    return current().local_rank if torch.cuda.is_available() else "cpu"
 
 
 def _from_pretrained(cls, section: ModelSection, source: ModelSource, **kwargs):

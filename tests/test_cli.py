@@ -36,11 +36,17 @@ def test_missing_model_folder_is_named_before_any_run_folder(cli, write_recipe, 
     assert not (tmp_path / "runs").exists()
 
 
-def test_nf4_without_cuda_is_a_clear_error(cli, write_recipe, tiny_model, chat_file, tmp_path):
+def test_nf4_without_bitsandbytes_is_a_clear_error(cli, write_recipe, tiny_model, chat_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
     recipe = write_recipe(tiny_recipe(tiny_model, chat_file, tmp_path / "runs"))
     code, _, err = cli("run", recipe, "--set", "model.quantization=nf4")
     assert code == 2
-    assert "model.quantization: nf4 (QLoRA) needs a CUDA GPU" in err and "ImportError" not in err
+    assert "model.quantization: nf4 needs bitsandbytes: pip install" in err and "ImportError" not in err
     assert not (tmp_path / "runs").exists()
 
 

@@ -14,7 +14,7 @@ from tiny_models import build_model, write_jsonl
 from finetune.errors import WenmaiError
 from finetune.pipeline import load_recipe, start
 from finetune.post_run import extend_run
-from finetune.run_dir import RunDir
+from finetune.run_dir import RunDir, read_metrics
 
 QUIET = {"log": lambda _: None}
 STOP_ROWS = [
@@ -41,7 +41,7 @@ def train(tmp: Path, model: Path, variant: str = "lora", name: str = "run", **sf
     return start(load_recipe(recipe), tmp / "runs" / name, **QUIET)
 
 
-def build_wide_model(folder: Path) -> Path:
+def build_wide_model(folder: Path, hidden: int = 32) -> Path:
     """A tiny model with wide initial logits, so a short LoRA run makes it answer confidently and stop.
 
     The pad row of a new embedding is zero (padding_idx), and pad is EOS here: with tied embeddings EOS's logit
@@ -50,7 +50,7 @@ def build_wide_model(folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    build_model(folder, initializer_range=0.5)
+    build_model(folder, hidden=hidden, initializer_range=0.5)
     model = AutoModelForCausalLM.from_pretrained(folder)
     with torch.no_grad():
         torch.manual_seed(1)
@@ -135,13 +135,45 @@ def test_parity_gate_refuses_a_merge_into_a_quantised_or_wrong_dtype_base(tmp_pa
     assert json.loads((run_dir.root / "merge" / "parity.json").read_text())["passed"] is False
 
 
-def test_merge_of_a_qlora_run_reloads_the_base_unquantised(tmp_path, wide_model):
-    run_dir = train(tmp_path, wide_model, max_steps=4)
-    recipe = run_dir.recipe_path.read_text().replace("quantization: none", "quantization: nf4")
-    run_dir.recipe_path.write_text(recipe)  # as if trained with QLoRA on a GPU; this machine merges on CPU
+def test_qlora_trains_on_real_4bit_layers_on_cpu_and_merge_reports_both_gaps(tmp_path, monkeypatch):
+    """QLoRA for real (bitsandbytes nf4 on CPU): the adapter trains on 4-bit layers, loss falls; merge folds it
+    into the unquantised base, gates against unquantised base + adapter, and reports the gap to the nf4 model."""
+    from finetune import model as model_module
+
+    layers = []
+    load = model_module.load_model
+
+    def spy(section, source, **kwargs):
+        loaded = load(section, source, **kwargs)
+        layers.append((section.quantization, {type(m).__name__ for m in loaded.modules()}))
+        return loaded
+
+    monkeypatch.setattr(model_module, "load_model", spy)
+    # 64 wide: bitsandbytes' CPU inference kernel packs 4-bit weights in blocks of 64 input features
+    wide_model = build_wide_model(tmp_path / "wide-64", hidden=64)
+    data = write_jsonl(tmp_path / "q.jsonl", STOP_ROWS)
+    options = dict(max_steps=12, learning_rate=0.05, warmup=0, lr_scheduler="constant", batch_size=8, save_steps=1000)
+    text = tiny_recipe(wide_model, data, tmp_path / "runs", **options).replace(
+        f"{{path: {wide_model}}}", f"{{path: {wide_model}, quantization: nf4, dtype: float32}}"
+    )
+    assert "quantization: nf4" in text
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(text, encoding="utf-8")
+    run_dir = start(load_recipe(recipe), tmp_path / "runs" / "q", **QUIET)
+    assert layers[0][0] == "nf4" and "Linear4bit" in layers[0][1]  # training saw bitsandbytes 4-bit layers
+    losses = [r["loss"] for r in read_metrics(run_dir.metrics_path("sft")) if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+
     extend_run(run_dir.root, [("merge", {})], **QUIET)
+    assert [q for q, _ in layers[1:]] == ["nf4", "none"]  # the quantised reference, then the base merged into
+    assert "Linear4bit" not in layers[2][1]
     report = json.loads((run_dir.root / "merge" / "parity.json").read_text())
     assert report["training_quantization"] == "nf4" and report["merge_dtype"] == "float32" and report["passed"]
+    gated = report["comparisons"]["merged"]
+    gap = report["quantisation_gap"]
+    assert gap["measured"] and gap["gated"] is False and "quantised as in training (nf4)" in gap["reference"]
+    # the merge reproduces unquantised base + adapter to float rounding; the 4-bit model it trained on is further
+    assert gated["max_abs_logit_diff"] < 2e-3 < gap["max_abs_logit_diff"]
     config = json.loads((run_dir.output("merge", "model") / "config.json").read_text())
     assert "quantization_config" not in config
 

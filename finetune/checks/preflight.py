@@ -319,8 +319,20 @@ def cuda_rules(
                 machine=True,
             )
         ]
+    findings = []
+    if not hardware.cuda and recipe.model.quantization != "none":
+        findings.append(
+            Finding(
+                "quantised-on-cpu",
+                "model.quantization",
+                f"{recipe.model.quantization} on a machine without CUDA: bitsandbytes runs the quantised layers on "
+                "the CPU, fine for tests, slow for training",
+                severity="warning",
+                machine=True,
+            )
+        )
     if not hardware.cuda and section.strategy == "deepspeed":
-        return [
+        findings.append(
             Finding(
                 "cuda-missing",
                 "distributed.strategy",
@@ -329,8 +341,8 @@ def cuda_rules(
                 severity="warning",
                 machine=True,
             )
-        ]
-    return []
+        )
+    return findings
 
 
 def package_rules(recipe: Recipe, versions: dict[str, str | None]) -> list[Finding]:
