@@ -239,8 +239,8 @@ def quantized_sharding_rules(recipe: Recipe, world_size: int, hardware: Hardware
     storage = quantization_config(model, dtype=model_dtype).bnb_4bit_quant_storage
     for _, stage in trainer_stages(recipe):
         precision = stage.precision if section.mixed_precision == "auto" else section.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if hardware.bf16 else "fp16"
+        if precision == "auto":  # as `finetune.training.precision_flags` decides it
+            precision = ("bf16" if hardware.bf16 else "fp16") if hardware.cuda else "fp32"
         trained = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
         if storage != trained:
             fix = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[trained]
