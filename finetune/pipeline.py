@@ -23,13 +23,13 @@ from finetune.distributed.ranks import Ranks, barrier, connect, is_main_process,
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.lineage import write_lineage
 from finetune.model import check_hardware, resolve_source
-from finetune.recipe import Recipe, used_datasets, wiring
-from finetune.recipe.secrets import redact, secrets_of
+from finetune.recipe import Recipe, TrainingOptions, used_datasets, wiring
+from finetune.recipe.secrets import public_run_name, redact, secrets_of
 from finetune.report import write_report
 from finetune.run_dir import RunDir, StageContext, StageStatus, atomic_write_text, truncate_metrics, utc_now
 from finetune.stages import STAGES, stage_problems
 from finetune.stages import machine_problems as stage_machine_problems
-from finetune.tracking import backend_env, check_backends, dashboard_env
+from finetune.tracking import backend_env, check_backends, dashboard_env, dashboard_runs
 from finetune.training import stage_scope
 
 Log = Callable[[str], None]
@@ -268,6 +268,7 @@ def _run_each(
         try:
             with (
                 dashboard_env(backend_env(recipe.tracking, run_dir.root, name, run_name)),
+                _dashboard_runs(recipe, run_dir, config, main),
                 stage_scope(recipe, config, ctx.stage_dir, run_dir.name),
             ):
                 result = STAGES[config.kind].run(ctx)
@@ -292,6 +293,15 @@ def _run_each(
             write_lineage(recipe, run_dir, log)
         barrier()  # the next stage reads this one's status.json
         log(f"[{number}/{len(configs)}] {name}: done")
+
+
+def _dashboard_runs(recipe: Recipe, run_dir: RunDir, config, main: bool):
+    """A W&B / MLflow run of its own for a trainer stage (on the logging process), else nothing."""
+    if not main or not isinstance(config, TrainingOptions) or not set(recipe.tracking.backends) & {"wandb", "mlflow"}:
+        return contextlib.nullcontext()
+    text = run_dir.recipe_path.read_text(encoding="utf-8")
+    name = public_run_name(recipe, run_dir.name)
+    return dashboard_runs(recipe.tracking, run_dir.root, config.stage_name, config.kind, name, text)
 
 
 def release_memory() -> None:

@@ -35,7 +35,7 @@ def check_backends(tracking: TrackingSection) -> list[str]:
     for backend in tracking.backends:
         if backend in _PACKAGES and importlib.util.find_spec(_PACKAGES[backend][0]) is None:
             problems.append(f"tracking.backends: {backend} is not installed; pip install {_PACKAGES[backend][1]}")
-    return problems
+    return problems + mlflow_uri_problems(tracking)
 
 
 def backend_env(tracking: TrackingSection, run_root: Path, stage: str, run_name: str) -> dict[str, str]:
@@ -56,9 +56,115 @@ def backend_env(tracking: TrackingSection, run_root: Path, stage: str, run_name:
             mode = "online" if _wandb_logged_in() else "offline"
         env["WANDB_MODE"] = mode
     if "mlflow" in tracking.backends:
-        env["MLFLOW_TRACKING_URI"] = tracking.mlflow_tracking_uri or (run_root / "mlruns").resolve().as_uri()
+        env["MLFLOW_TRACKING_URI"] = tracking.mlflow_tracking_uri or default_mlflow_uri(run_root)
         env["MLFLOW_EXPERIMENT_NAME"] = tracking.project
     return env
+
+
+def default_mlflow_uri(run_root: Path) -> str:
+    """A SQLite store in the run folder: MLflow 3 refuses its old file store (`./mlruns`) unless told otherwise."""
+    return f"sqlite:///{(Path(run_root) / MLFLOW_DB).resolve()}"
+
+
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
+
+
+def mlflow_uri_problems(tracking: TrackingSection) -> list[str]:
+    """A tracking URI MLflow would refuse at the first logged metric (`wenmai validate` says so before a run)."""
+    uri = tracking.mlflow_tracking_uri
+    if "mlflow" not in tracking.backends or not uri:
+        return []
+    if uri.startswith("file:") or "://" not in uri:
+        return [
+            f"tracking.mlflow_tracking_uri: {uri!r} is a file store, which MLflow 3 refuses (maintenance mode); "
+            "use a database, e.g. sqlite:///path/to/mlflow.db, or a server URL (http://host:5000); leave it unset "
+            f"for {MLFLOW_DB} in the run folder"
+        ]
+    return []
+
+
+@contextlib.contextmanager
+def dashboard_runs(
+    tracking: TrackingSection, run_root: Path, stage: str, kind: str, run_name: str, recipe_text: str
+) -> Iterator[None]:
+    """One dashboard run per trainer stage, grouped by the run folder, with the recipe (as `recipe.yaml` holds it:
+    `${env:...}` references, never their values) as its config.
+
+    transformers' W&B and MLflow callbacks log into a run that is already open instead of opening their own, so
+    without this every stage of a run would land in one W&B run (its step restarting at 1 each stage, its config
+    overwritten) and in one MLflow run. A resumed stage continues its own run (W&B: the same id; MLflow: the
+    unfinished run with the same tags). Call it on the process that logs (rank 0), inside `dashboard_env`.
+    """
+    import yaml
+
+    config = {"wenmai": {"recipe": yaml.safe_load(recipe_text) or {}, "stage": stage, "kind": kind, "run": run_name}}
+    ident = _stage_run_id(run_root, stage)
+    stack = contextlib.ExitStack()
+    with stack:
+        if "wandb" in tracking.backends:
+            stack.enter_context(_wandb_run(tracking, run_root, stage, kind, run_name, ident, config))
+        if "mlflow" in tracking.backends:
+            stack.enter_context(_mlflow_run(run_root, stage, kind, run_name, ident, recipe_text))
+        yield
+
+
+def _stage_run_id(run_root: Path, stage: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(f"{Path(run_root).resolve()}\0{stage}".encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _wandb_run(tracking, run_root: Path, stage: str, kind: str, run_name: str, ident: str, config: dict):
+    import wandb
+
+    run = wandb.init(
+        project=tracking.project,
+        group=run_name,
+        name=f"{run_name}/{stage}",
+        job_type=kind,
+        id=ident,
+        resume="allow",
+        dir=str(run_root),
+        config=config,
+        reinit="finish_previous",
+    )
+    try:
+        yield run
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish()
+
+
+@contextlib.contextmanager
+def _mlflow_run(run_root: Path, stage: str, kind: str, run_name: str, ident: str, recipe_text: str):
+    import mlflow
+
+    uri, name = os.environ["MLFLOW_TRACKING_URI"], os.environ["MLFLOW_EXPERIMENT_NAME"]
+    mlflow.set_tracking_uri(uri)
+    if uri == default_mlflow_uri(run_root) and mlflow.get_experiment_by_name(name) is None:
+        # beside its store, not in ./mlruns of whatever folder the run was started from
+        mlflow.create_experiment(name, artifact_location=(Path(run_root) / MLFLOW_ARTIFACTS).resolve().as_uri())
+    experiment = mlflow.set_experiment(name)
+    unfinished = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=f"tags.`wenmai.stage_run` = '{ident}' and attributes.status != 'FINISHED'",
+        output_format="list",
+    )
+    tags = {"wenmai.run": run_name, "wenmai.stage": stage, "wenmai.kind": kind, "wenmai.stage_run": ident}
+    if unfinished:
+        active = mlflow.start_run(run_id=unfinished[0].info.run_id)
+    else:
+        active = mlflow.start_run(run_name=f"{run_name}/{stage}", tags=tags)
+        mlflow.log_text(recipe_text, "recipe.yaml")
+    try:
+        yield active
+    except BaseException as err:
+        mlflow.end_run(status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+    mlflow.end_run()
 
 
 @contextlib.contextmanager
