@@ -140,7 +140,7 @@ def pre_tokenizer_name(folder: Path, source_gguf: Path | None) -> tuple[str, boo
     """llama.cpp's name for how this tokenizer splits text before BPE, and whether it was recognised.
 
     A base model that came from a GGUF keeps its file's name. Otherwise the split rule in tokenizer.json is
-    matched against the rules transformers knows by llama.cpp name; a plain byte-level splitter is `gpt2`.
+    matched against the rules transformers knows by llama.cpp name; a plain byte-level splitter is `gpt-2`.
     """
     if source_gguf is not None:
         from gguf import GGUFReader
@@ -151,7 +151,7 @@ def pre_tokenizer_name(folder: Path, source_gguf: Path | None) -> tuple[str, boo
     pre = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     if len(steps) == 1 and steps[0].get("type") == "ByteLevel" and steps[0].get("use_regex", True):
-        return "gpt2", True
+        return "gpt-2", True  # llama.cpp's name ("gpt2" is its tokenizer model, refused as a pre-tokenizer)
     splits = [s.get("pattern", {}).get("Regex") for s in steps if s.get("type") == "Split"]
     if splits:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
