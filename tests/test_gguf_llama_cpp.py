@@ -7,6 +7,7 @@ Tiny random-init models built here: a plain Llama, Llama-3.1-style llama3 rope s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -260,3 +261,32 @@ def test_unsupported_rope_and_tokenizers_are_refused_with_the_llama_cpp_command(
     unigram.write_text(json.dumps({"model": {"type": "Unigram", "vocab": []}}))
     with pytest.raises(WenmaiError, match=r"this one is Unigram.*convert_hf_to_gguf"):
         check_supported(config, unigram)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte-level", "first"])
+def test_a_llama3_rope_run_exports_gguf_that_passes_the_gate(tmp_path, tokenizer):
+    """Train, merge and export a Llama-3.1-shaped model (llama3 rope; also with a Mistral-style tokenizer): the
+    GGUF gate compares the file's weights with the HF export and checks its template, EOS and tokenizer."""
+    from conftest import tiny_recipe
+    from tiny_models import write_jsonl
+
+    from finetune.pipeline import load_recipe, start
+    from finetune.post_run import extend_run
+
+    model = build_llama(tmp_path / "model", tokenizer, LLAMA3_ROPE)
+    rows = [
+        {"messages": [{"role": "user", "content": f"Who wrote poem {i}?"}, {"role": "assistant", "content": "Li Bai."}]}
+        for i in range(8)
+    ]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe(model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "runs", max_steps=2))
+    run_dir = start(load_recipe(recipe), tmp_path / "runs" / "r", log=lambda _: None)
+    export = {"formats": ["hf", "gguf"], "gguf_types": ["f32"]}
+    extend_run(run_dir.root, [("merge", {}), ("export", export)], log=lambda _: None)
+    report = json.loads((run_dir.root / "export" / "parity.json").read_text())
+    gguf = report["comparisons"]["GGUF F32"]
+    assert report["passed"] and gguf["max_abs_logit_diff"] < 1e-5
+    assert gguf["reference"] == "HF export (rope llama3 from config.json)"
+    # llama.cpp encodes every probe as training did; without it, transformers' rebuild checks byte-level files only
+    byte_fallback_unchecked = tokenizer != "byte-level" and importlib.util.find_spec("llama_cpp") is None
+    assert gguf.get("tokenizer_agreement") == (None if byte_fallback_unchecked else 1.0)
