@@ -7,8 +7,10 @@ time, which an offline machine cannot. So Wenmai writes the file itself for the 
 `gguf`'s writer, its tensor-name maps, its special-token reader and its quantisers, and follows llama.cpp's
 conventions (checked tensor by tensor against the vendored converter, see scripts/bench/README.md):
 Llama q/k weights permuted for llama.cpp's rotary layout, 1-D tensors kept in F32, tied embeddings
-stored once. Any other architecture or tokenizer is refused with a pointer to llama.cpp's converter,
-which reads the HF export folder as it is.
+stored once, llama3 rope scaling as the `rope_freqs` tensor and linear scaling as metadata. Byte-level BPE
+tokenizers are written as llama.cpp's `gpt2` model, BPE with byte fallback (Llama 2, Mistral) as its `llama`
+model. llama.cpp itself runs the files in tests/test_gguf_llama_cpp.py. Any other architecture, rope type
+or tokenizer is refused with a pointer to llama.cpp's converter, which reads the HF export folder as it is.
 """
 
 from __future__ import annotations
