@@ -256,30 +256,31 @@ def _add_hyperparameters(writer: Any, config: dict, arch: str) -> None:
 def llama3_rope_factors(config: dict) -> Any:
     """llama.cpp's `rope_freqs` for the llama3 rope type (Llama 3.1-3.3): one divisor per rotary frequency.
 
-    The same formula as llama.cpp's converter (`LlamaModel.generate_extra_tensors`) and transformers'
+    The formula of llama.cpp's converter (`LlamaModel.generate_extra_tensors`) and transformers'
     `_compute_llama3_parameters`: long wavelengths are slowed by `factor`, short ones kept, and the band between
-    interpolated. None for any other rope type."""
-    import numpy as np
+    interpolated. Computed in float32 torch arithmetic as the converter does, so the bytes are the same. None
+    for any other rope type."""
+    import torch
 
     rope = rope_parameters(config)
     if rope.get("rope_type") != "llama3":
         return None
-    base = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    factor = float(rope.get("factor", 8.0))
-    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
-    old_context = float(rope.get("original_max_position_embeddings", 8192))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
     factors = []
-    for freq in 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float32) / dim):
-        wavelength = 2 * math.pi / float(freq)
+    for freq in 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)):
+        wavelength = 2 * math.pi / freq
         if wavelength < old_context / high:
-            factors.append(1.0)
+            factors.append(1)
         elif wavelength > old_context / low:
             factors.append(factor)
         else:
             smooth = (old_context / wavelength - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, dtype=np.float32)
+    return torch.tensor(factors, dtype=torch.float32).numpy()
 
 
 def _add_tokenizer(writer: Any, folder: Path, contract: dict, pre_tokenizer: str, config: dict) -> None:
