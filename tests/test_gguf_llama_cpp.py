@@ -23,7 +23,7 @@ PROBES = [
     "Li Bai wrote 静夜思 🐉 in the Tang dynasty; the marker token is ZZZ.",  # 🐉 is not in any tiny vocabulary
     "<|im_start|>user\nWho wrote Quiet Night Thought?<|im_end|>\n<|im_start|>assistant\n",
 ]
-F32_TOLERANCE = 1e-3  # max |logit difference|; logits span several units here, measured gaps are 0.4-1.7e-4
+F32_TOLERANCE = 1e-3  # max |logit difference|; logits span several units here, measured gaps are 0.4-1.1e-4
 # Rope scaling that matters within a few dozen positions: every wavelength above 16 positions is slowed.
 LLAMA3_ROPE = {
     "rope_type": "llama3",
