@@ -188,6 +188,13 @@ def render_card(
             f"- `{g['file']}`: {g['type'].upper()}, {g['bytes'] / 2**20:,.0f} MiB, pre-tokenizer `{g['pre_tokenizer']}`"
             for g in gguf_files
         ]
+        lines += [  # transformers, given gguf_file= on this folder, builds the tokenizer from tokenizer.json alone
+            "",
+            "In transformers, take the weights from a GGUF and the tokenizer (chat template, EOS) from this folder: "
+            "`AutoModelForCausalLM.from_pretrained(folder, gguf_file=NAME)` and `AutoTokenizer.from_pretrained(folder)`"
+            " (with `gguf_file=` here it loses both; a GGUF alone in a folder carries them). transformers reads no "
+            "rope scaling from a GGUF: add `config=AutoConfig.from_pretrained(folder)` when config.json has one.",
+        ]
     lines += [
         "",
         "## Intended use",

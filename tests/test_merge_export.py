@@ -240,6 +240,7 @@ def test_model_card_has_label_provenance_stages_and_data(exported):
     assert "本内容由人工智能生成" in card and "GB 45438-2025" in card
     assert "| sft | sft |" in card and "| merge | merge |" in card and "`d`: chat records" in card
     assert "| GGUF Q8_0 | HF export |" in card
+    assert "`AutoTokenizer.from_pretrained(folder)`" in card  # how to keep the template and EOS with a GGUF
 
 
 def test_model_card_summarises_the_data_card_of_the_training_stage(exported):
@@ -364,7 +365,7 @@ def test_gguf_writer_round_trips_llama_qwen2_and_qwen3_exactly(tmp_path):
             torch.manual_seed(0)
             AutoModelForCausalLM.from_config(config).save_pretrained(folder)
             tokenizer.save_pretrained(folder)
-        write_gguf(folder, folder / "m.gguf", "f32", contract, arch, "gpt2", {})
+        write_gguf(folder, folder / "m.gguf", "f32", contract, arch, "gpt-2", {})
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()
         back = AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf", dtype=torch.float32).eval()
         with torch.no_grad():
@@ -473,16 +474,24 @@ def test_validate_names_the_missing_gguf_package(monkeypatch):
     load_recipe(recipe, ["stages.export.gguf_required=false"])  # optional GGUF: valid without the package
 
 
-def test_optional_gguf_is_skipped_with_a_note_when_the_package_is_missing(tmp_path, exported, monkeypatch):
+def test_optional_gguf_is_skipped_with_a_warning_and_a_note_when_the_package_is_missing(
+    tmp_path, exported, monkeypatch, capfd
+):
     import importlib.util
 
     run_dir = copy_run(exported, tmp_path / "copy")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    capfd.readouterr()
     extend_run(run_dir.root, [("export", {"gguf_required": False})], **QUIET)
+    assert "export: warning: no GGUF files written: the gguf package is not installed" in capfd.readouterr().err
     summary = run_dir.status("export").summary
     assert summary["formats"] == ["hf"] and "pip install 'wenmai[gguf]'" in summary["gguf_skipped"]
-    assert not list(run_dir.output("export", "model").glob("*.gguf"))
+    folder = run_dir.output("export", "model")
+    assert not list(folder.glob("*.gguf"))
+    note = "GGUF asked for but not written: the gguf package is not installed (pip install 'wenmai[gguf]')"
+    assert json.loads((folder / "wenmai_provenance.json").read_text())["gguf_skipped"] == note
+    assert note in (folder / "README.md").read_text()  # the card's provenance block
 
 
 @pytest.mark.slow

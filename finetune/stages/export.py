@@ -59,6 +59,7 @@ def run(ctx: StageContext) -> StageResult:
                 "formats: gguf needs the gguf package: pip install 'wenmai[gguf]' (or set gguf_required: false)"
             )
         gguf_types, skipped = [], "the gguf package is not installed (pip install 'wenmai[gguf]')"
+        print(f"{config.stage_name}: warning: no GGUF files written: {skipped}", file=sys.stderr, flush=True)
     if gguf_types:  # refuse an unsupported model before any work
         gguf_export.check_supported(
             json.loads((model_dir / "config.json").read_text(encoding="utf-8")), model_dir / "tokenizer.json"
@@ -90,6 +91,8 @@ def run(ctx: StageContext) -> StageResult:
         del exported
 
         provenance = provenance_block(run_dir, recipe, model_stage, config.producer)
+        if skipped:
+            provenance["gguf_skipped"] = f"GGUF asked for but not written: {skipped}"
         pre_tokenizer = gguf_export.pre_tokenizer_name(tmp, resolve_source(recipe.model, convert=False).gguf_path)[0]
         gguf_files = []
         for gguf_type in gguf_types:
@@ -205,9 +208,15 @@ def write_and_check_gguf(
     device: str,
     probes: list | None,
 ) -> tuple[dict, Any]:
-    """Write one GGUF file next to the HF export, load it back with transformers, and compare it on the probes."""
+    """Write one GGUF file next to the HF export, load it back with transformers, and compare it on the probes.
+
+    transformers reads no rope scaling from a Llama GGUF (it would run the file unscaled): for such a model the
+    weights are loaded with the export's config.json, and llama.cpp's own reading of the scaling is what
+    tests/test_gguf_llama_cpp.py checks. The tokenizer is checked once: the template and stop ids the file
+    carries, and the probe prompts encoded by llama.cpp when llama-cpp-python is installed, else by the
+    tokenizer transformers rebuilds from the file (for byte-level BPE files, which it rebuilds exactly)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     file = folder / gguf_export.gguf_file_name(name, gguf_type)
     info = gguf_export.write_gguf(
@@ -219,13 +228,21 @@ def write_and_check_gguf(
         pre_tokenizer,
         {"wenmai.provenance": json.dumps(provenance, ensure_ascii=False)},
     )
+    config = AutoConfig.from_pretrained(str(folder))
+    rope_type = gguf_export.rope_parameters(config.to_dict()).get("rope_type") or "default"
+    scaled = {"config": config} if rope_type != "default" else {}
     loaded = (
-        AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file.name, dtype=torch.float32).to(device).eval()
+        AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file.name, dtype=torch.float32, **scaled)
+        .to(device)
+        .eval()
     )
-    comparison = parity.compare(f"GGUF {gguf_type.upper()}", loaded, traces, tolerance, reference="HF export")
+    reference = "HF export" + (f" (rope {rope_type} from config.json)" if scaled else "")
+    comparison = parity.compare(f"GGUF {gguf_type.upper()}", loaded, traces, tolerance, reference=reference)
     if probes is not None:
-        rebuilt = AutoTokenizer.from_pretrained(str(folder), gguf_file=file.name)
-        comparison.tokenizer_agreement = parity.tokenizer_agreement(rebuilt, probes)
+        texts, expected = [p.text for p in probes], [p.input_ids for p in probes]
+        comparison.tokenizer_agreement = gguf_export.tokenizer_agreement(
+            file, contract, texts, expected, parity.MAX_PROMPT_TOKENS
+        )
     return info, comparison
 
 
