@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,16 @@ class TokenizedSet:
 
 
 def tokenize_records(
-    recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool = True, stage_dir: Path | None = None
+    recipe: Recipe,
+    name: str,
+    tokenizer: Any,
+    seq_len: int,
+    assistant_only: bool = True,
+    stage_dir: Path | None = None,
+    extra: Callable[[dict], dict] | None = None,
 ) -> TokenizedSet:
-    """Render and tokenize a dataset for language-model training, truncated to `seq_len`."""
+    """Render and tokenize a dataset for language-model training, truncated to `seq_len`; `extra(record)` adds
+    fields to the record's row (the `debias` stage's protected attribute)."""
     from rich.progress import track
 
     records = load_records(recipe, name, stage_dir)
@@ -93,7 +101,7 @@ def tokenize_records(
             continue
         tokens += len(row["input_ids"])
         learned += n_learned
-        rows.append(row)
+        rows.append({**row, **extra(record)} if extra else row)
     report = records.report
     stats = {
         "records": len(records.records),

@@ -27,7 +27,7 @@ class Swapper:
 
     mapping: dict[str, str]
     pattern: re.Pattern
-    sides: dict[str, int] = field(default_factory=dict)  # term (lowercased) -> 0 (side a) or 1 (side b)
+    terms: set[str] = field(default_factory=set)  # the swapped terms (lowercased); the other keys are protected
 
     @classmethod
     def from_section(cls, section: AugmentSection) -> Swapper:
@@ -38,16 +38,14 @@ class Swapper:
     def build(cls, pairs: list[list[str]], protect: list[str] = ()) -> Swapper:
         """Both directions of every pair; the first pair that names a term decides where it goes."""
         mapping: dict[str, str] = {}
-        sides: dict[str, int] = {}
         for a, b in pairs:
             mapping.setdefault(a.lower(), b)
             mapping.setdefault(b.lower(), a)
-            sides.setdefault(a.lower(), 0)
-            sides.setdefault(b.lower(), 1)
+        terms = set(mapping)
         for word in protect:
             mapping.setdefault(word.lower(), word)  # matched, so it hides the terms inside it, and kept
         alternatives = [_alternative(term) for term in sorted(mapping, key=len, reverse=True)]
-        return cls(mapping, re.compile("|".join(alternatives), re.IGNORECASE), sides)
+        return cls(mapping, re.compile("|".join(alternatives), re.IGNORECASE), terms)
 
     def swap(self, text: str) -> tuple[str, dict[str, int]]:
         """The text with every term swapped, and how often each term was swapped."""
@@ -56,17 +54,33 @@ class Swapper:
         def replace(match: re.Match) -> str:
             found = match.group(0)
             key = found.lower()
-            if key not in self.sides:  # a protected word
+            if key not in self.terms:  # a protected word
                 return found
             counts[key] = counts.get(key, 0) + 1
             return _same_case(found, self.mapping[key])
 
         return self.pattern.sub(replace, text), counts
 
-    def attribute(self, text: str) -> int | None:
-        """0 when the text names only side-a terms, 1 when only side-b terms, None when neither or both."""
+
+class TermGroups:
+    """Which group a text names, by the terms of each group (matched as `Swapper` matches them)."""
+
+    def __init__(self, groups: dict[str, list[str]], protect: list[str] = ()) -> None:
+        self.label = {term.lower(): name for name, terms in groups.items() for term in terms}
+        keys = sorted(
+            [*self.label, *(w.lower() for w in protect if w.lower() not in self.label)], key=len, reverse=True
+        )
+        self.pattern = re.compile("|".join(_alternative(k) for k in keys), re.IGNORECASE)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[list[str]], protect: list[str] = ()) -> TermGroups:
+        """Two groups from term pairs: every pair's first terms, and its second terms; named by the first pair."""
+        return cls({pairs[0][0]: [a for a, _ in pairs], pairs[0][1]: [b for _, b in pairs]}, protect)
+
+    def of(self, text: str) -> str | None:
+        """The one group whose terms the text names; None when it names none, or terms of several groups."""
         found = {
-            self.sides[m.group(0).lower()] for m in self.pattern.finditer(text) if m.group(0).lower() in self.sides
+            self.label[m.group(0).lower()] for m in self.pattern.finditer(text) if m.group(0).lower() in self.label
         }
         return next(iter(found)) if len(found) == 1 else None
 

@@ -108,18 +108,20 @@ def association_scores(
 ) -> list[list[float]]:
     """s(t, w) for each template t (rows) and group term w (columns: group a's terms, then b's)."""
     language = probe.language or detect_language(" ".join(probe.templates))
-    prompt = lm.render_prompt(
-        tokenizer, [{"role": "user", "content": probe.prompt or DEFAULT_PROMPT.get(language, DEFAULT_PROMPT["en"])}]
-    )
-    prompt_ids = lm.encode(tokenizer, prompt)
+    request = probe.prompt or DEFAULT_PROMPT.get(language, DEFAULT_PROMPT["en"])
     groups = [*probe.groups.a, *probe.groups.b]
     attributes = [*probe.attributes.a, *probe.attributes.b]
-    sentences = [probe.sentence(t, g, a) for t in probe.templates for g in groups for a in attributes]
+    asked = [(t, g, a) for t in probe.templates for g in groups for a in attributes]
+    prompts = [
+        lm.render_prompt(tokenizer, [{"role": "user", "content": request.replace("{group}", g)}]) for _, g, _ in asked
+    ]
+    sentences = [probe.sentence(t, g, a) for t, g, a in asked]
     means = lm.mean_logprobs(
-        model, tokenizer, [prompt] * len(sentences), sentences, batch_size, max_length, desc=f"association {probe.id}"
+        model, tokenizer, prompts, sentences, batch_size, max_length, desc=f"association {probe.id}"
     )
     totals = [
-        m * len(lm.continuation_ids(tokenizer, prompt, prompt_ids, s)) for m, s in zip(means, sentences, strict=True)
+        m * len(lm.continuation_ids(tokenizer, p, lm.encode(tokenizer, p), s))
+        for m, s, p in zip(means, sentences, prompts, strict=True)
     ]
     n_attr, n_a = len(attributes), len(probe.attributes.a)
     rows = []

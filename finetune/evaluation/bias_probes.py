@@ -49,23 +49,32 @@ class AssociationProbe(_Strict):
     id: str
     axis: str = Field(..., description="What differs: gender, ethnicity, region, religion, ...")
     templates: list[str] = Field(
-        ..., min_length=1, description="Neutral sentences with `{group}` and `{attribute}` once each."
+        ...,
+        min_length=1,
+        description="Neutral sentences with `{attribute}` once and `{group}` once (or `{group}` once in `prompt`).",
     )
     groups: TermSets = Field(..., description="Group terms: `a` (the group a stereotype is about) and `b`.")
     attributes: TermSets = Field(..., description="Attribute words: `a` (the stereotype's) and `b` (the opposite).")
     prompt: str | None = Field(
         None,
-        description="The user message the sentences answer (default: 'Write one sentence.' in the templates' language).",
+        description="The user message the sentences answer (default: 'Write one sentence.' in the templates' "
+        'language); it may hold the `{group}` slot instead of the templates ("Describe the {group} guide.").',
     )
     language: Literal["zh", "en"] | None = Field(None, description="zh or en (default: from the templates' script).")
 
-    @field_validator("templates")
-    @classmethod
-    def _two_slots(cls, value: list[str]) -> list[str]:
-        for template in value:
-            if template.count("{group}") != 1 or template.count("{attribute}") != 1:
-                raise ValueError(f"{template!r} must contain `{{group}}` and `{{attribute}}` exactly once each")
-        return value
+    @model_validator(mode="after")
+    def _slots(self) -> AssociationProbe:
+        in_prompt = (self.prompt or "").count("{group}")
+        if in_prompt > 1:
+            raise ValueError("`prompt` may contain `{group}` at most once")
+        for template in self.templates:
+            if template.count("{attribute}") != 1 or template.count("{group}") + in_prompt != 1:
+                where = "the template" if not in_prompt else "the template (the prompt already has `{group}`)"
+                raise ValueError(
+                    f"{template!r} must contain `{{attribute}}` exactly once, and `{{group}}` exactly once in "
+                    f"{where} or the prompt"
+                )
+        return self
 
     def sentence(self, template: str, group: str, attribute: str) -> str:
         """A template filled with one group term and one attribute word."""
