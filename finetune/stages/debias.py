@@ -105,6 +105,14 @@ def run(ctx: StageContext) -> StageResult:
             "before": before,
             "after": after,
             "adversary_weight": options.adversary_weight,
+            "adversary_accuracy_last": next(
+                (
+                    row["adversary_accuracy"]
+                    for row in reversed(trainer.state.log_history)
+                    if "adversary_accuracy" in row
+                ),
+                None,
+            ),
             "steps": trainer.state.global_step,
             "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
             "used": {"policy": policy.source},
@@ -223,7 +231,7 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
 
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
-            rate = options.adversary_lr or options.learning_rate
+            rate = options.adversary_lr or options.learning_rate * 10
             optimizer.add_param_group({"params": list(self.adversary.parameters()), "lr": rate, "weight_decay": 0.0})
             return optimizer
 
@@ -234,7 +242,10 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
             # learned something before the adapter is pushed against it
             progress = self.state.global_step / max(1, self.state.max_steps)
             weight = options.adversary_weight * (2 / (1 + math.exp(-10 * progress)) - 1)
-            logits = self.adversary(GradientReversal.apply(states.float(), weight))
+            # layer-normalised, so the adapter cannot fool the adversary by inflating the states (its loss would
+            # grow without bound while the task suffers); it has to remove the attribute instead
+            normalised = torch.nn.functional.layer_norm(states.float(), states.shape[-1:])
+            logits = self.adversary(GradientReversal.apply(normalised, weight))
             known = attribute != NO_ATTRIBUTE
             loss = outputs.loss
             if known.any():
