@@ -84,9 +84,11 @@ def evaluate_targets(targets: list[Target], spec: EvalSpec, log: Log = print) ->
             result.alignment = alignment.generate_replies(
                 model, tokenizer, suite, spec.batch_size, spec.max_length, target.label, spec.max_new_tokens
             )
-            log(
-                f"  {suite.suite.name}: rule pass rate {result.alignment.rule_pass_rate} ({result.alignment.seconds} s)"
-            )
+            if suite.suite.probes or suite.suite.bias:
+                log(
+                    f"  {suite.suite.name}: rule pass rate {result.alignment.rule_pass_rate} "
+                    f"({result.alignment.seconds} s)"
+                )
             if suite.has_implicit_bias():
                 implicit = bias.measure(model, tokenizer, suite, spec.batch_size, spec.max_length)
                 result.alignment.implicit = implicit
