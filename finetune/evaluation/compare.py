@@ -90,7 +90,8 @@ def comparison_table(evaluation: Evaluation) -> Table:
             table.add_row(f"{mc.name} {subject.subject} (n={subject.total})", *cells, style=style)
     if first.alignment is not None:
         name = first.alignment.name
-        table.add_row(f"{name} rule pass rate", *[_value(c.alignment.rule_pass_rate) for c in checkpoints])
+        if first.alignment.probes:
+            table.add_row(f"{name} rule pass rate", *[_value(c.alignment.rule_pass_rate) for c in checkpoints])
         for rule in first.alignment.rule_rates:
             table.add_row(f"{name} rule: {rule}", *[_value(c.alignment.rule_rates.get(rule)) for c in checkpoints])
         for dimension in first.alignment.dimension_means:
