@@ -184,7 +184,7 @@ class DataSection(BaseModel):
                 )
                 if close and not (isinstance(value, dict) and "path" in value):
                     raise ValueError(
-                        f"{key!r} is neither `policy`, `augment` nor a dataset (a dataset has path: and format:) "
+                        f"{key!r} is neither `{close[0]}` nor a dataset (a dataset has path: and format:) "
                         f"— did you mean {close[0]}?"
                     )
         return data
