@@ -51,7 +51,7 @@ class DebiasOptions(TrainingOptions):
         0, ge=0, description="Hidden units of the adversary (0: a linear classifier; else one hidden layer)."
     )
     adversary_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the adversary head (default: 10 x learning_rate, so it keeps up)."
+        None, gt=0, description="Learning rate of the adversary head (default: learning_rate)."
     )
     layer: int = Field(-1, description="Which hidden state the adversary reads (-1: the last layer).")
     pool: Literal["answer", "all"] = Field(

@@ -231,8 +231,9 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
 
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model)
-            rate = options.adversary_lr or options.learning_rate * 10
-            optimizer.add_param_group({"params": list(self.adversary.parameters()), "lr": rate, "weight_decay": 0.0})
+            rate = options.adversary_lr or options.learning_rate
+            # weight decay keeps the adversary's logits bounded, so its loss cannot run away from the task loss
+            optimizer.add_param_group({"params": list(self.adversary.parameters()), "lr": rate, "weight_decay": 0.01})
             return optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
