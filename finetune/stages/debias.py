@@ -33,6 +33,7 @@ from finetune.tracking import append_metrics, jsonl_callback
 from finetune.training import build_training_args, fit, loss_summary
 
 NO_ATTRIBUTE = -100  # the adversary's ignore index: records that name no attribute
+ADVERSARY_STEPS = 5  # adversary updates per batch, on the detached states, before the adapter's update
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -229,12 +230,12 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
             self.model_accepts_loss_kwargs = False  # our loss is a mean per micro-batch: the Trainer scales it
             self.sums: dict[str, float] = {}
 
-        def create_optimizer(self, model=None):
-            optimizer = super().create_optimizer(model)
-            rate = options.adversary_lr or options.learning_rate
-            # weight decay keeps the adversary's logits bounded, so its loss cannot run away from the task loss
-            optimizer.add_param_group({"params": list(self.adversary.parameters()), "lr": rate, "weight_decay": 0.01})
-            return optimizer
+            # the adversary has its own optimiser and catches up on each batch before the adapter moves
+            # (several steps on the detached states): a lagging adversary is fooled by flipping the attribute,
+            # which a fresh probe still reads; one that keeps up can only be fooled by removing it
+            self.adversary_optimizer = torch.optim.AdamW(
+                self.adversary.parameters(), lr=options.adversary_lr or options.learning_rate, weight_decay=0.01
+            )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             attribute = inputs.pop("attribute")
@@ -246,8 +247,15 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
             # layer-normalised, so the adapter cannot fool the adversary by inflating the states (its loss would
             # grow without bound while the task suffers); it has to remove the attribute instead
             normalised = torch.nn.functional.layer_norm(states.float(), states.shape[-1:])
-            logits = self.adversary(GradientReversal.apply(normalised, weight))
             known = attribute != NO_ATTRIBUTE
+            if known.any() and model.training:
+                for _ in range(ADVERSARY_STEPS):
+                    self.adversary_optimizer.zero_grad()
+                    catch_up = self.adversary(normalised.detach()[known])
+                    torch.nn.functional.cross_entropy(catch_up, attribute[known]).backward()
+                    self.adversary_optimizer.step()
+                self.adversary_optimizer.zero_grad()
+            logits = self.adversary(GradientReversal.apply(normalised, weight))
             loss = outputs.loss
             if known.any():
                 adversary_loss = torch.nn.functional.cross_entropy(logits[known], attribute[known])
