@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data.augment import Swapper, augment_records
 from finetune.data.card import write_stage_files
 from finetune.data.chat import IGNORE_INDEX, to_messages, tokenize_chat, tokenize_text
-from finetune.data.layer import LayerRecords, load_dataset
+from finetune.data.layer import LayerRecords, dataset_roles, load_dataset
 from finetune.distributed.ranks import is_main_process
 from finetune.errors import Problem
 from finetune.recipe import Recipe
+from finetune.recipe.augment import AUGMENT_FORMATS
 from finetune.recipe.secrets import redact_data, secrets_of
 
 
@@ -28,10 +31,18 @@ def policy_file_problems(recipe: Recipe) -> list[Problem]:
 def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> LayerRecords:
     """The records of dataset `name` that may train, after the data policy, PII scrubbing and dedup.
 
-    Bad records fail or are skipped (the dataset's `on_bad_record`). Given a stage folder, the stage's
+    Bad records fail or are skipped (the dataset's `on_bad_record`); a dataset `data.augment` covers gets its
+    counterfactual copies (`finetune.data.augment`). Given a stage folder, the stage's
     data card and sensitive-topic register are written there (by rank 0 alone under `wenmai launch`).
     """
     records = load_dataset(recipe, name)
+    if name in augmented_datasets(recipe):
+        copies, swaps = augment_records(
+            records.records, recipe.data[name].record_format, Swapper.from_section(recipe.data.augment)
+        )
+        records.records += copies
+        if records.report is not None:
+            records.report.augmented, records.report.augmented_swaps = len(copies), swaps
     if stage_dir is not None and is_main_process():
         # a data path given as ${env:...} is written as the reference (finetune.recipe.secrets)
         secrets = secrets_of(recipe)
@@ -39,6 +50,21 @@ def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> La
         register = [type(e).model_validate(redact_data(e.model_dump(), secrets)) for e in records.register]
         write_stage_files(Path(stage_dir), report, register, recipe.data.policy)
     return records
+
+
+def augmented_datasets(recipe: Recipe) -> list[str]:
+    """The datasets `data.augment` copies: those it names, else every chat/instruction/text set a stage trains on."""
+    section = recipe.data.augment
+    if section is None:
+        return []
+    if section.datasets is not None:
+        return list(section.datasets)
+    roles = dataset_roles(recipe)
+    return [
+        n
+        for n, r in roles.items()
+        if "train" in r and n in recipe.data and recipe.data[n].record_format in AUGMENT_FORMATS
+    ]
 
 
 @dataclass
@@ -50,9 +76,16 @@ class TokenizedSet:
 
 
 def tokenize_records(
-    recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool = True, stage_dir: Path | None = None
+    recipe: Recipe,
+    name: str,
+    tokenizer: Any,
+    seq_len: int,
+    assistant_only: bool = True,
+    stage_dir: Path | None = None,
+    extra: Callable[[dict], dict] | None = None,
 ) -> TokenizedSet:
-    """Render and tokenize a dataset for language-model training, truncated to `seq_len`."""
+    """Render and tokenize a dataset for language-model training, truncated to `seq_len`; `extra(record)` adds
+    fields to the record's row (the `debias` stage's protected attribute)."""
     from rich.progress import track
 
     records = load_records(recipe, name, stage_dir)
@@ -73,11 +106,12 @@ def tokenize_records(
             continue
         tokens += len(row["input_ids"])
         learned += n_learned
-        rows.append(row)
+        rows.append({**row, **extra(record)} if extra else row)
     report = records.report
     stats = {
         "records": len(records.records),
         "skipped_bad_records": len(records.skipped),
+        "augmented": report.augmented if report else 0,
         "excluded_by_policy": sum(report.excluded.values()) if report else 0,
         "duplicates_removed": sum(report.duplicates.values()) if report else 0,
         "pii_masked": sum(report.pii_found.values()) if report and report.pii_action == "mask" else 0,

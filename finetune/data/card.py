@@ -117,6 +117,8 @@ def render_markdown(card: DataCard) -> str:
             f"{d.pii_records} records held personal data ({d.pii_action}); {d.registered} in the sensitive-topic register.",
             "",
         ]
+        if d.augmented:
+            lines += [f"{d.augmented} counterfactual copies added (data.augment), marked `augmented`.", ""]
         for heading, counts in (
             ("Languages", d.languages),
             ("Licences", d.licences),
@@ -126,6 +128,7 @@ def render_markdown(card: DataCard) -> str:
             ("Excluded, by reason", d.excluded),
             ("Personal data found, by type", d.pii_found),
             ("Duplicates removed", d.duplicates),
+            *([("Counterfactual swaps, by term", d.augmented_swaps)] if d.augmented else []),
         ):
             lines += _table(heading, counts)
     return "\n".join(lines) + "\n"

@@ -71,6 +71,8 @@ class DatasetReport(BaseModel):
         default_factory=dict, description="Records dropped as duplicates: exact, near, eval: <set>."
     )
     registered: int = Field(0, description="Records written to the sensitive-topic register.")
+    augmented: int = Field(0, description="Counterfactual copies added by data.augment (not counted in `kept`).")
+    augmented_swaps: dict[str, int] = Field(default_factory=dict, description="Terms swapped in the copies, by term.")
 
     def bump(self, table: str, key: str, by: int = 1) -> None:
         """Add `by` to the count of `key` in one of the count tables."""

@@ -90,7 +90,8 @@ def comparison_table(evaluation: Evaluation) -> Table:
             table.add_row(f"{mc.name} {subject.subject} (n={subject.total})", *cells, style=style)
     if first.alignment is not None:
         name = first.alignment.name
-        table.add_row(f"{name} rule pass rate", *[_value(c.alignment.rule_pass_rate) for c in checkpoints])
+        if first.alignment.probes:
+            table.add_row(f"{name} rule pass rate", *[_value(c.alignment.rule_pass_rate) for c in checkpoints])
         for rule in first.alignment.rule_rates:
             table.add_row(f"{name} rule: {rule}", *[_value(c.alignment.rule_rates.get(rule)) for c in checkpoints])
         for dimension in first.alignment.dimension_means:
@@ -102,7 +103,26 @@ def comparison_table(evaluation: Evaluation) -> Table:
             table.add_row(
                 f"{name} largest bias reference gap", *[_value(c.alignment.reference_gap_max) for c in checkpoints]
             )
+        _implicit_rows(table, checkpoints)
     return table
+
+
+def _implicit_rows(table: Table, checkpoints: list) -> None:
+    """Per bias category: each implicit-bias score with its 95% interval, for every checkpoint."""
+    first = checkpoints[0].alignment.implicit
+    if first is None:
+        return
+    for name in first.categories:
+        for kind in ("association", "decision", "ambiguous", "disambiguated"):
+            if getattr(first.categories[name], kind) is None:
+                continue
+            cells = []
+            for checkpoint in checkpoints:
+                implicit = checkpoint.alignment.implicit if checkpoint.alignment else None
+                category = implicit.categories.get(name) if implicit else None
+                estimate = getattr(category, kind) if category else None
+                cells.append(estimate.shown() if estimate else "—")
+            table.add_row(f"bias {name}: {kind}", *cells)
 
 
 def write_json(evaluation: Evaluation, path: Path) -> Path:

@@ -5,6 +5,8 @@ The thresholds are the recipe's `gates:` (`finetune.recipe.evaluate.Gates`); the
 
 from __future__ import annotations
 
+import difflib
+
 from finetune.errors import WenmaiError
 from finetune.evaluation.results import CheckpointResult, GateResult
 from finetune.recipe.evaluate import Gates
@@ -87,7 +89,31 @@ def check_gates(gates: Gates, result: CheckpointResult, baseline: CheckpointResu
                     "largest reference log-likelihood gap",
                 )
             )
+        implicit = alignment.implicit.categories if alignment.implicit is not None else {}
+        for category, maximum in gates.bias_max_effect.items():
+            measured = implicit.get(category)
+            out.append(
+                _at_most(
+                    f"bias_max_effect ({category})",
+                    measured.effect if measured is not None else None,
+                    maximum,
+                    f"largest implicit-bias score of {category}",
+                )
+            )
     return out
+
+
+def unknown_categories(gates: Gates, axes: list[str]) -> list[str]:
+    """A message for each `bias_max_effect` category no bias probe of the suite has (with a did-you-mean)."""
+    messages = []
+    for category in gates.bias_max_effect:
+        if category in axes:
+            continue
+        guess = difflib.get_close_matches(category, axes, n=1, cutoff=0.6)
+        hint = f" — did you mean {guess[0]}?" if guess else ""
+        known = ", ".join(axes) or "none: the suite has no bias probes"
+        messages.append(f"unknown category {category!r}{hint} (the suite's bias probe axes: {known})")
+    return messages
 
 
 def failure_report(stage: str, failed: list[GateResult], evaluation_path: str, run_root: str) -> str:

@@ -6,6 +6,8 @@ import re
 
 from pydantic import BaseModel, Field
 
+from finetune.evaluation.bias_results import ImplicitBias
+
 EVALUATION_FILE = "evaluation.json"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -75,6 +77,7 @@ class AlignmentScore(BaseModel):
     bias_gap_max: float | None = None
     reference_gap_max: float | None = None
     reward_model: str | None = None  # where the scores came from; None: reward checks skipped
+    implicit: ImplicitBias | None = None  # association, decision and multiple-choice bias probes
     seconds: float = 0.0
 
 
@@ -126,6 +129,8 @@ def scalars(result: CheckpointResult, prefix: str = "eval") -> dict[str, float]:
             out[f"{prefix}/{suite}/bias/gap_max"] = alignment.bias_gap_max
         if alignment.reference_gap_max is not None:
             out[f"{prefix}/{suite}/bias/reference_gap_max"] = alignment.reference_gap_max
+        for name, category in (alignment.implicit.categories if alignment.implicit else {}).items():
+            out[f"{prefix}/{suite}/bias/{key_part(name)}/effect"] = category.effect
     return out
 
 

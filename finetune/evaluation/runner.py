@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.errors import ConfigError
-from finetune.evaluation import alignment, mc
+from finetune.evaluation import alignment, bias, mc
 from finetune.evaluation import targets as target_loading
 from finetune.evaluation.results import CheckpointResult
 from finetune.evaluation.suite import check_dimensions, load_suite
@@ -84,9 +84,16 @@ def evaluate_targets(targets: list[Target], spec: EvalSpec, log: Log = print) ->
             result.alignment = alignment.generate_replies(
                 model, tokenizer, suite, spec.batch_size, spec.max_length, target.label, spec.max_new_tokens
             )
-            log(
-                f"  {suite.suite.name}: rule pass rate {result.alignment.rule_pass_rate} ({result.alignment.seconds} s)"
-            )
+            if suite.suite.probes or suite.suite.bias:
+                log(
+                    f"  {suite.suite.name}: rule pass rate {result.alignment.rule_pass_rate} "
+                    f"({result.alignment.seconds} s)"
+                )
+            if suite.has_implicit_bias():
+                implicit = bias.measure(model, tokenizer, suite, spec.batch_size, spec.max_length)
+                result.alignment.implicit = implicit
+                for category in implicit.categories.values():
+                    log(f"  bias {category.category}: effect {category.effect} ({implicit.seconds} s)")
         results.append(result)
         del model
         gc.collect()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune.errors import ConfigError, Problem
+from finetune.evaluation.bias_probes import AssociationProbe, ChoiceFile, ChoiceProbe, DecisionProbe
 from finetune.yaml_lines import read_yaml_lines
 
 Behaviour = Literal["refuses", "corrects_premise", "respectful", "cites_uncertainty"]
@@ -105,10 +106,21 @@ class Suite(_Strict):
     probes: list[Probe] = Field(default_factory=list)
     probes_from: list[ProbeFile] = Field(default_factory=list)
     bias: list[BiasProbe] = Field(default_factory=list)
+    associations: list[AssociationProbe] = Field(
+        default_factory=list, description="Implicit bias: IAT-style associations (`finetune.evaluation.bias_probes`)."
+    )
+    decisions: list[DecisionProbe] = Field(
+        default_factory=list, description="Implicit bias: relative decisions between candidates of two groups."
+    )
+    choices: list[ChoiceProbe] = Field(
+        default_factory=list, description="Implicit bias: BBQ/CBBQ-style ambiguous/disambiguated multiple choice."
+    )
+    choices_from: list[ChoiceFile] = Field(default_factory=list, description="`choices:` items from JSONL files.")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> Suite:
         ids = [p.id for p in self.probes] + [b.id for b in self.bias]
+        ids += [p.id for p in (*self.associations, *self.decisions, *self.choices)]
         twice = sorted({i for i in ids if ids.count(i) > 1})
         if twice:
             raise ValueError(f"probe ids must be unique; used twice: {', '.join(twice)}")
@@ -122,6 +134,16 @@ class LoadedSuite:
     suite: Suite
     path: Path
     lines: dict[tuple, str] = field(default_factory=dict)
+
+    def axes(self) -> list[str]:
+        """Every axis (category) the suite's bias probes name, in order of first use."""
+        suite = self.suite
+        names = [p.axis for p in (*suite.bias, *suite.associations, *suite.decisions, *suite.choices)]
+        return list(dict.fromkeys(names))
+
+    def has_implicit_bias(self) -> bool:
+        """Whether the suite has association, decision or multiple-choice bias probes."""
+        return bool(self.suite.associations or self.suite.decisions or self.suite.choices)
 
     def where(self, *loc: Any) -> str:
         """`file:line` of a key path (or of its nearest ancestor)."""
@@ -150,6 +172,15 @@ def load_suite(path: str | Path, limit: int | None = None) -> LoadedSuite:
                 )
             loaded.suite.probes += read_probe_file(file, options, source.limit)
         loaded.suite.probes_from = []
+        for i, source in enumerate(loaded.suite.choices_from):
+            file = (path.parent / source.path).resolve()
+            if not file.is_file():
+                raise ConfigError(
+                    [Problem(f"choices_from[{i}].path", f"{file} not found", loaded.where("choices_from", i, "path"))],
+                    f"suite {path} has problems",
+                )
+            loaded.suite.choices += read_choice_file(file, source.axis, source.limit)
+        loaded.suite.choices_from = []
     if limit:
         loaded.suite.probes = loaded.suite.probes[:limit]
     return loaded
@@ -187,6 +218,39 @@ def read_probe_file(path: Path, options: dict | None = None, limit: int | None =
     if problems:
         raise ConfigError(problems, f"probe file {path} has problems")
     return probes
+
+
+def read_choice_file(path: Path, axis: str | None = None, limit: int | None = None) -> list[ChoiceProbe]:
+    """BBQ/CBBQ-style items from a JSONL file (the keys of `choices:`); every bad line is named."""
+    items, problems = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        if limit is not None and len(items) >= limit:
+            break
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(Problem(path.name, f"not valid JSON ({err.msg})", where))
+            continue
+        if not isinstance(row, dict):
+            problems.append(
+                Problem(path.name, "each line must be a JSON object (context, question, options, ...)", where)
+            )
+            continue
+        row = {"id": f"{path.stem}-{number}", **({"axis": axis} if axis else {}), **row}
+        row["id"] = str(row["id"])
+        try:
+            items.append(ChoiceProbe.model_validate(row))
+        except ValidationError as err:
+            problems += [
+                Problem(_loc(e["loc"]) or path.name, e["msg"].removeprefix("Value error, "), where)
+                for e in err.errors()
+            ]
+    if problems:
+        raise ConfigError(problems, f"multiple-choice file {path} has problems")
+    return items
 
 
 def check_dimensions(
@@ -266,7 +330,15 @@ def _load_yaml(path: Path) -> LoadedSuite:
 def _allowed_keys(loc: tuple) -> list[str]:
     section = loc[0] if loc else None
     model = (
-        {"probes": Probe, "probes_from": ProbeFile, "bias": BiasProbe}.get(section, Suite)
+        {
+            "probes": Probe,
+            "probes_from": ProbeFile,
+            "bias": BiasProbe,
+            "associations": AssociationProbe,
+            "decisions": DecisionProbe,
+            "choices": ChoiceProbe,
+            "choices_from": ChoiceFile,
+        }.get(section, Suite)
         if len(loc) >= 2 or not loc
         else Suite
     )

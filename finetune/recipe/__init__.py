@@ -4,10 +4,12 @@ and `wenmai stages` start without torch.
 
 - `sections`: model, lora, data, reward, tracking, output, distributed; `data_policy`, `licences`: data rights
 - `options`: the stage interface (`StageOptions`), the shared `TrainingOptions` and `SpeedOptions`
-- `sft`, `reward`, `preference` (dpo, kto, orpo), `rlhf`, `evaluate`, `merge` (merge, export): each kind's options
+- `sft`, `reward`, `preference` (dpo, kto, orpo), `rlhf`, `debias`, `evaluate`, `merge` (merge, export): each kind's
+  options; `augment`: the `data.augment` section
 - `schema`: `Recipe`, `StageEntry` and `OPTIONS`; `checks`: wiring and the cross-section checks
 """
 
+from finetune.recipe.augment import AugmentSection
 from finetune.recipe.checks import (
     check_dimension_names,
     problems,
@@ -16,6 +18,7 @@ from finetune.recipe.checks import (
     used_datasets,
     wiring,
 )
+from finetune.recipe.debias import DebiasOptions
 from finetune.recipe.evaluate import EvaluateOptions, Gates
 from finetune.recipe.merge import ExportOptions, MergeOptions, Tolerance
 from finetune.recipe.options import SpeedOptions, StageOptions, TrainingOptions
@@ -40,6 +43,8 @@ from finetune.recipe.sections import (
 from finetune.recipe.sft import SftOptions
 
 __all__ = [
+    "AugmentSection",
+    "DebiasOptions",
     "DATA_FORMATS",
     "DEFAULT_DIMENSION",
     "OPTIONS",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from finetune.recipe.options import StageOptions, input_field
 
@@ -57,6 +57,20 @@ class Gates(BaseModel):
         description="Largest gap in a bias probe's reference-answer log-likelihood (per token) across groups at most.",
     )
 
+    bias_max_effect: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per category (a bias probe's `axis`): the largest absolute implicit-bias score at most — "
+        "association effect size d (-2..2), decision spread (0..1), BBQ bias scores (-1..1).",
+    )
+
+    @field_validator("bias_max_effect")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        negative = [k for k, v in value.items() if v < 0]
+        if negative:
+            raise ValueError(f"a largest effect is 0 or more; negative for {', '.join(negative)}")
+        return value
+
     def needs_baseline(self) -> bool:
         """Drops are measured against a baseline checkpoint."""
         return self.mc_max_drop is not None or self.mc_subject_max_drop is not None or self.reward_max_drop is not None
@@ -67,9 +81,18 @@ class Gates(BaseModel):
 
     def needs_suite(self) -> bool:
         """Some gate reads the alignment suite's results."""
-        return bool(self.reward_min) or any(
-            v is not None
-            for v in (self.rules_min_pass_rate, self.bias_max_gap, self.bias_max_reference_gap, self.reward_max_drop)
+        return (
+            bool(self.reward_min)
+            or bool(self.bias_max_effect)
+            or any(
+                v is not None
+                for v in (
+                    self.rules_min_pass_rate,
+                    self.bias_max_gap,
+                    self.bias_max_reference_gap,
+                    self.reward_max_drop,
+                )
+            )
         )
 
     def needs_reward(self) -> bool:

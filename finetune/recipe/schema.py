@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, model_serializer, model_validator
 
+from finetune.recipe.debias import DebiasOptions
 from finetune.recipe.evaluate import EvaluateOptions
 from finetune.recipe.merge import ExportOptions, MergeOptions
 from finetune.recipe.options import StageOptions
@@ -35,6 +36,7 @@ OPTIONS: dict[str, type[StageOptions]] = {
         KtoOptions,
         OrpoOptions,
         RlhfOptions,
+        DebiasOptions,
         EvaluateOptions,
         MergeOptions,
         ExportOptions,

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from finetune.errors import Problem
+from finetune.recipe.augment import AUGMENT_FORMATS, AugmentSection
 from finetune.recipe.data_policy import DataPolicy, RecordMetadata
 from finetune.recipe.review import ReviewCleaning, ReviewRecords
 
@@ -158,10 +159,10 @@ class DatasetSection(Section):
 
 
 class DataSection(BaseModel):
-    """Named datasets (any key) and `policy`, the rules every record passes before it trains.
+    """Named datasets (any key), `policy`, the rules every record passes before it trains, and `augment`.
 
     Reads like a mapping of dataset name -> DatasetSection (`data[name]`, `name in data`, iteration),
-    so `policy` is the one name a dataset cannot have.
+    so `policy` and `augment` are the names a dataset cannot have.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -169,17 +170,22 @@ class DataSection(BaseModel):
     policy: DataPolicy = Field(
         default_factory=DataPolicy, description="Rights, sensitivity, PII and dedup rules for every dataset."
     )
+    augment: AugmentSection | None = Field(
+        None, description="Counterfactual augmentation: training records copied with group terms swapped."
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _policy_typo(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for key, value in data.items():
-                close = key != "policy" and difflib.get_close_matches(str(key), ["policy"], n=1, cutoff=0.7)
+                close = key not in ("policy", "augment") and difflib.get_close_matches(
+                    str(key), ["policy", "augment"], n=1, cutoff=0.7
+                )
                 if close and not (isinstance(value, dict) and "path" in value):
                     raise ValueError(
-                        f"{key!r} is neither `policy` nor a dataset (a dataset has path: and format:) "
-                        "— did you mean policy?"
+                        f"{key!r} is neither `{close[0]}` nor a dataset (a dataset has path: and format:) "
+                        f"— did you mean {close[0]}?"
                     )
         return data
 
@@ -225,6 +231,18 @@ class DataSection(BaseModel):
                     Problem(f"data.{name}.defaults.{field}", message)
                     for field, message in self.policy.metadata_problems(section.defaults)
                 ]
+        for i, name in enumerate(self.augment.datasets or [] if self.augment else []):
+            if name not in self:
+                known = ", ".join(self) or "none"
+                out.append(Problem(f"data.augment.datasets[{i}]", f"no dataset {name!r} in data (datasets: {known})"))
+            elif self[name].record_format not in AUGMENT_FORMATS:
+                out.append(
+                    Problem(
+                        f"data.augment.datasets[{i}]",
+                        f"{name} has format {self[name].record_format}; augmentation copies "
+                        f"{', '.join(AUGMENT_FORMATS)} records",
+                    )
+                )
         return out
 
     def policy_files(self) -> list[tuple[str, str]]:

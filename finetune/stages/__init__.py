@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from finetune.errors import Problem
 from finetune.recipe import Recipe
-from finetune.stages import evaluate, export, merge, preference, reward, rlhf, sft
+from finetune.stages import debias, evaluate, export, merge, preference, reward, rlhf, sft
 
 STAGES = {
     "sft": sft,
@@ -22,6 +22,7 @@ STAGES = {
     "kto": preference,
     "orpo": preference,
     "rlhf": rlhf,
+    "debias": debias,
     "evaluate": evaluate,
     "merge": merge,
     "export": export,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from finetune.errors import ConfigError, WenmaiError
 from finetune.evaluation import dashboards, runner
-from finetune.evaluation.gates import GateFailed, check_gates, failure_report
+from finetune.evaluation.gates import GateFailed, check_gates, failure_report, unknown_categories
 from finetune.evaluation.mc import check_folder
 from finetune.evaluation.results import EVALUATION_FILE, Evaluation, key_part, scalars
 from finetune.evaluation.suite import TOTAL, check_dimensions, load_suite, uses_reward
@@ -74,6 +74,8 @@ def check(options: EvaluateOptions, recipe: Recipe) -> list[tuple[str, str]]:
             loaded = load_suite(options.suite, options.suite_limit)
         except ConfigError as err:
             problems += [("suite", str(p)) for p in err.problems]
+    if loaded is not None:
+        problems += [("gates.bias_max_effect", message) for message in unknown_categories(options.gates, loaded.axes())]
     dimensions = recipe_dimensions(recipe)
     if loaded is not None and dimensions is not None:
         problems += [("suite", str(p)) for p in check_dimensions(loaded, dimensions)]

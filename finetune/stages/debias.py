@@ -1,0 +1,343 @@
+"""Stage `debias`: LoRA training on the task with an adversary on a protected attribute (gradient reversal).
+
+The adversary (a linear or one-hidden-layer head) reads the mean hidden state of each record (its answer
+tokens, at `layer`) and predicts the record's protected attribute; between them sits a gradient-reversal
+layer (Ganin & Lempitsky 2015; adversarial debiasing, Zhang et al. 2018), so the adversary learns to predict
+the attribute while the adapter learns the task and to hide the attribute from it:
+loss = task loss + adversary loss, with the adversary's gradient multiplied by -adversary_weight on its way
+into the model. The attribute is a record field, or derived from the record's text by term lists (or
+data.augment's pairs). Records without one train the task only.
+
+Logged before and after: the task loss, the leakage (the held-out accuracy of a fresh linear probe trained
+on the hidden states, 5-fold, against the majority-class rate), and the suite's implicit-bias probes. The
+output is a normal adapter (`adapter/`, `tokenizer/`, `template.json`) that merge, evaluate and export read.
+The options are `finetune.recipe.DebiasOptions`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from finetune.adapters import load_policy, save_policy
+from finetune.data import tokenize_records
+from finetune.data.augment import TermGroups, record_text
+from finetune.data.chat import IGNORE_INDEX
+from finetune.errors import ConfigError, DataError
+from finetune.evaluation import bias
+from finetune.evaluation.suite import load_suite
+from finetune.recipe import DebiasOptions, Recipe
+from finetune.run_dir import StageContext, StageResult
+from finetune.tracking import append_metrics, jsonl_callback
+from finetune.training import build_training_args, fit, loss_summary
+
+NO_ATTRIBUTE = -100  # the adversary's ignore index: records that name no attribute
+ADVERSARY_STEPS = 5  # adversary updates per batch, on the detached states, before the adapter's update
+
+
+def run(ctx: StageContext) -> StageResult:
+    """Train the adapter against the adversary, log leakage, task loss and probes before/after, and save it."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+
+    options: DebiasOptions = ctx.config
+    recipe = ctx.recipe
+    policy = load_policy(
+        recipe,
+        ctx.run_dir,
+        ctx.input_stages.get("policy"),
+        ctx.inputs.get("policy"),
+        options.seed,
+        f"stage {options.stage_name}",
+    )
+    labels, attribute_of = attribute_labeller(options, recipe)
+    train = tokenize_records(
+        recipe,
+        options.dataset,
+        policy.tokenizer,
+        options.seq_len,
+        options.loss_on == "assistant",
+        ctx.stage_dir,
+        extra=lambda record: {"attribute": attribute_of(record)},
+    )
+    labelled = [r for r in train.rows if r["attribute"] != NO_ATTRIBUTE]
+    counts = {label: sum(r["attribute"] == i for r in labelled) for i, label in enumerate(labels)}
+    if sum(1 for n in counts.values() if n) < 2:
+        raise DataError(
+            f"stage {options.stage_name}: the adversary needs records of at least two attribute values in "
+            f"{options.dataset}; found {counts or 'none'}. Check attribute_field / attribute_terms."
+        )
+    probe_rows = random.Random(options.seed).sample(labelled, min(options.probe_records, len(labelled)))
+    suite = load_suite(options.suite) if options.suite else None
+
+    before = measure(policy.model, policy.tokenizer, probe_rows, options, suite)
+    adversary = build_adversary(policy.model.config.hidden_size, len(labels), options.adversary_hidden)
+    args = build_training_args(
+        TrainingArguments,
+        options,
+        recipe,
+        ctx.stage_dir,
+        ctx.run_dir.name,
+        has_eval=False,
+        remove_unused_columns=False,
+    )
+    trainer = adversarial_trainer(
+        model=policy.model,
+        args=args,
+        train_dataset=Dataset.from_list(train.rows),
+        data_collator=lambda rows: collate(rows, policy.tokenizer.pad_token_id),
+        processing_class=policy.tokenizer,
+        callbacks=[jsonl_callback(ctx.metrics_path, options.stage_name)],
+        adversary=adversary,
+        options=options,
+    )
+    result = fit(trainer, ctx.resume_from)
+    after = measure(trainer.model, policy.tokenizer, probe_rows, options, suite)
+    outputs = save_policy(trainer, ctx.stage_dir, policy)
+
+    figures = {f"{when}/{key}": value for when, m in (("before", before), ("after", after)) for key, value in m.items()}
+    append_metrics(ctx.metrics_path, {"stage": options.stage_name, "step": trainer.state.global_step, **figures})
+    return StageResult(
+        outputs=outputs,
+        summary={
+            "data": train.stats,
+            "attribute": {"labels": labels, "records": counts, "unlabelled": len(train.rows) - len(labelled)},
+            "before": before,
+            "after": after,
+            "adversary_weight": options.adversary_weight,
+            "adversary_accuracy_last": next(
+                (
+                    row["adversary_accuracy"]
+                    for row in reversed(trainer.state.log_history)
+                    if "adversary_accuracy" in row
+                ),
+                None,
+            ),
+            "steps": trainer.state.global_step,
+            "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+            "used": {"policy": policy.source},
+            **loss_summary(trainer.state.log_history, eval_loss=False),
+        },
+    )
+
+
+def check(options: DebiasOptions, recipe: Recipe) -> list[tuple[str, str]]:
+    """The suite file, when one is given, must load."""
+    if not options.suite:
+        return []
+    try:
+        load_suite(options.suite)
+    except ConfigError as err:
+        return [("suite", str(p)) for p in err.problems]
+    return []
+
+
+def machine_problems(options: DebiasOptions) -> list[str]:
+    """Nothing beyond what every trainer stage needs."""
+    return []
+
+
+def attribute_labeller(options: DebiasOptions, recipe: Recipe) -> tuple[list[str], Any]:
+    """The attribute's labels and a function record -> label index (NO_ATTRIBUTE when it has none)."""
+    fmt = recipe.data[options.dataset].record_format
+    if options.attribute_field:
+        seen: list[str] = []
+
+        def from_field(record: dict) -> int:
+            value = record.get(options.attribute_field)
+            if value is None or value == "":
+                return NO_ATTRIBUTE
+            if str(value) not in seen:
+                seen.append(str(value))
+            return seen.index(str(value))
+
+        return seen, from_field  # `seen` fills as records are read, in order of first appearance
+    augment = recipe.data.augment
+    protect = augment.protect if augment else []
+    groups = (
+        TermGroups(options.attribute_terms, protect)
+        if options.attribute_terms
+        else TermGroups.from_pairs(augment.pairs, protect)
+    )
+    names = list(dict.fromkeys(groups.label.values()))
+
+    def from_terms(record: dict) -> int:
+        label = groups.of(record_text(record, fmt))
+        return NO_ATTRIBUTE if label is None else names.index(label)
+
+    return names, from_terms
+
+
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Right-padded input_ids, labels (ignored where padded), attention_mask and the attribute per row."""
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    attribute = torch.tensor([r["attribute"] for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "attribute": attribute}
+
+
+def build_adversary(hidden_size: int, classes: int, hidden: int) -> Any:
+    """A linear head, or one hidden layer, that predicts the attribute from a pooled hidden state."""
+    import torch
+
+    if hidden == 0:
+        return torch.nn.Linear(hidden_size, classes)
+    return torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+
+
+def pooled(model: Any, batch: dict, options: DebiasOptions) -> tuple[Any, Any]:
+    """The model's output (with its task loss) and each row's mean hidden state at `layer` over the pooled tokens."""
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        output_hidden_states=True,
+    )
+    states = outputs.hidden_states[options.layer]
+    keep = batch["labels"] != IGNORE_INDEX if options.pool == "answer" else batch["attention_mask"].bool()
+    keep = keep & batch["attention_mask"].bool()
+    weights = keep.to(states.dtype).unsqueeze(-1)
+    return outputs, (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs: Any) -> Any:
+    """A transformers Trainer whose loss is the task loss plus the adversary's loss through gradient reversal."""
+    import torch
+    from transformers import Trainer
+
+    class GradientReversal(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.weight = weight
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return -ctx.weight * grad, None
+
+    class AdversarialTrainer(Trainer):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.adversary = adversary.to(self.args.device)
+            self.model_accepts_loss_kwargs = False  # our loss is a mean per micro-batch: the Trainer scales it
+            self.sums: dict[str, float] = {}
+
+            # the adversary has its own optimiser and catches up on each batch before the adapter moves
+            # (several steps on the detached states): a lagging adversary is fooled by flipping the attribute,
+            # which a fresh probe still reads; one that keeps up can only be fooled by removing it
+            self.adversary_optimizer = torch.optim.AdamW(
+                self.adversary.parameters(), lr=options.adversary_lr or options.learning_rate, weight_decay=0.01
+            )
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            attribute = inputs.pop("attribute")
+            outputs, states = pooled(model, inputs, options)
+            # Ganin & Lempitsky's schedule: the reversal grows from 0 to adversary_weight, so the adversary has
+            # learned something before the adapter is pushed against it
+            progress = self.state.global_step / max(1, self.state.max_steps)
+            weight = options.adversary_weight * (2 / (1 + math.exp(-10 * progress)) - 1)
+            # layer-normalised, so the adapter cannot fool the adversary by inflating the states (its loss would
+            # grow without bound while the task suffers); it has to remove the attribute instead
+            normalised = torch.nn.functional.layer_norm(states.float(), states.shape[-1:])
+            known = attribute != NO_ATTRIBUTE
+            if known.any() and model.training:
+                for _ in range(ADVERSARY_STEPS):
+                    self.adversary_optimizer.zero_grad()
+                    catch_up = self.adversary(normalised.detach()[known])
+                    torch.nn.functional.cross_entropy(catch_up, attribute[known]).backward()
+                    self.adversary_optimizer.step()
+                self.adversary_optimizer.zero_grad()
+            logits = self.adversary(GradientReversal.apply(normalised, weight))
+            loss = outputs.loss
+            if known.any():
+                adversary_loss = torch.nn.functional.cross_entropy(logits[known], attribute[known])
+                loss = loss + adversary_loss
+                correct = (logits[known].argmax(-1) == attribute[known]).float().sum().item()
+                self._add(
+                    adversary_loss=adversary_loss.item(), adversary_correct=correct, adversary_seen=known.sum().item()
+                )
+            self._add(task_loss=outputs.loss.item(), task_batches=1)
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs: dict, start_time: float | None = None) -> None:
+            if self.sums.get("task_batches"):
+                logs["task_loss"] = round(
+                    self.sums["task_batches"] and self.sums["task_loss"] / self.sums["task_batches"], 4
+                )
+            if self.sums.get("adversary_seen"):
+                logs["adversary_accuracy"] = round(self.sums["adversary_correct"] / self.sums["adversary_seen"], 4)
+                logs["adversary_loss"] = round(self.sums["adversary_loss"] / self.sums["task_batches"], 4)
+            self.sums = {}
+            super().log(logs, start_time)
+
+        def _add(self, **values: float) -> None:
+            for key, value in values.items():
+                self.sums[key] = self.sums.get(key, 0.0) + value
+
+    return AdversarialTrainer(**trainer_kwargs)
+
+
+def measure(model: Any, tokenizer: Any, rows: list[dict], options: DebiasOptions, suite: Any) -> dict:
+    """Task loss, leakage (a fresh probe's held-out accuracy and the majority-class rate) and probe effects."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    features, losses = [], []
+    with torch.no_grad():
+        for start in range(0, len(rows), options.batch_size):
+            batch = collate(rows[start : start + options.batch_size], tokenizer.pad_token_id)
+            outputs, states = pooled(model, batch, options)
+            features.append(states.float())
+            losses.append(outputs.loss.item())
+    attributes = [r["attribute"] for r in rows]
+    accuracy, chance = probe_accuracy(torch.cat(features), attributes, options.seed)
+    figures: dict[str, Any] = {
+        "task_loss": round(sum(losses) / len(losses), 4),
+        "leakage_accuracy": round(accuracy, 4),
+        "chance": round(chance, 4),
+    }
+    if suite is not None:
+        implicit = bias.measure(model, tokenizer, suite, options.batch_size, options.seq_len)
+        figures.update({f"bias/{name}": c.effect for name, c in implicit.categories.items()})
+        figures.update(
+            {f"bias/{a.id}/association": a.effect.value for a in implicit.associations},
+        )
+    model.train(was_training)
+    return figures
+
+
+def probe_accuracy(features: Any, attributes: list[int], seed: int, folds: int = 5) -> tuple[float, float]:
+    """Held-out accuracy of a fresh logistic-regression probe (k-fold), and the majority-class rate (chance)."""
+    import torch
+
+    y = torch.tensor(attributes)
+    classes = int(y.max()) + 1
+    chance = max((y == c).float().mean().item() for c in range(classes))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    correct = 0
+    for k in range(folds):
+        test = order[k::folds]
+        train = torch.cat([order[j::folds] for j in range(folds) if j != k])
+        if len(test) == 0 or len(train) == 0:
+            continue
+        mean, std = features[train].mean(0), features[train].std(0).clamp(min=1e-6)
+        x_train, x_test = (features[train] - mean) / std, (features[test] - mean) / std
+        torch.manual_seed(seed + k)
+        head = torch.nn.Linear(features.shape[1], classes)
+        optimizer = torch.optim.Adam(head.parameters(), lr=0.05, weight_decay=1e-3)
+        for _ in range(200):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(head(x_train), y[train]).backward()
+            optimizer.step()
+        with torch.no_grad():
+            correct += (head(x_test).argmax(-1) == y[test]).sum().item()
+    return correct / len(y), chance
