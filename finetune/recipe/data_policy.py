@@ -159,7 +159,9 @@ class DataPolicy(BaseModel):
         None, description="Highest grade allowed into training (default: every grade below the last)."
     )
     licences: list[str] | None = Field(
-        None, description="Licences allowed (default: every licence that permits `intended_use`)."
+        None,
+        description="Licences allowed (default: every licence that permits `intended_use`, except no-derivatives "
+        "ones such as CC-BY-ND-4.0, which train only when named here).",
     )
     custom_licences: dict[str, list[Use]] = Field(
         default_factory=dict,
