@@ -64,12 +64,29 @@ def test_each_pii_type_is_masked_in_chinese_and_english(template, value, kind, p
         "Bronze vessel, 60 x 45 cm, c. 1200 BCE; see plate 12:34 and version 2.1.3.",
         "电话区号一览表收录了 368 个区号。李白（701—762）。",
         "Ticket 1234 5678 9012 3456 is a raffle number, not a card (fails Luhn).",
+        "详见第2.1.3.4节；see section 2.1.3.4 and 2.1.3.4 in the catalogue.",  # outline numbers, not addresses
+        "藏品总登记号13912345678，现藏库房。Inventory 18612345678 lists the bronzes.",  # 11 digits, no phone word
     ],
 )
 def test_look_alikes_are_not_masked(text):
     scrubbed, counts = ALL.scrub(text)
     assert not counts, counts
     assert scrubbed == text
+
+
+@pytest.mark.parametrize(
+    ("text", "scrubbed"),
+    [
+        ("联系王女士13812345678（微信同号）", "联系王女士<PHONE>（微信同号）"),
+        ("tel:13812345678", "tel:<PHONE>"),
+        ("13812345678（手机）", "<PHONE>（手机）"),
+        ("捐赠人 +8613812345678 与 138-1234-5678", "捐赠人 <PHONE> 与 <PHONE>"),
+        ("服务器 10.0.0.1 与 10.0.0.2:8080；from 1.1.1.1", "服务器 <IP> 与 <IP>:8080；from <IP>"),
+        ("The log shows 192.168.10.25.", "The log shows <IP>."),
+    ],
+)
+def test_ambiguous_numbers_are_masked_where_the_context_names_them(text, scrubbed):
+    assert ALL.scrub(text)[0] == scrubbed
 
 
 def test_overlapping_findings_count_once_as_the_longer_span():
