@@ -78,6 +78,8 @@ def test_look_alikes_are_not_masked(text):
     ("text", "scrubbed"),
     [
         ("联系王女士13812345678（微信同号）", "联系王女士<PHONE>（微信同号）"),
+        ("The donor left 13812345678 with the guard.", "The donor left <PHONE> with the guard."),  # no word: a phone
+        ("手机号13812345678", "手机号<PHONE>"),  # 号 before it, but a phone word too
         ("tel:13812345678", "tel:<PHONE>"),
         ("13812345678（手机）", "<PHONE>（手机）"),
         ("捐赠人 +8613812345678 与 138-1234-5678", "捐赠人 <PHONE> 与 <PHONE>"),
