@@ -162,9 +162,10 @@ def find_passports(text: str) -> Iterator[Span]:
 def find_ips(text: str) -> Iterator[Span]:
     for m in _IPV4.finditer(text):
         start, end = m.span()
-        if _NOT_IP_BEFORE.search(text[max(0, start - _CUE_BEFORE) : start].lower()) or _NOT_IP_AFTER.match(text[end:]):
+        before, after = text[max(0, start - _CUE_BEFORE) : start].lower(), text[end : end + _CUE_AFTER]
+        if _NOT_IP_BEFORE.search(before) or _NOT_IP_AFTER.match(after):
             continue  # 第2.1.3.4节, version 10.0.2.1
-        with_port = re.match(r"[:/]\d", text[end : end + 2]) is not None  # 10.0.0.1:8080, 10.0.0.0/8
+        with_port = re.match(r"[:/]\d", after) is not None  # 10.0.0.1:8080, 10.0.0.0/8
         if with_port or any(len(part) == 3 for part in m.group().split(".")) or _cue(_IP_CUE, text, start, end):
             yield m.span()
     for m in _IPV6.finditer(text):
