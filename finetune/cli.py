@@ -351,6 +351,10 @@ def chat(
         reply = model.reply(messages, max_new_tokens, temperature, label)
         messages.append({"role": "assistant", "content": reply.text})
         print(json.dumps(reply.to_json(), ensure_ascii=False) if label else reply.text, flush=True)
+        if reply.hit_max_new_tokens:
+            console.print(
+                _labelled("note:", "yellow", f"the answer hit --max-new-tokens {max_new_tokens} and is cut there")
+            )
 
     if prompt is not None:
         answer(prompt)

@@ -18,16 +18,23 @@ from finetune.model_card import EXPLICIT_LABEL, PROVENANCE_FILE, implicit_label
 
 @dataclass
 class Reply:
-    """One generated answer: its text, whether it ended at a stop token, and its label metadata if asked."""
+    """One generated answer: its text, whether it ended at a stop token or was cut at the token limit, and its
+    label metadata if asked."""
 
     text: str
     token_ids: list[int]
     stopped: bool
     metadata: dict | None = None
+    hit_max_new_tokens: bool = False
 
     def to_json(self) -> dict:
 
-        out: dict[str, Any] = {"role": "assistant", "content": self.text, "stopped_at_eos": self.stopped}
+        out: dict[str, Any] = {
+            "role": "assistant",
+            "content": self.text,
+            "stopped_at_eos": self.stopped,
+            "hit_max_new_tokens": self.hit_max_new_tokens,
+        }
         if self.metadata is not None:
             out["explicit_label"] = EXPLICIT_LABEL
             out["metadata"] = self.metadata
@@ -70,8 +77,12 @@ class ExportedModel:
             )
         new = out[0, ids.shape[1] :].tolist()
         stopped = bool(new) and new[-1] in self.stop_ids
-        answer = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True).strip()
-        return Reply(answer, new, stopped, implicit_label(answer, self.provenance) if label else None)
+        cut = not stopped and len(new) >= max_new_tokens
+        answer = self.tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True)
+        if cut:  # the limit can fall inside a character: its first bytes decode to U+FFFD; leave them out
+            answer = answer.rstrip("\ufffd")
+        answer = answer.strip()
+        return Reply(answer, new, stopped, implicit_label(answer, self.provenance) if label else None, cut)
 
 
 def export_tokenizer(export_dir: str | Path, purpose: str) -> tuple[Path, Any, dict]:

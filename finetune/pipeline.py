@@ -22,7 +22,7 @@ from finetune.data import load_records, policy_file_problems
 from finetune.distributed.ranks import Ranks, barrier, connect, is_main_process, main_only
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.lineage import write_lineage
-from finetune.model import check_hardware, resolve_source
+from finetune.model import check_hardware, model_config_dict, resolve_source
 from finetune.recipe import Recipe, TrainingOptions, used_datasets, wiring
 from finetune.recipe.secrets import public_run_name, redact, secrets_of
 from finetune.report import write_report
@@ -55,9 +55,26 @@ class Validation:
 def validate(recipe: Recipe, gpus: int = 1, nodes: int = 1) -> Validation:
     """Read every dataset, run the pre-flight for `gpus` x `nodes` processes, plan the speed options; load no weights."""
     counts = check_data(recipe)
-    warnings = preflight(recipe, distributed=False)
+    warnings = model_presence(recipe) + preflight(recipe, distributed=False)
     report = compatibility.check(recipe, world_size=gpus * nodes, gpus_per_node=gpus, with_estimates=True)
     return Validation(counts, warnings, report, speed.plan_lines(recipe))
+
+
+def model_presence(recipe: Recipe) -> list[str]:
+    """Whether the model is on this machine: a local folder (or pkg:, GGUF file) that is not there is a problem;
+    a hub id not in the Hugging Face cache yet is a warning, saying why the memory table is missing."""
+    try:
+        source = resolve_source(recipe.model, convert=False)
+    except WenmaiError as err:
+        key, _, message = str(err).partition(": ")
+        raise ConfigError([Problem(key, message)], "the model is not on this machine") from None
+    if model_config_dict(recipe.model) is not None:
+        return []
+    return [
+        f"model.path: {source.location} is not on this machine yet (not in the Hugging Face cache), so the model "
+        "itself was not checked and there is no memory table (it needs the model's config.json); `wenmai run` "
+        "downloads it, or point HF_HOME at the cache that holds it"
+    ]
 
 
 def preflight(recipe: Recipe, world_size: int = 1, distributed: bool = True) -> list[str]:

@@ -14,6 +14,26 @@ def test_validate_prints_origins_and_plan(cli, write_recipe, tiny_model, chat_fi
     assert "recipe is valid" in out
 
 
+def test_validate_says_a_hub_model_is_not_here_yet_and_why_the_memory_table_is_missing(
+    cli, write_recipe, tiny_model, chat_file, tmp_path
+):
+    code, out, err = cli("validate", write_recipe(tiny_recipe(tiny_model, chat_file, tmp_path / "runs")))
+    assert code == 0 and "Memory per GPU" in out and "not on this machine" not in err  # the model is here: a table
+    recipe = write_recipe(tiny_recipe("wenmai-tests/not-in-any-cache", chat_file, tmp_path / "runs"), "hub.yaml")
+    code, out, err = cli("validate", recipe)
+    said = " ".join(err.split())
+    assert code == 0, err
+    assert "warning: model.path: wenmai-tests/not-in-any-cache is not on this machine yet" in said
+    assert "there is no memory table" in said and "Memory per GPU" not in out
+
+
+def test_validate_refuses_a_local_model_folder_that_is_not_there(cli, write_recipe, chat_file, tmp_path):
+    recipe = write_recipe(tiny_recipe(tmp_path / "no-such-model", chat_file, tmp_path / "runs"))
+    code, out, err = cli("validate", recipe)
+    assert code == 2 and "recipe is valid" not in out
+    assert "model.path: folder" in err and "no-such-model not found" in err and "warning" not in err
+
+
 def test_user_error_exits_2_without_traceback(cli, write_recipe, tiny_model, chat_file, tmp_path):
     recipe = write_recipe(tiny_recipe(tiny_model, chat_file, tmp_path / "runs", learnig_rate=0.1))
     code, out, err = cli("validate", recipe)

@@ -245,6 +245,39 @@ def test_chat_refuses_a_negative_answer_length(tmp_path, cli):
     assert code == 2 and "--max-new-tokens" in err and "Traceback" not in err
 
 
+def test_chat_cut_at_max_new_tokens_keeps_whole_characters_and_says_so(tiny_model, tmp_path, cli, monkeypatch):
+    """The token limit falls inside a character (a byte-level tokenizer spells 鼎 in three tokens): the answer
+    keeps only whole characters and a note names --max-new-tokens; an answer that ends at EOS gets no note."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from finetune.data.chat import end_of_turn_ids
+    from finetune.data.template import template_contract, write_contract
+
+    export = shutil.copytree(tiny_model, tmp_path / "export")
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    write_contract(template_contract(tokenizer, end_of_turn_ids(tokenizer)), export)
+    head, ding = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in ("Tang ", "鼎"))
+    answer = head + ding
+    assert len(ding) > 1  # 鼎 is spelled in its UTF-8 bytes
+
+    def says(self, input_ids, max_new_tokens, eos_token_id, **_):
+        new = ([*answer, eos_token_id[0]])[:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", says)
+    cut = len(answer) - 1  # all but the last byte of 鼎
+    code, out, err = cli("chat", export, "--prompt", "鼎？", "--max-new-tokens", cut, "--label")
+    reply = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and reply["content"] == "Tang" and reply["hit_max_new_tokens"] and not reply["stopped_at_eos"]
+    assert "note: the answer hit --max-new-tokens" in err
+    code, out, err = cli("chat", export, "--prompt", "鼎？", "--max-new-tokens", len(answer) + 1)
+    assert code == 0 and out.strip() == "Tang 鼎" and "max-new-tokens" not in err
+
+
 def test_a_damaged_lineage_in_a_run_folder_is_one_clear_error(tmp_path, tiny_model, chat_file, write_recipe, cli):
     from conftest import tiny_recipe
 

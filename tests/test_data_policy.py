@@ -54,6 +54,29 @@ def test_commercial_recipe_drops_cc_by_nc_records_and_says_how_many(tmp_path, ti
     assert len(load_records(research, "d").records) == 12
 
 
+@pytest.mark.parametrize("use", ["research", "non-commercial", "commercial", "internal"])
+def test_no_derivatives_material_trains_only_where_the_policy_names_it(tmp_path, tiny_model, use):
+    """The conservative reading: a model trained on CC BY-ND material may be a derivative work of it."""
+    rows = [chat(i, licence="CC-BY-ND-4.0" if i % 2 else "CC-BY-4.0") for i in range(8)]
+    records = load_records(load_recipe(make_recipe(tmp_path, tiny_model, rows, f"intended_use: {use}")).recipe, "d")
+    assert sorted(r["id"] for r in records.records) == ["r0", "r2", "r4", "r6"]
+    assert records.report.excluded == {
+        "licence: CC-BY-ND-4.0 allows no derivative works (name it in data.policy.licences to train on it)": 4
+    }
+    named = f"intended_use: {use}, licences: [CC-BY-4.0, CC-BY-ND-4.0]"
+    assert len(load_records(load_recipe(make_recipe(tmp_path, tiny_model, rows, named)).recipe, "d").records) == 8
+    declared = f"intended_use: {use}, custom_licences: {{CC-BY-ND-4.0: [{use}]}}"
+    assert len(load_records(load_recipe(make_recipe(tmp_path, tiny_model, rows, declared)).recipe, "d").records) == 8
+
+
+def test_naming_cc_by_nc_nd_does_not_let_it_train_a_commercial_model(tmp_path, tiny_model):
+    rows = [chat(i, licence="CC-BY-NC-ND-4.0") for i in range(2)] + [chat(2, licence="CC0-1.0")]
+    policy = "intended_use: research, licences: [CC0-1.0, CC-BY-NC-ND-4.0]"
+    assert len(load_records(load_recipe(make_recipe(tmp_path, tiny_model, rows, policy)).recipe, "d").records) == 3
+    with pytest.raises(ConfigError, match="CC-BY-NC-ND-4.0 does not permit commercial use"):
+        load_recipe(make_recipe(tmp_path, tiny_model, rows, "intended_use: commercial, licences: [CC-BY-NC-ND-4.0]"))
+
+
 def test_grades_missing_rights_consent_and_licence_list(tmp_path, tiny_model):
     rows = [
         chat(0, licence="CC0-1.0"),

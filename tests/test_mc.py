@@ -132,6 +132,23 @@ def test_parse_letter_takes_the_first_standalone_letter():
     assert mc.parse_letter("no letter here") is None
 
 
+def test_a_model_folder_to_evaluate_does_not_inherit_the_recipes_trust_remote_code(tiny_model, tmp_path):
+    from finetune.evaluation.targets import parse_target
+    from finetune.recipe import Recipe
+
+    recipe = Recipe.model_validate(
+        {
+            "name": "trusting",
+            "model": {"path": str(tiny_model), "trust_remote_code": True, "dtype": "float32"},
+            "data": {"d": {"path": "d.jsonl", "format": "chat"}},
+            "stages": [{"sft": {"dataset": "d"}}],
+        }
+    )
+    other = parse_target(str(tiny_model), recipe=recipe)
+    assert other.section.trust_remote_code is False and other.section.dtype == "float32"
+    assert parse_target("base", recipe=recipe).section.trust_remote_code is True  # the recipe's own model
+
+
 def test_batched_scores_equal_one_at_a_time(tiny_model):
     from finetune.evaluation import lm
     from finetune.evaluation.targets import folder_target, load

@@ -243,6 +243,15 @@ def test_model_card_has_label_provenance_stages_and_data(exported):
     assert "`AutoTokenizer.from_pretrained(folder)`" in card  # how to keep the template and EOS with a GGUF
 
 
+def test_the_cards_usage_snippet_runs_on_the_export_and_gives_the_trained_answer(exported, capsys):
+    folder = exported.output("export", "model")
+    card = (folder / "README.md").read_text()
+    code = card.split("## How to use")[1].split("```python")[1].split("```")[0]
+    assert '"content": "你好"' in code
+    exec(code.replace("你好", "Who wrote poem number 2?"), {"EXPORT_DIR": str(folder)})  # noqa: S102
+    assert capsys.readouterr().out.strip() == "Li Bai."  # the answer alone, as decoded after the prompt
+
+
 def test_model_card_summarises_the_data_card_of_the_training_stage(exported):
     folder = exported.output("export", "model")
     card = (folder / "README.md").read_text()

@@ -208,16 +208,26 @@ def test_loss_type_and_fast_path_reach_trl(model_dir, tmp_path, monkeypatch):
     assert run_dir.status("dpo").summary["loss_type"] == ["ipo", "sft"]
 
 
-def test_kto_and_orpo_train_and_save_their_adapters(model_dir, tmp_path):
+def test_kto_and_orpo_train_towards_the_desirable_answers_and_save_their_adapters(model_dir, tmp_path):
+    """Each stage moves its policy: log p(chosen) - log p(rejected) rises over the policy it started from
+    (KTO: the SFT adapter; ORPO with `policy: base`: the base model), and ORPO's logged log-odds ratio rises."""
     stages = SFT + textwrap.dedent("""\
-        - kto: {dataset: pairs, max_steps: 2, batch_size: 4, seq_len: 64, eval_fraction: 0}
-        - orpo: {dataset: pairs, policy: base, max_steps: 2, batch_size: 4, seq_len: 64, eval_fraction: 0}
+        - kto: {dataset: pairs, max_steps: 8, batch_size: 8, learning_rate: 0.01, warmup: 0, seq_len: 64,
+                eval_fraction: 0, logging_steps: 1}
+        - orpo: {dataset: pairs, policy: base, max_steps: 8, batch_size: 8, learning_rate: 0.01, warmup: 0,
+                 seq_len: 64, eval_fraction: 0, logging_steps: 1}
         """)
     run_dir = run(tmp_path, recipe_text(model_dir, tmp_path, stages))
     assert run_dir.status("kto").summary["train_labels"] == {"desirable": 48, "undesirable": 48, "mixed_left_out": 0}
     for stage in ("kto", "orpo"):
         assert (run_dir.output(stage, "adapter") / "adapter_model.safetensors").is_file()
-    assert any("log_odds_ratio" in r for r in read_metrics(run_dir.metrics_path("orpo")))
+    pairs = pair_rows()
+    for stage, origin in (("kto", run_dir.output("sft", "adapter")), ("orpo", None)):
+        before, after = margins(model_dir, origin, pairs), margins(model_dir, run_dir.output(stage, "adapter"), pairs)
+        assert sum(after) / len(after) > sum(before) / len(before) + 1.0, (stage, before[:4], after[:4])
+        assert sum(a > b for a, b in zip(after, before, strict=True)) > 0.9 * len(pairs), stage
+    ratios = [r["log_odds_ratio"] for r in read_metrics(run_dir.metrics_path("orpo")) if "log_odds_ratio" in r]
+    assert len(ratios) == 8 and ratios[-1] > ratios[0], ratios
 
 
 def test_an_interrupted_dpo_stage_resumes_from_its_checkpoint_to_the_same_adapter(model_dir, tmp_path):
@@ -310,11 +320,13 @@ def test_ratings_become_pairs_on_the_weighted_total_and_contradictions_drop():
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def load_adapted(model_dir: Path, adapter: Path):
+def load_adapted(model_dir: Path, adapter: Path | None):
+    """The base model with `adapter` on it (None: the base alone)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter)).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    return (base if adapter is None else PeftModel.from_pretrained(base, str(adapter))).eval()
 
 
 def completion_logps(model, batch) -> list[float]:
@@ -335,7 +347,7 @@ def reference_logps(model, batch) -> list[float]:
         return completion_logps(model, batch)
 
 
-def margins(model_dir: Path, adapter: Path, pairs: list[dict]) -> list[float]:
+def margins(model_dir: Path, adapter: Path | None, pairs: list[dict]) -> list[float]:
     """log p(chosen) - log p(rejected) of each pair under base + adapter, through the chat template."""
     from transformers import AutoTokenizer
     from trl.trainer.dpo_trainer import DataCollatorForPreference

@@ -61,6 +61,32 @@ _IPV4 = re.compile(
     r"(?<![0-9A-Za-z.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![0-9A-Za-z]|\.\d)"
 )
 _IPV6 = re.compile(r"(?<![0-9A-Za-z:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Za-z:])")
+# Context, as for passports. A bare 11-digit number from 13 to 19 is also a count or an inventory number: it is
+# a phone number unless the words around it make it one of those (编号/登记号/inventory before it, 件/字节/copies
+# after it) and no phone word (电话, tel) stands near. A dotted quad of small numbers is also a section or version
+# number (2.1.3.4): it counts only after a word that introduces an address, before a port, or with a three-digit
+# part; after a section or version word (第, section, version) never. +86 and 138-1234-5678 count anywhere.
+_CUE_BEFORE = 24  # characters searched for a cue before a candidate (about four English words)
+_CUE_AFTER = 8  # ... and after it
+_PHONE_CUE = re.compile(
+    r"电话|手机|联系|致电|拨打|来电|热线|微信|短信|号码"
+    r"|(?<![a-z])(?:tel|phone|mobile|cell|call|contact|sms|whatsapp|wechat)(?![a-z])"
+)
+_IP_CUE = re.compile(
+    r"地址|服务器|主机|网关|路由|代理|客户端|来自|日志|访问|请求"
+    r"|(?<![a-z])(?:ip|ipv4|address|addr|server|host|gateway|router|proxy|client|dns|ping|from|log|logs)(?![a-z])"
+)
+_NOT_PHONE_BEFORE = re.compile(
+    r"(?:号|共|计|约|总数|(?<![a-z])(?:no|inv|inventory|accession|catalogue|catalog|object|item|isbn|total)\.?)\W{0,3}$"
+)
+_NOT_PHONE_AFTER = re.compile(
+    r"^\s?(?:字节|[元件册人次字个页张枚条米克吨]|(?:bytes?|items?|copies|visitors|people|yuan|rmb)(?![a-z]))"
+)
+_NOT_IP_BEFORE = re.compile(
+    r"(?:第|§|版本|表|图|(?<![a-z])(?:section|sec|chapter|ch|version|ver|release|build|clause|article|art|fig|figure|"
+    r"table|para|no|vol)(?![a-z]))\W{0,3}$"
+)
+_NOT_IP_AFTER = re.compile(r"^\s?[节条章款项版]")
 _MAYBE_PII = re.compile(r"[\d@:]")  # every detector but names needs a digit, an @ or a colon
 # full-width letters, digits and signs (１３８…, ＠) folded to ASCII one for one, so offsets stay the same
 _FULL_WIDTH = {c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}
@@ -92,9 +118,21 @@ def find_id_cards(text: str) -> Iterator[Span]:
             yield m.span()
 
 
+def _cue(pattern: re.Pattern, text: str, start: int, end: int) -> bool:
+    """Whether a cue word stands just before or just after text[start:end] (case-insensitive)."""
+    around = text[max(0, start - _CUE_BEFORE) : start] + " " + text[end : end + _CUE_AFTER]
+    return pattern.search(around.lower()) is not None
+
+
 def find_mobiles(text: str) -> Iterator[Span]:
     for m in _MOBILE.finditer(text):
-        yield m.span()
+        start, end = m.span()
+        spelled_as_phone = not m.group().isdigit()  # +86 / 0086 in front, or split 138 1234 5678 / 138-1234-5678
+        if not spelled_as_phone and not _cue(_PHONE_CUE, text, start, end):
+            before, after = text[max(0, start - _CUE_BEFORE) : start].lower(), text[end : end + _CUE_AFTER].lower()
+            if _NOT_PHONE_BEFORE.search(before) or _NOT_PHONE_AFTER.match(after):
+                continue  # 藏品总登记号13912345678, 共15012345678字节, Inventory 18612345678
+        yield start, end
 
 
 def find_landlines(text: str) -> Iterator[Span]:
@@ -123,7 +161,13 @@ def find_passports(text: str) -> Iterator[Span]:
 
 def find_ips(text: str) -> Iterator[Span]:
     for m in _IPV4.finditer(text):
-        yield m.span()
+        start, end = m.span()
+        before, after = text[max(0, start - _CUE_BEFORE) : start].lower(), text[end : end + _CUE_AFTER]
+        if _NOT_IP_BEFORE.search(before) or _NOT_IP_AFTER.match(after):
+            continue  # 第2.1.3.4节, version 10.0.2.1
+        with_port = re.match(r"[:/]\d", after) is not None  # 10.0.0.1:8080, 10.0.0.0/8
+        if with_port or any(len(part) == 3 for part in m.group().split(".")) or _cue(_IP_CUE, text, start, end):
+            yield m.span()
     for m in _IPV6.finditer(text):
         candidate = m.group()
         if sum(1 for g in candidate.split(":") if g) < 2:

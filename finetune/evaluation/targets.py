@@ -36,10 +36,16 @@ def base_target(recipe: Recipe, label: str = "base") -> Target:
     return Target(label, recipe.model, source={"kind": "base", "model": recipe.model.path})
 
 
-def folder_target(path: Path, label: str | None = None, like: ModelSection | None = None) -> Target:
-    """A plain `from_pretrained` folder (merged or exported model); dtype and attention as in `like`."""
+def folder_target(
+    path: Path, label: str | None = None, like: ModelSection | None = None, own_model: bool = False
+) -> Target:
+    """A plain `from_pretrained` folder (merged or exported model); dtype and attention as in `like`.
+
+    `own_model`: the folder holds the model of `like` (a run's merged stage), so it also runs that model's code
+    where `like` trusts it; any other folder never inherits `trust_remote_code` from a recipe."""
     path = Path(path).resolve()
-    options = like.model_dump(include={"dtype", "attention", "trust_remote_code"}) if like else {}
+    fields = {"dtype", "attention"} | ({"trust_remote_code"} if own_model else set())
+    options = like.model_dump(include=fields) if like else {}
     section = ModelSection(path=str(path), **options)
     return Target(label or path.name, section, source={"kind": "model folder", "path": str(path)})
 
@@ -53,7 +59,7 @@ def stage_target(run_dir: RunDir, recipe: Recipe, stage: str, label: str | None 
     outputs = {kind: run_dir.root / stage / rel for kind, rel in status.outputs.items()}
     label = label or f"{run_dir.name}/{stage}"
     if "model" in outputs:
-        target = folder_target(outputs["model"], label, recipe.model)
+        target = folder_target(outputs["model"], label, recipe.model, own_model=True)
         target.source.update(kind="stage model", run=str(run_dir.root), stage=stage)
         return target
     if "adapter" in outputs:

@@ -159,7 +159,9 @@ class DataPolicy(BaseModel):
         None, description="Highest grade allowed into training (default: every grade below the last)."
     )
     licences: list[str] | None = Field(
-        None, description="Licences allowed (default: every licence that permits `intended_use`)."
+        None,
+        description="Licences allowed (default: every licence that permits `intended_use`, except no-derivatives "
+        "ones such as CC-BY-ND-4.0, which train only when named here).",
     )
     custom_licences: dict[str, list[Use]] = Field(
         default_factory=dict,
@@ -197,7 +199,7 @@ class DataPolicy(BaseModel):
             known = licences.canonical(name, self.custom_licences)
             if known is None:
                 problems.append((f"licences[{i}]", licences.unknown_licence_message(name, self.custom_licences)))
-            elif self.intended_use not in licences.permitted_uses(known, self.custom_licences):
+            elif self.intended_use not in licences.permitted_uses(known, self.custom_licences, explicitly_allowed=True):
                 problems.append(
                     (
                         f"licences[{i}]",
@@ -237,12 +239,15 @@ class DataPolicy(BaseModel):
         if meta.licence is None:
             return None if self.allow_missing_rights else "rights: no licence (allow_missing_rights is false)"
         licence = licences.canonical(meta.licence, self.custom_licences) or meta.licence
-        if self.intended_use not in licences.permitted_uses(licence, self.custom_licences):
-            return f"licence: {licence} does not permit {self.intended_use} use"
         allowed = (
             {licences.canonical(n, self.custom_licences) for n in self.licences} if self.licences is not None else None
         )
-        if allowed is not None and licence not in allowed:
+        named = allowed is not None and licence in allowed
+        if self.intended_use not in licences.permitted_uses(licence, self.custom_licences, explicitly_allowed=named):
+            if licences.needs_explicit_allowance(licence, self.intended_use, self.custom_licences):
+                return f"licence: {licence} allows no derivative works (name it in data.policy.licences to train on it)"
+            return f"licence: {licence} does not permit {self.intended_use} use"
+        if allowed is not None and not named:
             return f"licence: {licence} not in data.policy.licences"
         return None
 

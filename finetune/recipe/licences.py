@@ -6,6 +6,12 @@ The catalogue below answers one question per licence: which intended uses of the
 (`research`, `non-commercial`, `commercial`, `internal`) may train on material under it. It is a
 conservative reading for planning, not legal advice; a recipe can narrow it (`licences:`) or declare
 its own statements.
+
+The conservative reading of a no-derivatives licence (CC BY-ND, BY-NC-ND): a model trained on the material
+may be an adaptation of it, which the licence does not allow, so such material trains for no use unless the
+recipe's policy explicitly allows it — by naming the licence in `data.policy.licences` (then it trains for
+the uses its other terms permit: any for BY-ND, research and non-commercial for BY-NC-ND) or by declaring
+its uses in `custom_licences`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ _NONE: frozenset[str] = frozenset()
 def _catalogue() -> dict[str, frozenset[str]]:
     known: dict[str, frozenset[str]] = {}
     for version in ("1.0", "2.0", "2.5", "3.0", "4.0"):
-        for kind in ("BY", "BY-SA", "BY-ND"):
+        for kind in ("BY", "BY-SA", "BY-ND"):  # BY-ND: only where explicitly allowed (NO_DERIVATIVES)
             known[f"CC-{kind}-{version}"] = _ALL
         # a commercial model must not train on NC material; an internal model of a company is commercial use
         for kind in ("BY-NC", "BY-NC-SA", "BY-NC-ND"):
@@ -59,6 +65,7 @@ def _catalogue() -> dict[str, frozenset[str]]:
 
 
 KNOWN_LICENCES = _catalogue()
+NO_DERIVATIVES = frozenset(name for name in KNOWN_LICENCES if name.startswith("CC-") and "-ND-" in name)
 _BY_FOLDED = {name.casefold(): name for name in KNOWN_LICENCES}
 
 
@@ -72,12 +79,26 @@ def canonical(name: str, custom: dict[str, list[str]] | None = None) -> str | No
     return _BY_FOLDED.get(folded)
 
 
-def permitted_uses(licence: str, custom: dict[str, list[str]] | None = None) -> frozenset[str]:
-    """The intended uses a canonical licence permits (a custom declaration wins over the catalogue)."""
+def permitted_uses(
+    licence: str, custom: dict[str, list[str]] | None = None, explicitly_allowed: bool = False
+) -> frozenset[str]:
+    """The intended uses a canonical licence permits (a custom declaration wins over the catalogue); a
+    no-derivatives licence permits none unless `explicitly_allowed` (named in `data.policy.licences`)."""
     custom = custom or {}
     if licence in custom:
         return frozenset(custom[licence])
+    if licence in NO_DERIVATIVES and not explicitly_allowed:
+        return _NONE
     return KNOWN_LICENCES.get(licence, _NONE)
+
+
+def needs_explicit_allowance(licence: str, use: str, custom: dict[str, list[str]] | None = None) -> bool:
+    """Whether `licence` would permit `use` only if the policy named it: a no-derivatives licence, not declared."""
+    return (
+        licence not in (custom or {})
+        and licence in NO_DERIVATIVES
+        and use in permitted_uses(licence, custom, explicitly_allowed=True)
+    )
 
 
 def unknown_licence_message(name: str, custom: dict[str, list[str]] | None = None) -> str:

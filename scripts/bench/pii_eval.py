@@ -81,6 +81,13 @@ NEGATIVES = [
     "温度 12.5°C，湿度 45%。",
     "1911年10月10日武昌起义。",
     "Song dynasty (960–1279).",
+    "详见第2.1.3.4节。",
+    "See section 2.1.3.4 of the catalogue.",
+    "图录 2.1.3.4 收录了这件瓷器。",
+    "Firmware 10.2.0.17 runs the display case.",
+    "藏品总登记号13912345678，现藏库房。",
+    "馆藏数字资源共15012345678字节。",
+    "Inventory 18612345678 lists the bronzes.",
 ]
 
 
