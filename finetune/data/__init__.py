@@ -58,7 +58,7 @@ def tokenize_records(
             row = tokenize_text(tokenizer, record["text"])
         else:
             messages = to_messages(record, section.record_format, section.system_prompt)
-            row = tokenize_chat(tokenizer, messages, assistant_only=assistant_only)
+            row = tokenize_chat(tokenizer, messages, assistant_only, recipe.model.end_of_turn)
         if len(row["input_ids"]) > seq_len:
             truncated += 1
             row = {k: v[:seq_len] for k, v in row.items()}
