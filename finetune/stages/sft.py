@@ -13,6 +13,7 @@ from finetune import model as model_path
 from finetune import speed, varlen
 from finetune.adapters import save_adapter_stage
 from finetune.data import tokenize_records
+from finetune.data.mixing import tokenize_mixture
 from finetune.data.template import training_contract
 from finetune.distributed.ranks import current
 from finetune.recipe import Recipe, SftOptions
@@ -31,7 +32,22 @@ def run(ctx: StageContext) -> StageResult:
     contract = training_contract(tokenizer, recipe.model)
 
     assistant_only = options.loss_on == "assistant"
-    train = tokenize_records(recipe, options.dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir)
+    mixture = options.mixture()
+    if mixture:
+        mix = options.mix
+        train = tokenize_mixture(
+            recipe,
+            mixture,
+            tokenizer,
+            options.seq_len,
+            assistant_only,
+            ctx.stage_dir,
+            mix.strategy,
+            mix.samples,
+            options.seed if mix.seed is None else mix.seed,
+        )
+    else:
+        train = tokenize_records(recipe, options.dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir)
     train_rows, eval_rows = train.rows, None
     if options.eval_dataset:
         eval_rows = tokenize_records(
