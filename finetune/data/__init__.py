@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data import token_cache
 from finetune.data.card import write_stage_files
 from finetune.data.chat import IGNORE_INDEX, to_messages, tokenize_chat, tokenize_text
 from finetune.data.layer import LayerRecords, load_dataset
@@ -45,9 +46,36 @@ class TokenizedSet:
 
 
 def tokenize_records(
-    recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool = True, stage_dir: Path | None = None
+    recipe: Recipe,
+    name: str,
+    tokenizer: Any,
+    seq_len: int,
+    assistant_only: bool = True,
+    stage_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
 ) -> TokenizedSet:
-    """Render and tokenize a dataset for language-model training, truncated to `seq_len`."""
+    """Render and tokenize a dataset for language-model training, truncated to `seq_len`.
+
+    With `cache_dir`, rows tokenized before with the same data, tokenizer, template and data policy are read
+    back from there (`finetune.data.token_cache`); `stats["token_cache"]` says hit or miss.
+    """
+    key = token_cache.cache_key(recipe, name, tokenizer, seq_len, assistant_only) if cache_dir else None
+    cached = token_cache.load(Path(cache_dir), key) if cache_dir and key else None
+    if cached is not None:
+        if stage_dir is not None and is_main_process() and cached.report is not None:
+            write_stage_files(Path(stage_dir), cached.report, cached.register, recipe.data.policy)
+        return TokenizedSet(cached.rows, {**cached.stats, "token_cache": "hit"})
+    tokenized, records = _tokenize(recipe, name, tokenizer, seq_len, assistant_only, stage_dir)
+    if cache_dir and key:
+        entry = token_cache.CachedSet(tokenized.rows, tokenized.stats, records.report, records.register)
+        token_cache.save(Path(cache_dir), key, entry)
+    tokenized.stats["token_cache"] = "miss" if cache_dir and key else "off"
+    return tokenized
+
+
+def _tokenize(
+    recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool, stage_dir: Path | None
+) -> tuple[TokenizedSet, LayerRecords]:
     from rich.progress import track
 
     records = load_records(recipe, name, stage_dir)
@@ -82,4 +110,4 @@ def tokenize_records(
         "tokens": tokens,
         "learned_tokens": learned,
     }
-    return TokenizedSet(rows, stats)
+    return TokenizedSet(rows, stats), records

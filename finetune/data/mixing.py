@@ -90,14 +90,18 @@ def tokenize_mixture(
     strategy: str,
     samples: int | None,
     seed: int,
+    cache_dir: str | Path | None = None,
 ) -> TokenizedSet:
-    """Tokenize every dataset of the mixture and draw from them by weight; the mixture goes on the data card."""
-    sets = {n: tokenize_records(recipe, n, tokenizer, seq_len, assistant_only, stage_dir) for n in weights}
+    """Tokenize every dataset of the mixture (through the tokenised cache when given) and draw from them by weight;
+    the mixture goes on the data card."""
+    sets = {n: tokenize_records(recipe, n, tokenizer, seq_len, assistant_only, stage_dir, cache_dir) for n in weights}
     rows, shares = mix_rows({n: s.rows for n, s in sets.items()}, weights, strategy, samples, seed)
     stats: dict[str, Any] = {}
     for one in sets.values():
         for key, value in one.stats.items():
-            stats[key] = stats.get(key, 0) + value
+            if isinstance(value, int):
+                stats[key] = stats.get(key, 0) + value
+    stats["token_cache"] = {n: s.stats.get("token_cache") for n, s in sets.items()}
     stats["sequences"] = len(rows)
     stats["tokens"] = sum(len(r["input_ids"]) for r in rows)
     stats["learned_tokens"] = sum(1 for r in rows for label in r["labels"] if label != IGNORE_INDEX)

@@ -44,6 +44,12 @@ class SftOptions(SpeedPlannedOptions):
         required=False,
     )
     mix: DataMix = Field(default_factory=DataMix, description="How `datasets` are mixed.")
+    token_cache: str | None = Field(
+        "~/.cache/wenmai/tokenized",
+        description="Folder of tokenised datasets: a later run with the same data file, tokenizer, chat template "
+        "and data policy reads its rows from here instead of tokenizing again; null turns the cache off.",
+        json_schema_extra={"is_path": True},
+    )
     eval_dataset: str | None = dataset_field(
         SFT_FORMATS, "Held-out dataset for eval loss (a name in `data`).", required=False
     )

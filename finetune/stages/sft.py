@@ -45,13 +45,16 @@ def run(ctx: StageContext) -> StageResult:
             mix.strategy,
             mix.samples,
             options.seed if mix.seed is None else mix.seed,
+            options.token_cache,
         )
     else:
-        train = tokenize_records(recipe, options.dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir)
+        train = tokenize_records(
+            recipe, options.dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir, options.token_cache
+        )
     train_rows, eval_rows = train.rows, None
     if options.eval_dataset:
         eval_rows = tokenize_records(
-            recipe, options.eval_dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir
+            recipe, options.eval_dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir, options.token_cache
         ).rows
     elif options.eval_fraction:
         split = Dataset.from_list(train_rows).train_test_split(test_size=options.eval_fraction, seed=options.seed)
