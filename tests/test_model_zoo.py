@@ -244,3 +244,11 @@ def test_r1_distill_answer_without_reasoning_is_refused_with_what_to_do(tmp_path
     plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     with pytest.raises(DataError, match="<think>...</think>"):
         tokenize_chat(tokenizer, plain, end_of_turn="<｜end▁of▁sentence｜>")
+
+
+def test_a_misspelt_template_name_suggests_the_right_one():
+    from finetune.data.template import resolve_template
+    from finetune.errors import WenmaiError
+
+    with pytest.raises(WenmaiError, match=r"model.chat_template: 'qwen25' .* did you mean qwen2_5\?"):
+        resolve_template("qwen25")

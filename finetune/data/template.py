@@ -7,6 +7,7 @@ template or EOS different from the one it learned.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
@@ -67,8 +68,10 @@ def resolve_template(value: str) -> str:
     path = Path(value).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
+    close = difflib.get_close_matches(value, template_names(), n=1)
+    hint = f" — did you mean {close[0]}?" if close else ""
     raise WenmaiError(
-        f"model.chat_template: {value!r} is neither a named template ({', '.join(template_names())}) nor a file"
+        f"model.chat_template: {value!r} is neither a named template ({', '.join(template_names())}) nor a file{hint}"
     )
 
 
