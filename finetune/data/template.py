@@ -30,7 +30,7 @@ NAMED_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
 }
-# The model zoo's templates (configs/models/): name -> (where the text comes from, file, text put before it).
+# The model zoo's templates (configs/models/): name -> (where the text comes from, file).
 # `trl:` files are read from the installed TRL (trl/chat_templates/); `wenmai:` files ship in finetune/data/templates/
 # (their sources: SOURCES.md there). Thinking models train with TRL's training variants, which render every turn the
 # same whatever follows it (the originals rewrite earlier turns, so assistant turns could not be located).
