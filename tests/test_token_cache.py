@@ -112,3 +112,12 @@ def test_without_a_cache_folder_nothing_is_written(setup, tmp_path):
     path, _, tokenizer, _ = setup
     assert tokenize(path, tokenizer, None).stats["token_cache"] == "off"
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_folder_that_cannot_be_written_does_not_stop_tokenizing(setup, tmp_path, capsys):
+    path, _, tokenizer, _ = setup
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be", encoding="utf-8")
+    result = tokenize(path, tokenizer, blocked)
+    assert result.rows and result.stats["token_cache"] == "miss"
+    assert "token_cache: not saved" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,10 @@ def tokenize_records(
     tokenized, records = _tokenize(recipe, name, tokenizer, seq_len, assistant_only, stage_dir)
     if cache_dir and key:
         entry = token_cache.CachedSet(tokenized.rows, tokenized.stats, records.report, records.register)
-        token_cache.save(Path(cache_dir), key, entry)
+        try:
+            token_cache.save(Path(cache_dir), key, entry)
+        except OSError as err:  # the cache only saves time: a folder it cannot write never stops training
+            print(f"token_cache: not saved ({err}); training goes on without it", file=sys.stderr)
     tokenized.stats["token_cache"] = "miss" if cache_dir and key else "off"
     return tokenized
 
