@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import model as model_path
-from finetune.data.chat import end_of_turn_ids
-from finetune.data.template import template_contract, trained_tokenizer, write_contract
+from finetune.data.template import trained_tokenizer, training_contract, write_contract
 from finetune.distributed.ranks import barrier, is_main_process
 from finetune.errors import WenmaiError
 from finetune.recipe import Recipe
@@ -58,7 +57,7 @@ def load_policy(
     if stage is None:  # policy: base
         tokenizer = model_path.load_tokenizer(recipe.model, source)
         model = model_path.attach_new_adapter(model_path.load_model(recipe.model, source), recipe.lora)
-        return Policy(model, tokenizer, template_contract(tokenizer, end_of_turn_ids(tokenizer)), {"stage": "base"})
+        return Policy(model, tokenizer, training_contract(tokenizer, recipe.model), {"stage": "base"})
     trained = trained_tokenizer(run_dir, recipe, produced, f"{where} (policy: {stage})")
     adapter = Path(produced["adapter"])
     model = model_path.load_adapter(model_path.load_model(recipe.model, source), adapter, trainable=True)

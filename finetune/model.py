@@ -117,6 +117,13 @@ def load_tokenizer(section: ModelSection, source: ModelSource):
         raise WenmaiError(
             f"model.chat_template: the tokenizer of {section.path} has no chat template; set one (e.g. `chatml`)"
         )
+    if section.pad_token is not None:
+        if section.pad_token not in tokenizer.get_vocab():
+            raise WenmaiError(
+                f"model.pad_token: {section.pad_token!r} is not a token of {section.path}'s tokenizer; "
+                "use one of its special tokens or remove the key"
+            )
+        tokenizer.pad_token = section.pad_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if from_env(section, "path"):  # saved into tokenizer_config.json by some versions
@@ -326,10 +333,16 @@ def _load(cls, section: ModelSection, source: ModelSource, **kwargs):
     except OSError as err:
         if source.is_local:
             raise WenmaiError(f"model.path: cannot load {source.location}: {err}") from None
+        modelscope = (
+            f", or from ModelScope (`modelscope download --model {section.modelscope} --local_dir DIR`, then "
+            "`model.path: DIR`)"
+            if section.modelscope
+            else ""
+        )
         raise WenmaiError(
             f"model.path: {section.path!r} is not a local folder and is not in the local hub cache, and the hub "
             f"could not be reached ({type(err).__name__}). Download it where there is internet "
-            f"(`hf download {section.path}`) and copy the cache, or point model.path at a local folder."
+            f"(`hf download {section.path}`) and copy the cache{modelscope}, or point model.path at a local folder."
         ) from None
 
 

@@ -195,6 +195,7 @@ def render_card(
             " (with `gguf_file=` here it loses both; a GGUF alone in a folder carries them). transformers reads no "
             "rope scaling from a GGUF: add `config=AutoConfig.from_pretrained(folder)` when config.json has one.",
         ]
+        lines += run_locally_lines(gguf_files)
     lines += [
         "",
         "## Intended use",
@@ -225,6 +226,29 @@ def render_card(
     ]
     lines += ["## Provenance", "", "```json", json.dumps(provenance_block, indent=2, ensure_ascii=False), "```", ""]
     return "\n".join(lines)
+
+
+def run_locally_lines(gguf_files: list[dict]) -> list[str]:
+    """How to run the GGUF export with llama.cpp and with Ollama (the `Modelfile` beside it)."""
+    first = gguf_files[0]["file"]
+    return [
+        "",
+        "### Run it with llama.cpp or Ollama",
+        "",
+        "llama.cpp (the GGUF carries the chat template and stop tokens training used):",
+        "",
+        "```bash",
+        f"llama-cli -m {first} -cnv          # chat in the terminal",
+        f"llama-server -m {first} --jinja    # OpenAI-compatible server on http://127.0.0.1:8080",
+        "```",
+        "",
+        f"Ollama (`Modelfile` here: FROM `{first}`, the chat template in Ollama's form, the same stop tokens):",
+        "",
+        "```bash",
+        "ollama create my-model -f Modelfile",
+        "ollama run my-model",
+        "```",
+    ]
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data import token_cache
 from finetune.data.augment import Swapper, augment_records
 from finetune.data.card import write_stage_files
 from finetune.data.chat import IGNORE_INDEX, to_messages, tokenize_chat, tokenize_text
@@ -44,12 +46,16 @@ def load_records(recipe: Recipe, name: str, stage_dir: Path | None = None) -> La
         if records.report is not None:
             records.report.augmented, records.report.augmented_swaps = len(copies), swaps
     if stage_dir is not None and is_main_process():
-        # a data path given as ${env:...} is written as the reference (finetune.recipe.secrets)
-        secrets = secrets_of(recipe)
-        report = type(records.report).model_validate(redact_data(records.report.model_dump(), secrets))
-        register = [type(e).model_validate(redact_data(e.model_dump(), secrets)) for e in records.register]
-        write_stage_files(Path(stage_dir), report, register, recipe.data.policy)
+        _write_stage_files(recipe, Path(stage_dir), records.report, records.register)
     return records
+
+
+def _write_stage_files(recipe: Recipe, stage_dir: Path, report, register) -> None:
+    """The stage's data card and register; a data path given as ${env:...} is written as the reference."""
+    secrets = secrets_of(recipe)
+    report = type(report).model_validate(redact_data(report.model_dump(), secrets))
+    register = [type(e).model_validate(redact_data(e.model_dump(), secrets)) for e in register]
+    write_stage_files(stage_dir, report, register, recipe.data.policy)
 
 
 def augmented_datasets(recipe: Recipe) -> list[str]:
@@ -83,9 +89,42 @@ def tokenize_records(
     assistant_only: bool = True,
     stage_dir: Path | None = None,
     extra: Callable[[dict], dict] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> TokenizedSet:
     """Render and tokenize a dataset for language-model training, truncated to `seq_len`; `extra(record)` adds
-    fields to the record's row (the `debias` stage's protected attribute)."""
+    fields to the record's row (the `debias` stage's protected attribute).
+
+    With `cache_dir` (and no `extra`), rows tokenized before with the same data, tokenizer, template and data
+    policy are read back from there (`finetune.data.token_cache`); `stats["token_cache"]` says hit or miss.
+    """
+    if extra is not None:
+        cache_dir = None  # rows with fields of the stage's own are not what the cache keys
+    key = token_cache.cache_key(recipe, name, tokenizer, seq_len, assistant_only) if cache_dir else None
+    cached = token_cache.load(Path(cache_dir), key) if cache_dir and key else None
+    if cached is not None:
+        if stage_dir is not None and is_main_process() and cached.report is not None:
+            _write_stage_files(recipe, Path(stage_dir), cached.report, cached.register)
+        return TokenizedSet(cached.rows, {**cached.stats, "token_cache": "hit"})
+    tokenized, records = _tokenize(recipe, name, tokenizer, seq_len, assistant_only, stage_dir, extra)
+    if cache_dir and key:
+        entry = token_cache.CachedSet(tokenized.rows, tokenized.stats, records.report, records.register)
+        try:
+            token_cache.save(Path(cache_dir), key, entry)
+        except OSError as err:  # the cache only saves time: a folder it cannot write never stops training
+            print(f"token_cache: not saved ({err}); training goes on without it", file=sys.stderr)
+    tokenized.stats["token_cache"] = "miss" if cache_dir and key else "off"
+    return tokenized
+
+
+def _tokenize(
+    recipe: Recipe,
+    name: str,
+    tokenizer: Any,
+    seq_len: int,
+    assistant_only: bool,
+    stage_dir: Path | None,
+    extra: Callable[[dict], dict] | None,
+) -> tuple[TokenizedSet, LayerRecords]:
     from rich.progress import track
 
     records = load_records(recipe, name, stage_dir)
@@ -96,7 +135,7 @@ def tokenize_records(
             row = tokenize_text(tokenizer, record["text"])
         else:
             messages = to_messages(record, section.record_format, section.system_prompt)
-            row = tokenize_chat(tokenizer, messages, assistant_only=assistant_only)
+            row = tokenize_chat(tokenizer, messages, assistant_only, recipe.model.end_of_turn)
         if len(row["input_ids"]) > seq_len:
             truncated += 1
             row = {k: v[:seq_len] for k, v in row.items()}
@@ -121,4 +160,4 @@ def tokenize_records(
         "tokens": tokens,
         "learned_tokens": learned,
     }
-    return TokenizedSet(rows, stats)
+    return TokenizedSet(rows, stats), records

@@ -29,6 +29,9 @@ class DataCard(BaseModel):
         default_factory=dict, description="The data policy applied (intended use, grades, licences, ...)."
     )
     datasets: list[DatasetReport] = Field(default_factory=list)
+    mixture: dict | None = Field(
+        None, description="When the stage mixed datasets by weight: the strategy and each dataset's share drawn."
+    )
 
 
 def write_stage_files(
@@ -131,6 +134,16 @@ def render_markdown(card: DataCard) -> str:
             *([("Counterfactual swaps, by term", d.augmented_swaps)] if d.augmented else []),
         ):
             lines += _table(heading, counts)
+    if card.mixture:
+        lines += ["", f"## Mixture ({card.mixture['strategy']})", ""]
+        lines += [
+            "| dataset | weight | sequences available | drawn | share drawn |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| `{m['dataset']}` | {m['weight']:.3f} | {m['available']} | {m['drawn']} | {m['share']:.3f} |"
+            for m in card.mixture["shares"]
+        ]
     return "\n".join(lines) + "\n"
 
 

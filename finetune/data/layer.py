@@ -266,8 +266,8 @@ def dataset_roles(recipe: Recipe) -> dict[str, set[str]]:
     for config in recipe.stage_configs():
         for field_name, _ in marked_fields(type(config), "dataset"):
             value = getattr(config, field_name)
-            if value:
-                roles.setdefault(value, set()).add("eval" if field_name.startswith("eval") else "train")
+            for name in value if isinstance(value, dict) else [value] if value else []:  # a mixture: its names
+                roles.setdefault(name, set()).add("eval" if field_name.startswith("eval") else "train")
     return roles
 
 

@@ -62,18 +62,25 @@ def dataset_problems(recipe: Recipe, config: StageOptions, prefix: str) -> list[
     """Datasets a stage names that `data` lacks, or whose format the stage does not read."""
     found = []
     for field_name, extra in marked_fields(type(config), "dataset"):
-        value = getattr(config, field_name)
-        if value is None:
-            continue
-        path = f"{prefix}.{field_name}"
+        found += _named_dataset_problems(recipe, config, getattr(config, field_name), f"{prefix}.{field_name}", extra)
+    return found
+
+
+def _named_dataset_problems(
+    recipe: Recipe, config: StageOptions, names: object, path: str, extra: dict
+) -> list[Problem]:
+    """Problems with a dataset field's value: a name, or a mapping of names (`datasets: {a: 0.7, b: 0.3}`)."""
+    found: list[Problem] = []
+    for value in names if isinstance(names, dict) else [names] if names is not None else []:
+        where = f"{path}.{value}" if isinstance(names, dict) else path
         if value not in recipe.data:
             found.append(
-                Problem(path, f"dataset {value!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})")
+                Problem(where, f"dataset {value!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})")
             )
         elif recipe.data[value].record_format not in extra["dataset"]:
             found.append(
                 Problem(
-                    path,
+                    where,
                     f"dataset {value!r} has format {recipe.data[value].record_format!r}; "
                     f"a {config.kind} stage reads {' or '.join(extra['dataset'])}",
                 )
@@ -87,8 +94,9 @@ def used_datasets(recipe: Recipe) -> list[str]:
 
 
 def stage_datasets(config: StageOptions) -> list[str]:
-    """The datasets one stage reads."""
-    return [v for v in (getattr(config, f) for f, _ in marked_fields(type(config), "dataset")) if v]
+    """The datasets one stage reads (a mapping of datasets counts by its names), each once."""
+    values = [getattr(config, f) for f, _ in marked_fields(type(config), "dataset")]
+    return list(dict.fromkeys(n for v in values if v for n in (v if isinstance(v, dict) else [v])))
 
 
 def check_dimension_names(

@@ -116,3 +116,11 @@ class ExportOptions(StageOptions):
     license: str | None = Field(
         None, description="Licence id for the model card's metadata (e.g. apache-2.0); check the base model's."
     )
+    modelfile_system: str | None = Field(
+        None, description="Default SYSTEM message of the Ollama Modelfile written beside the GGUF files."
+    )
+    modelfile_aigc_label: bool = Field(
+        False,
+        description="Give the Ollama Modelfile a default SYSTEM note carrying the AIGC label (本内容由人工智能生成 · "
+        "AI-generated content), before `modelfile_system` if both are set.",
+    )

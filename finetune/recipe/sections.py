@@ -53,7 +53,21 @@ class ModelSection(Section):
     attention: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention implementation.")
     chat_template: str | None = Field(
         None,
-        description="Chat template when the tokenizer has none or to replace it: `chatml`, or a path to a .jinja file.",
+        description="Chat template when the tokenizer has none or to replace it: a name (chatml, qwen2_5, qwen3, "
+        "qwen3_nothink, llama3_1, llama3_2, deepseek_r1_distill, glm4, internlm3, mistral) or a path to a .jinja file.",
+    )
+    end_of_turn: str | None = Field(
+        None,
+        description="The token that ends an assistant turn (e.g. <|im_end|>); training checks the template ends "
+        "turns with it, and learns it after each assistant turn even where the template writes none (GLM-4).",
+    )
+    pad_token: str | None = Field(
+        None, description="Token batches are padded with (default: the tokenizer's, else its EOS token)."
+    )
+    modelscope: str | None = Field(
+        None,
+        description="The model's ModelScope id, for machines that cannot reach Hugging Face: download it with "
+        "`modelscope download --model ID --local_dir DIR` and set `path: DIR`.",
     )
     trust_remote_code: bool = Field(False, description="Run code shipped with the model; off unless you trust it.")
     cache_dir: str = Field(

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import gguf_export, model_card, parity
+from finetune import gguf_export, model_card, ollama, parity
 from finetune.data.card import CARD_JSON, DataCard, render_markdown
 from finetune.data.template import trained_tokenizer, verify_contract, write_contract
 from finetune.errors import WenmaiError
@@ -128,6 +128,11 @@ def run(ctx: StageContext) -> StageResult:
                 f"(details in {ctx.stage_dir / 'parity.json'})\n  - " + "\n  - ".join(c.line() for c in comparisons)
             )
         atomic_write_json(tmp / "parity.json", report)
+        if gguf_files:  # Ollama runs the first GGUF file (edit FROM for another)
+            system = ollama.default_system(config.modelfile_system, config.modelfile_aigc_label)
+            atomic_write_text(
+                tmp / ollama.MODELFILE, ollama.modelfile(gguf_files[0]["file"], contract, tokenizer, system)
+            )
         write_card(tmp, run_dir, recipe, provenance, comparisons, gguf_files, contract, config)
 
     return StageResult(outputs=_outputs(gguf_files), summary=_summary(comparisons, gguf_files, skipped, started))
@@ -155,6 +160,8 @@ def _outputs(gguf_files: list[dict]) -> dict[str, str]:
         "provenance": f"model/{PROVENANCE_FILE}",
     }
     outputs.update({f"gguf_{g['type']}": f"model/{g['file']}" for g in gguf_files})
+    if gguf_files:
+        outputs["modelfile"] = "model/Modelfile"
     return outputs
 
 

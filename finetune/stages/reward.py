@@ -14,9 +14,8 @@ from typing import Any
 
 from finetune import model as model_path
 from finetune import speed
-from finetune.data.chat import end_of_turn_ids
 from finetune.data.pairs import load_pairs, split_by_prompt
-from finetune.data.template import template_contract
+from finetune.data.template import training_contract
 from finetune.distributed.ranks import current
 from finetune.errors import DataError
 from finetune.recipe import Recipe, RewardOptions, reward_dimensions
@@ -89,7 +88,8 @@ def train(ctx: StageContext) -> TrainedRewardModel:
     dimensions = reward_dimensions(recipe)
     source = model_path.resolve_source(recipe.model)
     tokenizer = model_path.load_tokenizer(recipe.model, source)
-    stop_ids = end_of_turn_ids(tokenizer)
+    contract = training_contract(tokenizer, recipe.model)
+    stop_ids = contract["stop_token_ids"]
     choose_pad_token(tokenizer, stop_ids)
     data = prepare(ctx, tokenizer)
 
@@ -140,7 +140,9 @@ def train(ctx: StageContext) -> TrainedRewardModel:
         recipe=recipe.name,
         stage=config.stage_name,
     )
-    return TrainedRewardModel(trainer, tokenizer, card, template_contract(tokenizer, stop_ids), data, result.metrics)
+    return TrainedRewardModel(
+        trainer, tokenizer, card, training_contract(tokenizer, recipe.model), data, result.metrics
+    )
 
 
 def prepare(ctx: StageContext, tokenizer: Any) -> PreparedData:

@@ -13,8 +13,8 @@ from finetune import model as model_path
 from finetune import speed, varlen
 from finetune.adapters import save_adapter_stage
 from finetune.data import tokenize_records
-from finetune.data.chat import end_of_turn_ids
-from finetune.data.template import template_contract
+from finetune.data.mixing import tokenize_mixture
+from finetune.data.template import training_contract
 from finetune.distributed.ranks import current
 from finetune.recipe import Recipe, SftOptions
 from finetune.run_dir import StageContext, StageResult
@@ -29,14 +29,32 @@ def run(ctx: StageContext) -> StageResult:
     options: SftOptions = ctx.config
     recipe = ctx.recipe
     tokenizer = model_path.load_tokenizer(recipe.model, model_path.resolve_source(recipe.model))
-    stop_ids = end_of_turn_ids(tokenizer)
+    contract = training_contract(tokenizer, recipe.model)
 
     assistant_only = options.loss_on == "assistant"
-    train = tokenize_records(recipe, options.dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir)
+    mixture = options.mixture()
+    if mixture:
+        mix = options.mix
+        train = tokenize_mixture(
+            recipe,
+            mixture,
+            tokenizer,
+            options.seq_len,
+            assistant_only,
+            ctx.stage_dir,
+            mix.strategy,
+            mix.samples,
+            options.seed if mix.seed is None else mix.seed,
+            options.token_cache,
+        )
+    else:
+        train = tokenize_records(
+            recipe, options.dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir, options.token_cache
+        )
     train_rows, eval_rows = train.rows, None
     if options.eval_dataset:
         eval_rows = tokenize_records(
-            recipe, options.eval_dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir
+            recipe, options.eval_dataset, tokenizer, options.seq_len, assistant_only, ctx.stage_dir, options.token_cache
         ).rows
     elif options.eval_fraction:
         split = Dataset.from_list(train_rows).train_test_split(test_size=options.eval_fraction, seed=options.seed)
@@ -50,12 +68,14 @@ def run(ctx: StageContext) -> StageResult:
     with speed.kernel_scope(speed_plan, trainer.model):
         result = fit(trainer, ctx.resume_from, options.eval_steps if eval_rows else None)
 
-    outputs = save_adapter_stage(trainer, ctx.stage_dir, tokenizer, template_contract(tokenizer, stop_ids))
+    outputs = save_adapter_stage(trainer, ctx.stage_dir, tokenizer, contract)
 
     return StageResult(
         outputs=outputs,
         summary={
             "data": train.stats,
+            "chat_template": contract["chat_template_name"] or "the tokenizer's own or a file",
+            **({"thinking": contract["thinking"]} if contract["thinking"] is not None else {}),
             "eval_sequences": len(eval_rows or []),
             "trainable_parameters": trainable,
             "total_parameters": total,
