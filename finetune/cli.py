@@ -280,10 +280,16 @@ def eval_(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+    language: Annotated[
+        str | None, typer.Option(help="zh (中文) or en; default: the recipe's output.language (zh).")
+    ] = None,
+) -> None:
     """(Re)write a run's self-contained HTML report (curves, evaluations, gates, data cards, lineage)."""
 
-    out.print(_labelled("report:", "green", write_report(run_dir)))
+    path = write_report(run_dir, language) if language else write_report(run_dir)
+    out.print(_labelled("report:", "green", path))
 
 
 @app.command()

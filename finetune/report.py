@@ -309,7 +309,7 @@ def _recipe_section(recipe: dict, run_dir: RunDir, tr: Translate) -> str:
         return heading + f"<p class=muted>{escape(tr('recipe.yaml is missing'))}</p>"
     model, lora = recipe.get("model") or {}, recipe.get("lora") or {}
     facts = [(f"model.{k}", model.get(k)) for k in ("path", "gguf_file", "dtype", "quantization")]
-    facts += [(f"lora.{k}", _listed(lora.get(k))) for k in ("r", "alpha", "dropout", "variant", "targets")]
+    facts += [(f"lora.{k}", _as_written(lora.get(k))) for k in ("r", "alpha", "dropout", "variant", "targets")]
     parts = [heading, f"<h3>{escape(tr('Model and LoRA'))}</h3>", kv_table(facts, tr("option"), tr("value"))]
     trainers = []
     for item in recipe.get("stages") or []:
@@ -319,7 +319,7 @@ def _recipe_section(recipe: dict, run_dir: RunDir, tr: Translate) -> str:
                 trainers.append((options.get("name") or kind, options))
     if trainers:
         keys = [k for k in HYPERPARAMETERS if any(k in options for _, options in trainers)]
-        rows = [[k, *(_listed(options.get(k)) for _, options in trainers)] for k in keys]
+        rows = [[k, *(_as_written(options.get(k)) for _, options in trainers)] for k in keys]
         parts.append(table([tr("option"), *(name for name, _ in trainers)], rows))
     text = run_dir.recipe_path.read_text(encoding="utf-8")
     summary = escape(tr("The resolved recipe, as run (secrets show as their ${env:...} reference)"))
@@ -328,6 +328,11 @@ def _recipe_section(recipe: dict, run_dir: RunDir, tr: Translate) -> str:
 
 
 # --- small pieces ----------------------------------------------------------------------------
+
+
+def _as_written(value: Any) -> Any:
+    """A recipe value as the YAML has it (0.0002, not 2.00e-04)."""
+    return None if value is None else _listed(value) if isinstance(value, list | dict) else str(value)
 
 
 def _listed(value: Any) -> Any:
