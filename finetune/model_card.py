@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune import __version__
-from finetune.model_facts import base_model_facts
+from finetune.model_facts import base_model_facts, data_languages, note_text
 from finetune.texts import LANGUAGES, Translate, duration, translator
 
 PROVENANCE_FILE = "wenmai_provenance.json"
@@ -135,7 +135,7 @@ def render_card(card: CardInputs, language: str, front: bool = True, link: tuple
 
 def front_matter(card: CardInputs) -> list[str]:
     """The hub's metadata: base_model only when a hub id is known (the hub accepts nothing else there)."""
-    languages = _languages(card) or [card.recipe.output.language]
+    languages = data_languages(card.cards) or [card.recipe.output.language]
     licence = card.license_name or card.base.get("license") or "unknown"
     lines = ["---"]
     if card.base.get("hub_id"):
@@ -211,7 +211,7 @@ def _data(card: CardInputs, tr: Translate) -> list[str]:
         files = [(path, notes) for s, path, notes in card.cards if s == stage]
         links = ", ".join(f"[{Path(p).name}]({p})" for p, _ in files)
         lines.append("- " + tr("Data card of stage {stage}: {links}").format(stage=f"`{stage}`", links=links))
-        lines += [f"  - {_note(note, tr)}" for _, notes in files for note in notes]
+        lines += [f"  - {note_text(note, tr)}" for _, notes in files for note in notes]
     if not card.cards:
         lines.append(f"- {tr(NO_DATA_CARD)}")
     return [*lines, ""]
@@ -278,7 +278,7 @@ def evaluation_rows(checkpoints: list[dict], tr: Translate) -> list[tuple[str, l
 
     for i, checkpoint in enumerate(checkpoints):
         for mc in checkpoint.get("mc") or []:
-            put(f"{mc['name']} {tr('accuracy')} (%)", i, mc["overall"]["accuracy"])
+            put(f"{mc['name']} {tr('accuracy (%)')}", i, mc["overall"]["accuracy"])
         alignment = checkpoint.get("alignment") or {}
         if alignment:
             put(tr("rule pass rate (all rules)"), i, alignment.get("rule_pass_rate"))
@@ -410,38 +410,3 @@ def _pair(first: float | None, last: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.4g}"
-
-
-def _languages(card: CardInputs) -> list[str]:
-    """The languages of the training data, most records first (from the data cards)."""
-    counts: dict[str, int] = {}
-    for _, _, notes in card.cards:
-        for note in notes:
-            for code, n in (note.get("languages") or {}).items():
-                counts[code] = counts.get(code, 0) + n
-    return [
-        code for code, _ in sorted(counts.items(), key=lambda item: -item[1]) if code in ("zh", "en") or len(code) == 2
-    ]
-
-
-def _note(note: dict, tr: Translate) -> str:
-    if "line" in note:
-        return note["line"]
-    if "intended_use" in note:
-        return tr("data policy: intended use {use}").format(use=note["intended_use"])
-
-    def counts(table: dict) -> str:
-        return ", ".join(f"{k} ×{v}" for k, v in table.items()) or tr("none recorded")
-
-    return f"`{note['name']}`: " + tr(
-        "{kept} records kept of {read}; licences {licences}; sources {sources}; sensitivity {grades}; "
-        "personal data found {pii} ({action})"
-    ).format(
-        kept=note["kept"],
-        read=note["records_read"],
-        licences=counts(note["licences"]),
-        sources=counts(note["sources"]),
-        grades=counts(note["grades"]),
-        pii=counts(note["pii_found"]),
-        action=note["pii_action"],
-    )

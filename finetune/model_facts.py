@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,42 @@ def data_cards(run_root: Path, stage_names: list[str]) -> list[tuple[str, Path, 
                 notes = (_card_notes(path) or _rights_notes(path)) if name.endswith(".json") else []
                 found.append((stage, path, notes))
     return found
+
+
+def data_languages(cards: list[tuple[str, str, list[dict]]]) -> list[str]:
+    """The languages of the training data, most records first (from the data cards)."""
+    counts: dict[str, int] = {}
+    for _, _, notes in cards:
+        for note in notes:
+            for code, n in (note.get("languages") or {}).items():
+                counts[code] = counts.get(code, 0) + n
+    return [
+        code for code, _ in sorted(counts.items(), key=lambda item: -item[1]) if code in ("zh", "en") or len(code) == 2
+    ]
+
+
+def note_text(note: dict, tr: Callable[[str], str]) -> str:
+    """A data card note as the card prints it, in the language of `tr`."""
+    if "line" in note:
+        return note["line"]
+    if "intended_use" in note:
+        return tr("data policy: intended use {use}").format(use=note["intended_use"])
+
+    def counts(table: dict) -> str:
+        return ", ".join(f"{k} ×{v}" for k, v in table.items()) or tr("none recorded")
+
+    return f"`{note['name']}`: " + tr(
+        "{kept} records kept of {read}; licences {licences}; sources {sources}; sensitivity {grades}; "
+        "personal data found {pii} ({action})"
+    ).format(
+        kept=note["kept"],
+        read=note["records_read"],
+        licences=counts(note["licences"]),
+        sources=counts(note["sources"]),
+        grades=counts(note["grades"]),
+        pii=counts(note["pii_found"]),
+        action=note["pii_action"],
+    )
 
 
 def _card_notes(path: Path) -> list[dict]:

@@ -198,7 +198,7 @@ def test_every_message_the_report_and_card_use_has_its_chinese():
     from finetune.texts import ZH
 
     used = set()
-    for module in ("report.py", "report_parts.py", "model_card.py"):
+    for module in ("report.py", "report_parts.py", "model_card.py", "model_facts.py"):
         tree = ast.parse((ROOT / "finetune" / module).read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "tr" and node.args:
