@@ -385,7 +385,7 @@ vertical-align:top;text-align:left}th{background:#f6f8fa}td.num{text-align:right
 .charts{display:flex;flex-wrap:wrap;gap:12px}.chart{border:1px solid #d0d7de;border-radius:6px;background:#fff}
 .chart-title{font-size:13px;font-weight:600}.chart-tick{font-size:10px;fill:#57606a}.chart-legend{font-size:10px}
 .chart-frame{fill:none;stroke:#d0d7de}.chart-grid{stroke:#eaeef2}.chart-empty{font-size:12px;fill:#57606a}
-.ok{color:#1a7f37}.bad{color:#d1242f;font-weight:600}.warn{color:#9a6700}.muted{color:#57606a}
+.ok{color:#1a7f37;white-space:nowrap}.bad{color:#d1242f;font-weight:600;white-space:nowrap}.warn{color:#9a6700}.muted{color:#57606a}
 .warning{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:4px 8px;margin:6px 0;font-size:13px}
 .badge{border:1px solid currentColor;border-radius:10px;padding:0 6px;font-size:12px}
 .error{color:#d1242f;white-space:pre-wrap;font-size:12px}.runstate{margin-top:-6px}
