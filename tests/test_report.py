@@ -192,6 +192,47 @@ def test_report_follows_the_recipes_language_and_shows_lineage_changes(evaluated
     assert sha and sha in html, "the base model's sha256 is shown"
 
 
+def test_the_report_is_rewritten_as_each_stage_starts_and_ends(tmp_path, tiny_model, monkeypatch):
+    """Open during a run, the report shows the stages done so far and the one running."""
+    from conftest import chat_rows
+    from tiny_models import write_jsonl
+
+    from finetune import stages
+    from finetune.run_dir import StageResult
+
+    seen = {}
+
+    def evaluate(ctx):  # the report as a person opening it while this stage runs would see it
+        seen["html"] = (ctx.run_dir.root / "report.html").read_text(encoding="utf-8")
+        return StageResult(outputs={}, summary={"evaluated": "sft"})
+
+    monkeypatch.setattr(stages.STAGES["evaluate"], "run", evaluate)
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        textwrap.dedent(f"""\
+        name: live
+        model: {{path: {tiny_model}}}
+        lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        data:
+          d: {{path: {data}, format: chat}}
+        stages:
+          - sft: {{dataset: d, max_steps: 2, batch_size: 4, seq_len: 64, logging_steps: 1}}
+          - evaluate: {{mc: {ROOT / "recipes/data/culture-mc"}, max_new_tokens: 2}}
+        output: {{root: {tmp_path}}}
+        """),
+        encoding="utf-8",
+    )
+    run_dir = start(load_recipe(recipe), tmp_path / "run", log=lambda _: None)
+    live = seen["html"]
+    assert '<span class="badge warn">运行中</span>' in live, "the run is shown in progress"
+    sft, evaluate = live.split('id="stage-sft"')[1], live.split('id="stage-evaluate"')[1]
+    assert "(sft) · 完成" in sft and 'data-series="loss"' in sft.split("</section>")[0], "sft is done, its curve drawn"
+    assert "(evaluate) · 运行中" in evaluate
+    final = (run_dir.root / "report.html").read_text(encoding="utf-8")
+    assert "(evaluate) · 完成" in final and '<span class="badge ok">运行已结束</span>' in final
+
+
 def test_every_message_the_report_and_card_use_has_its_chinese():
     import ast
 
