@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -20,14 +21,14 @@ from rich.text import Text
 from finetune import pipeline, watermark
 from finetune.checks import preflight as compatibility
 from finetune.cli_tables import (
+    aligned_origins,
     data_table,
     memory_table,
-    option_fields,
+    options_table,
     plan_table,
     rounds_table,
     score_table,
     summary_table,
-    type_name,
 )
 from finetune.config_io import load_run_recipe
 from finetune.data import commands as data_commands
@@ -57,6 +58,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # every command inherits both
 )
 # Markup off: messages, paths and table cells are printed as they are (`pip install 'wenmai[gpu]'` is not a Rich
 # tag); our own colours are Text styles (`_labelled`).
@@ -69,7 +71,9 @@ SetOption = Annotated[
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors (anywhere on the line).")] = False,
+) -> None:
     """Wenmai (文脉): fine-tune language models into cultural vertical models from one YAML recipe."""
 
 
@@ -79,11 +83,12 @@ def validate(
     set_: SetOption = None,
     gpus: Annotated[int, typer.Option(help="Check for this many processes (GPUs) per node.")] = 1,
     nodes: Annotated[int, typer.Option(help="Check for this many nodes.")] = 1,
+    full: Annotated[
+        bool, typer.Option("--full", help="Also print the resolved recipe: YAML to copy, each value's origin after #.")
+    ] = False,
 ) -> None:
-    """Check a recipe and its data without loading weights; print the resolved recipe and the plan."""
+    """Check a recipe and its data without loading weights; print the plan and the problems (--full: the recipe)."""
     loaded = pipeline.load_recipe(recipe, set_ or [])
-    out.print(Text("Resolved recipe", style="bold"), "(each value's origin after #)")
-    out.print(loaded.to_yaml(annotate=True), highlight=False, markup=False)
     checked = pipeline.validate(loaded.recipe, gpus, nodes)
     out.print(plan_table(loaded.recipe, checked.counts))
     out.print(data_table([c["report"] for c in checked.counts.values() if c.get("report")]))
@@ -92,6 +97,15 @@ def validate(
     show_report(checked.report, planning=True)
     for line in checked.speed_lines:
         out.print(_labelled("speed on this machine", "bold", line))
+    if full:
+        out.print(Text("Resolved recipe", style="bold"), "(each value's origin after #)")
+        out.print(aligned_origins(loaded.to_yaml(annotate=True)), highlight=False, soft_wrap=True)
+    else:
+        out.print(
+            f"(the resolved recipe, each value with its origin: wenmai validate {recipe} --full)",
+            style="dim",
+            soft_wrap=True,
+        )
     out.print("recipe is valid", style="green")
 
 
@@ -166,6 +180,8 @@ def run(
     """Run every stage of a recipe into a new run folder (or resume one)."""
 
     quiet_other_ranks()  # under `wenmai launch`, only rank 0 talks
+    for bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):  # one progress line a stage
+        os.environ.setdefault(bars, "1")  # read when transformers and datasets are imported, later than here
     if resume is not None and run_dir is not None:
         raise WenmaiError("--run-dir and --resume cannot be combined: --resume names the folder to continue")
     if resume is None and recipe is None:
@@ -264,27 +280,26 @@ def eval_(
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="Run folder.")]) -> None:
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+    language: Annotated[
+        str | None, typer.Option(help="zh (中文) or en; default: the recipe's output.language (zh).")
+    ] = None,
+) -> None:
     """(Re)write a run's self-contained HTML report (curves, evaluations, gates, data cards, lineage)."""
 
-    out.print(_labelled("report:", "green", write_report(run_dir)))
+    path = write_report(run_dir, language) if language else write_report(run_dir)
+    out.print(_labelled("report:", "green", path))
 
 
 @app.command()
-def stages() -> None:
-    """List the stage kinds and their options."""
+def stages(
+    kind: Annotated[str | None, typer.Argument(help="One stage kind (sft, dpo, ...); all kinds when left out.")] = None,
+) -> None:
+    """List the stage kinds and their options, or the options of one kind."""
 
-    for kind, options in OPTIONS.items():
-        title = Text.assemble((kind, "bold"), f" — {(options.__doc__ or '').strip()}")
-        table = Table(title=title, title_justify="left", expand=True)
-        table.add_column("option", style="cyan", no_wrap=True)
-        table.add_column("type")
-        table.add_column("default")
-        table.add_column("meaning")
-        for name, info in option_fields(options):
-            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-            table.add_row(name, type_name(info.annotation), default, info.description or "")
-        out.print(table)
+    for name in [kind] if kind else list(OPTIONS):
+        out.print(options_table(name))
 
 
 @app.command()
@@ -294,7 +309,7 @@ def merge(
         str | None, typer.Option(help="Stage whose adapter to merge (default: the latest that made one).")
     ] = None,
     name: Annotated[str, typer.Option(help="Name of the merge stage in the run folder.")] = "merge",
-    force: Annotated[bool, typer.Option(help="Merge again even if the stage is done.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Merge again even if the stage is done.")] = False,
 ) -> None:
     """Merge a run's adapter into its base model (unquantised, training dtype) behind the parity gate."""
 
@@ -313,7 +328,7 @@ def export(
         str | None, typer.Option(help="Comma-separated GGUF types: f32, f16, bf16, q8_0 (default f16,q8_0).")
     ] = None,
     name: Annotated[str, typer.Option(help="Name of the export stage in the run folder.")] = "export",
-    force: Annotated[bool, typer.Option(help="Export again even if the stage is done.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Export again even if the stage is done.")] = False,
 ) -> None:
     """Export a run (merging its adapter first if needed): HF safetensors (+ GGUF), chat template, model card, label."""
 
@@ -334,7 +349,7 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 answers greedily; above 0 samples.")] = 0.0,
     label: Annotated[
-        bool, typer.Option(help="Print each answer as JSON with the AI-generated-content implicit label.")
+        bool, typer.Option("--label", help="Print each answer as JSON with the AI-generated-content implicit label.")
     ] = False,
     gguf: Annotated[
         str | None, typer.Option(help="Talk to one of the export's GGUF files (through transformers).")
@@ -710,7 +725,7 @@ def review_serve(
         "review-exports"
     ),
     secure_cookies: Annotated[
-        bool, typer.Option(help="Send the session cookie over HTTPS only (behind a TLS proxy).")
+        bool, typer.Option("--secure-cookies", help="Send the session cookie over HTTPS only (behind a TLS proxy).")
     ] = False,
 ) -> None:
     """The review app curators use: sign in, score answers per dimension, A/B, corrections; admins export.
@@ -763,7 +778,9 @@ review_app.add_typer(user_app, name="user")
 def review_user_add(
     pseudonym: Annotated[str, typer.Argument(help="The reviewer's pseudonym (no real names), e.g. curator-03.")],
     db: DbOption = DEFAULT_DB,
-    admin: Annotated[bool, typer.Option(help="An administrator (sees progress and agreement, exports).")] = False,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="An administrator (sees progress and agreement, exports).")
+    ] = False,
     password_env: Annotated[
         str | None, typer.Option(help="Read the password from this environment variable (default: ask).")
     ] = None,
@@ -824,11 +841,12 @@ def main() -> None:
     Typer runs without standalone mode so that errors are printed here; in that mode it returns the exit code of
     `typer.Exit` and of Ctrl-C (130) instead of exiting, so `main` exits with it.
     """
-    debug = "--debug" in sys.argv
+    debug = "--debug" in sys.argv  # a flag anywhere on the line (`wenmai run r.yaml --debug`), read here
     if not debug:  # library deprecation notices are not actionable for a recipe author
         warnings.filterwarnings("ignore", category=FutureWarning)
+    args = [arg for arg in sys.argv[1:] if arg != "--debug"]
     try:
-        code = app(standalone_mode=False, prog_name="wenmai")
+        code = app(args=args, standalone_mode=False, prog_name="wenmai")
     except WenmaiError as err:
         if debug:
             console.print_exception()

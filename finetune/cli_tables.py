@@ -6,6 +6,7 @@ does, so that `wenmai[gpu]` stays as it is; the tables' own styling is Text styl
 
 from __future__ import annotations
 
+import difflib
 import typing
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from rich.text import Text
 
 from finetune.config_io import load_run_recipe
 from finetune.distributed.memory import estimate_lora_parameters, gib
+from finetune.errors import WenmaiError
 from finetune.model import model_config_dict
-from finetune.recipe import TrainingOptions, stage_datasets, wiring
+from finetune.recipe import OPTIONS, TrainingOptions, stage_datasets, wiring
 from finetune.round_history import score_columns
 
 
@@ -142,6 +144,35 @@ def summary_table(run_dir) -> Table:
     return table
 
 
+def options_table(kind: str) -> Table:
+    """`wenmai stages KIND`: each option of a stage kind in two columns that fit 80: the option with its type and
+    default under it, and its meaning."""
+    if kind not in OPTIONS:
+        guess = difflib.get_close_matches(kind, list(OPTIONS), n=1, cutoff=0.5)
+        hint = f"did you mean {guess[0]}? " if guess else ""
+        raise WenmaiError(f"no stage kind {kind!r}; {hint}the kinds are {', '.join(OPTIONS)}")
+    options = OPTIONS[kind]
+    title = Text.assemble((kind, "bold"), f" — {(options.__doc__ or '').strip()}")
+    table = Table(title=title, title_justify="left", show_lines=True)
+    table.add_column("option", style="cyan", no_wrap=True)
+    table.add_column("meaning", ratio=1)
+    for name, info in option_fields(options):
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        about = f"{type_name(info.annotation)}; default {default}"
+        table.add_row(name, Text.assemble(info.description or "", "\n", (about, "dim")))
+    return table
+
+
+def aligned_origins(annotated_yaml: str, column: int = 56) -> str:
+    """The annotated recipe with its `# origin` comments in one column (lines longer than it keep two spaces), so the
+    origins read down the page; the YAML itself is unchanged."""
+    lines = []
+    for line in annotated_yaml.splitlines():
+        value, sep, origin = line.rpartition("  # ")
+        lines.append(f"{value.ljust(column - 2)}  # {origin}" if sep else line)
+    return "\n".join(lines)
+
+
 def option_fields(model, prefix: str = ""):
     """(dotted name, field) for every option; a nested section (evaluate's `gates`) lists its own options."""
 
@@ -153,5 +184,12 @@ def option_fields(model, prefix: str = ""):
 
 
 def type_name(annotation) -> str:
-    text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
-    return text or str(annotation).replace("typing.", "")
+    """A type as a recipe author reads it: `int`, `str | None`, `linear | cosine | constant`, `bool | auto`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args:
+        return " | ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin in (list, dict, tuple) and args:
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -267,6 +267,7 @@ def _run_each(
             else:
                 metrics.unlink(missing_ok=True)
             run_dir.write_status(status)
+            _write_report(run_dir, log, quiet=True)  # the report shows the stage running
         barrier()  # the stage folder exists before any rank uses it
         if checkpoint is not None:
             log(f"[{number}/{len(configs)}] {name}: resuming from {checkpoint.name}")
@@ -308,6 +309,7 @@ def _run_each(
             status.outputs, status.summary = result.outputs, result.summary
             run_dir.write_status(status)
             write_lineage(recipe, run_dir, log)
+            _write_report(run_dir, log, quiet=True)  # open during a run, it shows every finished stage
         barrier()  # the next stage reads this one's status.json
         log(f"[{number}/{len(configs)}] {name}: done")
 
@@ -347,10 +349,13 @@ def _glibc():
         return None
 
 
-def _write_report(run_dir: RunDir, log: Log) -> None:
-    """The HTML run report, after every run (finished or stopped); a report problem never hides the run's own error."""
+def _write_report(run_dir: RunDir, log: Log, quiet: bool = False) -> None:
+    """The HTML run report, when a stage starts and ends and after every run (finished or stopped; named then unless
+    `quiet`); a report problem never hides the run's own error."""
     try:
-        log(f"report: {write_report(run_dir)}")
+        path = write_report(run_dir)
+        if not quiet:
+            log(f"report: {path}")
     except Exception as err:  # the report is a view: the run's own outcome stands
         log(f"report not written ({type(err).__name__}: {err}); retry with `wenmai report {run_dir.root}`")
 

@@ -5,14 +5,23 @@ from __future__ import annotations
 import math
 from html import escape
 
+MARKED_UP_TO = 30  # a series of at most this many points gets a marker on each (where a short line hides them)
 COLOURS = ("#1f6feb", "#d1242f", "#1a7f37", "#9a6700", "#8250df", "#bc4c00", "#0969da", "#57606a")
 Point = tuple[float, float]
 
 
 def line_chart(
-    title: str, series: dict[str, list[Point]], width: int = 440, height: int = 230, x_label: str = "step"
+    title: str,
+    series: dict[str, list[Point]],
+    width: int = 440,
+    height: int = 230,
+    x_label: str = "step",
+    last_label: str = "last",
 ) -> str:
-    """An SVG line chart of one or more (x, y) series sharing axes; points that are not finite are dropped."""
+    """An SVG line chart of one or more (x, y) series sharing axes; points that are not finite are dropped.
+
+    A short series (up to `MARKED_UP_TO` points) is marked at every point, so a run of three logged steps reads as
+    three measurements and not as a trend."""
     clean = {name: [(x, y) for x, y in points if _finite(x) and _finite(y)] for name, points in series.items()}
     clean = {name: points for name, points in clean.items() if points}
     left, right, top, bottom = 58, 12, 26, 38
@@ -58,11 +67,15 @@ def line_chart(
             f'<path class="series" data-series="{escape(name)}" d="{d}" fill="none" stroke="{colour}" stroke-width="1.8">'
             f"<title>{escape(name)}: {len(points)} points, last {fmt(points[-1][1])}</title></path>"
         )
-        if len(points) == 1:
-            parts.append(f'<circle cx="{sx(points[0][0]):.1f}" cy="{sy(points[0][1]):.1f}" r="3" fill="{colour}"/>')
+        if len(points) <= MARKED_UP_TO:
+            parts += [
+                f'<circle class="marker" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="{3 if len(points) == 1 else 2.5}" '
+                f'fill="{colour}"><title>{escape(name)} @ {fmt(x)}: {fmt(y)}</title></circle>'
+                for x, y in points
+            ]
         parts.append(
             f'<text x="{left + plot_w - 4}" y="{top + 14 + 13 * i}" class="chart-legend" text-anchor="end" '
-            f'fill="{colour}">{escape(name)} (last {fmt(points[-1][1])})</text>'
+            f'fill="{colour}">{escape(name)} ({escape(last_label)} {fmt(points[-1][1])})</text>'
         )
     parts.append("</svg>")
     return "".join(parts)

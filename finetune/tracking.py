@@ -215,3 +215,82 @@ def ensure_backends(tracking: TrackingSection) -> None:
     problems = check_backends(tracking)
     if problems:
         raise WenmaiError("\n".join(problems))
+
+
+@contextlib.contextmanager
+def progress_line(trainer: Any) -> Iterator[None]:
+    """One rich progress line for the stage `trainer` trains (steps, loss, tokens/s, time left) in place of
+    transformers' tqdm bars and the dict it prints at every log; only the main process shows it."""
+    from transformers import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    line = progress_callback(Path(trainer.args.output_dir).parent.name)
+    trainer.add_callback(line)
+    try:
+        yield
+    finally:
+        line.close()  # also when training stops with an error or Ctrl-C: the terminal gets its cursor back
+
+
+def progress_callback(label: str, console: Any = None):
+    """A transformers TrainerCallback that draws one progress line named `label` on stderr (or `console`)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Column
+    from transformers import TrainerCallback
+
+    class ProgressLine(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+            self.task = None
+            self.first: tuple[float, float] | None = None  # (time, tokens) at the first log with a token count
+            self.first_step: tuple[float, int] | None = None
+            self.figures: dict[str, str] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero or self.progress is not None:
+                return
+            self.progress = Progress(
+                TextColumn("{task.description}", markup=False, style="bold cyan", table_column=Column(no_wrap=True)),
+                BarColumn(bar_width=12),
+                MofNCompleteColumn(table_column=Column(no_wrap=True)),
+                TextColumn("{task.fields[figures]}", markup=False, table_column=Column(ratio=1, no_wrap=True)),
+                TimeRemainingColumn(table_column=Column(no_wrap=True)),
+                console=console or Console(stderr=True),
+            )
+            self.progress.start()
+            self.task = self.progress.add_task(label, total=state.max_steps, completed=state.global_step, figures="")
+            self.first_step = (time.monotonic(), state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.progress is None or not logs:
+                return
+            now = time.monotonic()
+            if "loss" in logs:
+                self.figures["loss"] = f"loss {logs['loss']:.4g}"
+            if "eval_loss" in logs:
+                self.figures["eval"] = f"eval loss {logs['eval_loss']:.4g}"
+            tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen"))
+            if isinstance(tokens, int | float) and tokens > 0:
+                if self.first is None:
+                    self.first = (now, float(tokens))
+                elif now > self.first[0]:
+                    self.figures["speed"] = f"{(tokens - self.first[1]) / (now - self.first[0]):,.0f} tokens/s"
+                    self.figures.pop("steps", None)
+            elif self.first_step is not None and now > self.first_step[0] and "speed" not in self.figures:
+                steps = (state.global_step - self.first_step[1]) / (now - self.first_step[0])
+                self.figures["steps"] = f"{steps:.2f} steps/s"
+            text = " · ".join(self.figures[k] for k in ("loss", "eval", "speed", "steps") if k in self.figures)
+            self.progress.update(self.task, completed=state.global_step, figures=text)
+
+        def close(self) -> None:
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return ProgressLine()

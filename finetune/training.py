@@ -21,7 +21,7 @@ from finetune.distributed.ranks import current
 from finetune.recipe import Recipe, TrainingOptions
 from finetune.recipe.secrets import public_run_name
 from finetune.run_dir import CHECKPOINTS_DIR
-from finetune.tracking import report_to
+from finetune.tracking import progress_line, report_to
 
 # reentrant checkpointing is what PEFT + ZeRO-3 needs (TRL #2514) and works everywhere else
 DEFAULT_CHECKPOINTING_KWARGS = {"use_reentrant": True}
@@ -98,9 +98,10 @@ def fit(trainer: Any, resume_from: Path | None, final_eval_every: int | None = N
         # the first attempt logged the evaluation before training (and at every eval boundary up to the
         # checkpoint): evaluating again at the resume step would log that row twice
         trainer.args.eval_on_start = False
-    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    if final_eval_every and trainer.state.global_step % final_eval_every:
-        trainer.evaluate()
+    with progress_line(trainer):  # one progress line per stage instead of a printed dict at every log
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if final_eval_every and trainer.state.global_step % final_eval_every:
+            trainer.evaluate()
     return result
 
 

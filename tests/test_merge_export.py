@@ -232,7 +232,7 @@ def test_export_writes_gguf_files_that_load_back_within_tolerance(exported):
 
 def test_model_card_has_label_provenance_stages_and_data(exported):
     folder = exported.output("export", "model")
-    card = (folder / "README.md").read_text()
+    card = (folder / "README.en.md").read_text()
     provenance = json.loads((folder / "wenmai_provenance.json").read_text())
     block = json.loads(card.split("## Provenance")[1].split("```json")[1].split("```")[0])
     assert block["run_id"] == provenance["run_id"] == exported.name and block["base_model"] == provenance["base_model"]
@@ -254,7 +254,7 @@ def test_the_cards_usage_snippet_runs_on_the_export_and_gives_the_trained_answer
 
 def test_model_card_summarises_the_data_card_of_the_training_stage(exported):
     folder = exported.output("export", "model")
-    card = (folder / "README.md").read_text()
+    card = (folder / "README.en.md").read_text()
     assert (folder / "data_cards" / "sft-data_card.json").is_file() and (
         folder / "data_cards" / "sft-data_card.md"
     ).is_file()
@@ -272,7 +272,7 @@ def test_model_card_lists_licence_and_rights_from_any_data_card_json(tmp_path, e
         json.dumps({"datasets": {"d": {"records": 24, "licence": "CC-BY-4.0", "rights": {"holder": "Palace Museum"}}}})
     )
     extend_run(run_dir.root, [("export", {"formats": ["hf"]})], **QUIET)
-    card = (run_dir.output("export", "model") / "README.md").read_text()
+    card = (run_dir.output("export", "model") / "README.en.md").read_text()
     assert "datasets.d.licence: CC-BY-4.0" in card and "holder=Palace Museum" in card
 
 

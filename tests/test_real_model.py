@@ -51,7 +51,7 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary
     gate = run.status("evaluate").summary["gate"]
     assert gate["passed"], gate
-    assert "Replies, before and after" in (run.root / "report.html").read_text(encoding="utf-8")
+    assert "训练前后的回答" in (run.root / "report.html").read_text(encoding="utf-8")  # replies before/after
     reward = run.status("reward").summary
     before = sum(reward["eval_accuracy_before"].values()) / len(reward["eval_accuracy_before"])
     assert reward["eval_accuracy"] > max(0.7, before + 0.1), reward  # held-out pairs of the shipped ratings

@@ -132,7 +132,7 @@ def test_rlhf_that_learns_nothing_finishes_with_a_warning_in_summary_stderr_and_
     )
     assert f"rlhf: warning: {warning}" in capsys.readouterr().err
     report = (run_dir.root / "report.html").read_text(encoding="utf-8")
-    assert f'<div class="warning">warning: {html.escape(warning)}</div>' in report
+    assert f'<div class="warning">警告: {html.escape(warning)}</div>' in report  # output.language: zh, the default
 
 
 def test_no_spread_warning_needs_more_than_half_of_the_logged_steps_flat():

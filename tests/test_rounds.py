@@ -132,7 +132,7 @@ def test_a_round_trains_on_served_feedback_passes_its_gate_is_exported_and_linke
     code, out, _ = cli("rounds", child.root)
     assert code == 0 and "round2" in out and "round1" in out and "passed" in out
     report = (child.root / "report.html").read_text(encoding="utf-8")
-    assert "<h2>Rounds</h2>" in report and "round1" in report and session in report
+    assert "<h2>轮次</h2>" in report and "round1" in report and session in report  # the rounds, in Chinese
 
 
 def test_a_round_that_got_worse_is_refused_by_the_gate_and_not_exported(parent, tmp_path):

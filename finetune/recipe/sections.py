@@ -328,9 +328,12 @@ class TrackingSection(Section):
 
 
 class OutputSection(Section):
-    """Where runs go."""
+    """Where runs go, and the language of what a run writes for people to read."""
 
     root: str = Field("runs", description="Folder holding run folders (relative to the current directory).")
+    language: Literal["zh", "en"] = Field(
+        "zh", description="Language of the run report (report.html) and the export's model card: zh (中文) or en."
+    )
 
 
 class DistributedSection(Section):

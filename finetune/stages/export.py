@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune import gguf_export, model_card, ollama, parity
+from finetune import gguf_export, model_card, model_facts, ollama, parity
 from finetune.data.card import CARD_JSON, DataCard, render_markdown
 from finetune.data.template import trained_tokenizer, verify_contract, write_contract
 from finetune.errors import WenmaiError
@@ -277,8 +277,9 @@ def write_card(
         p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".gguf")
     }
     atomic_write_json(folder / model_card.PROVENANCE_FILE, provenance)
-    cards = _copy_data_cards(run_dir.root, [c.stage_name for c in recipe.stage_configs()], folder)
-    card = model_card.render_card(
+    data_cards = _copy_data_cards(run_dir.root, [c.stage_name for c in recipe.stage_configs()], folder)
+    cards = model_card.card_files(
+        recipe.output.language,
         title=f"{recipe.name} (Wenmai)",
         provenance_block=provenance,
         recipe=recipe,
@@ -286,12 +287,13 @@ def write_card(
         stages=_stage_rows(run_dir, recipe),
         parity_rows=_parity_rows(run_dir, recipe, comparisons),
         gguf_files=gguf_files,
-        cards=cards,
+        cards=data_cards,
         intended_use=config.intended_use,
         license_name=config.license,
         contract=contract,
     )
-    (folder / "README.md").write_text(card, encoding="utf-8")
+    for name, text in cards.items():  # README.md in output.language, the other language beside it
+        (folder / name).write_text(text, encoding="utf-8")
     _make_readable(folder)
 
 
@@ -307,7 +309,12 @@ def _stage_rows(run_dir: Any, recipe: Any) -> list[dict]:
     for config in recipe.stage_configs():
         status = run_dir.status(config.stage_name)
         if status is not None and status.state == "done":
-            rows.append({"name": config.stage_name, "kind": config.kind, "summary": status.summary})
+            row = {"name": config.stage_name, "kind": config.kind, "summary": status.summary}
+            row.update(started=status.started, finished=status.finished)
+            evaluation = run_dir.root / config.stage_name / "evaluation.json"
+            if evaluation.is_file():
+                row["evaluation"] = json.loads(evaluation.read_text(encoding="utf-8"))
+            rows.append(row)
     return rows
 
 
@@ -323,10 +330,10 @@ def _parity_rows(run_dir: Any, recipe: Any, comparisons: list) -> list[dict]:
     return rows + [{"name": c.name, **c.to_json()} for c in comparisons]
 
 
-def _copy_data_cards(run_root: Path, stage_names: list[str], target: Path) -> list[tuple[str, str, list[str]]]:
+def _copy_data_cards(run_root: Path, stage_names: list[str], target: Path) -> list[tuple[str, str, list[dict]]]:
 
     copied = []
-    for stage, path, notes in model_card.data_cards(run_root, stage_names):
+    for stage, path, notes in model_facts.data_cards(run_root, stage_names):
         (target / "data_cards").mkdir(exist_ok=True)
         name = f"{stage}-{path.name}"
         atomic_write_text(target / "data_cards" / name, _shipped_data_card(path))
