@@ -36,6 +36,7 @@ from finetune.distributed.ranks import is_main_process, quiet_other_ranks
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.evaluation import compare as comparison
 from finetune.evaluation.runner import EvalSpec
+from finetune.federated import simulate as federated_simulate
 from finetune.generate import ExportedModel
 from finetune.model_card import EXPLICIT_LABEL
 from finetune.post_run import export_stages, extend_run
@@ -812,6 +813,36 @@ def _machine_error(err: OSError) -> str:
         f"cannot write {where}: {err.strerror}; choose a folder you may write (output.root, --run-dir, --to) or "
         "change its permissions"
     )
+
+
+federate_app = typer.Typer(
+    help="Federated LoRA on Flower: institutions train one adapter; only LoRA tensors, counts and metrics travel.",
+    no_args_is_help=True,
+)
+app.add_typer(federate_app, name="federate")
+
+
+@federate_app.command("simulate")
+def federate_simulate(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file with a `federated` section.")] = None,
+    clients: Annotated[
+        int | None, typer.Option(help="Simulate the first N clients of federated.clients (default: all).")
+    ] = None,
+    set_: SetOption = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Folder for this run (default: <output.root>/<name>-<UTC time>).")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last saved round.")] = None,
+) -> None:
+    """Run server and clients on this machine through Flower's simulation engine (one process per client)."""
+    if (recipe is None) == (resume is None):
+        raise WenmaiError(
+            "give a recipe file (wenmai federate simulate recipes/federated-museums.yaml) or --resume RUN_DIR"
+        )
+    loaded = pipeline.load_recipe(recipe, set_ or []) if recipe is not None else None
+    folder = federated_simulate.simulate(loaded, clients, run_dir, resume, log=_log)
+    out.print(summary_table(folder))
+    out.print(_labelled("federated run finished:", "green", folder.root))
 
 
 def main() -> None:

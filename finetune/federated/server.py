@@ -121,6 +121,7 @@ class GlobalAdapter:
         self.model = model_path.attach_new_adapter(model_path.load_model(recipe.model, source), recipe.lora)
         self.state = lora_state(self.model)
         self.stage_dir = stage_dir
+        stage_dir.mkdir(parents=True, exist_ok=True)
         if not (stage_dir / TOKENIZER_DIR).is_dir():  # the template contract starts here, as at an sft stage
             tokenizer = model_path.load_tokenizer(recipe.model, source)
             with atomic_dir(stage_dir / TOKENIZER_DIR) as tmp:
