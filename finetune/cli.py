@@ -834,6 +834,13 @@ def federate_simulate(
         Path | None, typer.Option(help="Folder for this run (default: <output.root>/<name>-<UTC time>).")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last saved round.")] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Then compare the global adapter with local-only and centralised training (held-out loss).",
+        ),
+    ] = False,
 ) -> None:
     """Run server and clients on this machine through Flower's simulation engine (one process per client)."""
     if (recipe is None) == (resume is None):
@@ -841,7 +848,7 @@ def federate_simulate(
             "give a recipe file (wenmai federate simulate recipes/federated-museums.yaml) or --resume RUN_DIR"
         )
     loaded = pipeline.load_recipe(recipe, set_ or []) if recipe is not None else None
-    folder = federated_simulate.simulate(loaded, clients, run_dir, resume, log=_log)
+    folder = federated_simulate.simulate(loaded, clients, run_dir, resume, log=_log, compare_after=compare)
     out.print(summary_table(folder))
     out.print(_labelled("federated run finished:", "green", folder.root))
 

@@ -42,6 +42,8 @@ def render_report(run_dir: RunDir) -> str:
     body = [f"<h1>Wenmai run <code>{escape(run_dir.name)}</code></h1>", _overview(run_dir, lineage, stages)]
     if lineage.get("round"):
         body.append(_rounds_section(run_dir))
+    if lineage.get("federated"):
+        body.append(_federated_section(run_dir, lineage))
     for stage in stages:
         body.append(_stage_section(run_dir, stage))
     body.append(_data_cards(run_dir, stages))
@@ -102,6 +104,44 @@ def _rounds_section(run_dir: RunDir) -> str:
         )
     header = ["round", "run", "data added", *dimensions, *(f"{m} %" for m in sets), "gate", "exported", "wall time"]
     return "<h2>Rounds</h2>" + _table(header, table, raw=True)
+
+
+def _federated_section(run_dir: RunDir, lineage: dict) -> str:
+    """Federated rounds (per round: clients, examples, losses, bytes, time, epsilon) and, after `--compare`, the
+    held-out loss of the global adapter against local-only and centralised training on every client's split."""
+    stage = lineage["stages"][0]["name"]
+    rounds = (_read_json(run_dir.root / stage / "federated.json") or {}).get("rounds", [])
+    header = ["round", "clients", "examples", "train loss", "held-out loss", "bytes", "wall time", "epsilon"]
+    rows = [
+        [
+            r["round"],
+            ", ".join(r["clients"]),
+            r["examples"],
+            fmt(r["train_loss"]) if r.get("train_loss") is not None else "—",
+            fmt(r["eval_loss"]) if r.get("eval_loss") is not None else "—",
+            f"{r['bytes']:,}",
+            f"{r['wall_s']:.1f} s",
+            fmt(r["epsilon"]) if "epsilon" in r else "—",
+        ]
+        for r in rounds
+    ]
+    strategy = escape(lineage["federated"].get("strategy", ""))
+    html = f"<h2>Federated training <small>({strategy})</small></h2>" + _table(header, rows)
+    comparison = _read_json(run_dir.root / stage / "comparison.json")
+    if comparison:
+        labels = list(comparison["mean"])
+        table = [
+            [name, *(fmt(v) if v is not None else "—" for v in row.values())]
+            for name, row in comparison["eval_loss"].items()
+        ]
+        table.append(
+            [
+                "mean",
+                *(fmt(comparison["mean"][label]) if comparison["mean"][label] is not None else "—" for label in labels),
+            ]
+        )
+        html += "<h3>Held-out loss on each client's split</h3>" + _table(["client's split", *labels], table)
+    return html
 
 
 def _stage_section(run_dir: RunDir, stage: dict) -> str:

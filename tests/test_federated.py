@@ -250,3 +250,52 @@ def test_one_round_one_client_fedavg_equals_local_training(tiny_model, tmp_path)
     for key, tensor in local.items():
         torch.testing.assert_close(saved[key].float(), tensor, rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(local[k], start[k]) for k in local)  # it did train
+
+
+def test_differential_privacy_clips_updates_and_reports_flowers_epsilon(tiny_model, tmp_path):
+    """Client-side fixed clipping: every update that arrives is within the clipping norm; the epsilon in the run
+    folder is what Flower's RDP accountant gives for the settings (2 clients, every round, 2 releases)."""
+    import torch
+    from flwr.supercore.privacy_accounting import (
+        GaussianPrivacyEvent,
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    from finetune.federated.server import GlobalAdapter
+    from finetune.federated.simulate import simulate
+
+    dp = {"clipping": "client", "noise_multiplier": 0.8, "clipping_norm": 0.01, "delta": 1e-5}
+    path = tmp_path / "recipe.yaml"
+    clients = {"palace": 20, "poetry": 20}
+    path.write_text(
+        federated_recipe(tiny_model, tmp_path / "runs", clients=clients, rounds=2, differential_privacy=dp),
+        encoding="utf-8",
+    )
+    replies = []
+    run_dir = simulate(load(path), run_dir_path=tmp_path / "run", observe=replies.append, log=lambda _: None)
+
+    start = GlobalAdapter(load(path).recipe, tmp_path / "start").state
+    first = [r for r in replies if r.metadata.message_type == "train"][:2]
+    for reply in first:
+        update = reply.content["arrays"].to_torch_state_dict()
+        norm = torch.sqrt(sum(((update[k] - start[k]) ** 2).sum() for k in start))
+        assert norm <= dp["clipping_norm"] * 1.0001
+        assert norm >= dp["clipping_norm"] * 0.99  # clipped down to the norm: the raw update was larger
+
+    rounds = json.loads((run_dir.root / "sft" / "federated.json").read_text())["rounds"]
+    accountant = RdpAccountant(
+        PrivacyConfig(
+            target_delta=1e-5,
+            population_size=2,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        )
+    )
+    accountant.compose(GaussianPrivacyEvent(noise_multiplier=0.8, sample_size=2, population_size=2), count=2)
+    assert rounds[-1]["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert rounds[0]["epsilon"] < rounds[-1]["epsilon"]  # it accumulates
+    status = json.loads((run_dir.root / "sft" / "status.json").read_text())
+    assert status["summary"]["epsilon"] == rounds[-1]["epsilon"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from finetune.config_io import LoadedRecipe, load_run_recipe
 from finetune.errors import WenmaiError
 from finetune.federated.apps import ClientSettings, ServerSettings, client_app, server_app
+from finetune.federated.compare import compare
 from finetune.federated.record import finish_run
 from finetune.federated.server import Observer
 from finetune.run_dir import RunDir, atomic_write_text
@@ -31,8 +32,10 @@ def simulate(
     resume: str | Path | None = None,
     log: Callable[[str], None] = print,
     observe: Observer | None = None,
+    compare_after: bool = False,
 ) -> RunDir:
-    """Run a recipe's federated rounds with every client on this machine; `resume`: continue that run folder."""
+    """Run a recipe's federated rounds with every client on this machine; `resume`: continue that run folder;
+    `compare_after`: then train local-only and centralised adapters and compare them (`finetune.federated.compare`)."""
     os.environ.update(FLOWER_ENV)  # before flwr is imported: no telemetry, no update check
     if resume is not None:
         run_dir = RunDir.open(resume)
@@ -46,6 +49,8 @@ def simulate(
         run_dir.remove_leftovers()
         try:
             run_simulation(run_dir, len(recipe.federated.clients), observe)
+            if compare_after:
+                compare(run_dir, log)
         finally:
             finish_run(run_dir, log)
     return run_dir
