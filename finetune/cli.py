@@ -893,9 +893,13 @@ def federate_client(
     port: Annotated[
         int, typer.Option(help="Local port of the SuperNode's own API (one per client on a machine).")
     ] = 9094,
+    give_up_after: Annotated[
+        float, typer.Option(help="Stop after this many seconds without reaching the server (it finished or is gone).")
+    ] = 600,
 ) -> None:
     """Join a federated run as one institution: a Flower SuperNode running Wenmai's ClientApp on local data."""
-    federated_deploy.join(recipe, name, superlink, federated_deploy.Tls(root_certificates), folder, port, log=_log)
+    tls = federated_deploy.Tls(root_certificates)
+    federated_deploy.join(recipe, name, superlink, tls, folder, port, log=_log, give_up_after_s=give_up_after)
 
 
 def main() -> None:

@@ -154,8 +154,10 @@ def join(
     port: int = 9094,
     log: Log = print,
     timeout_s: float | None = None,
+    give_up_after_s: float = 600,
 ) -> None:
-    """Run a SuperNode for client `name` until the SuperLink ends it (or `timeout_s`)."""
+    """Run a SuperNode for client `name` until it has not reached the SuperLink for `give_up_after_s` (the server
+    finished or is gone), or `timeout_s`."""
     from finetune.pipeline import load_recipe
 
     tls = tls or Tls()
@@ -175,6 +177,8 @@ def join(
         str(port),
         "--node-config",
         node_config,
+        "--max-wait-time",
+        str(give_up_after_s),
         *(["--root-certificates", str(tls.root_certificates)] if tls.on else ["--insecure"]),
     ]
     log(f"client {name}: local files in {folder}; joining {superlink}")
