@@ -193,7 +193,7 @@ def test_replies_hold_only_lora_tensors_counts_and_metrics(three_museums):
         allowed = (
             {"num-examples", "uniform-weight", "train-loss", "steps"}
             if kind == "train"
-            else {"num-examples", "eval-loss"}
+            else {"num-examples", "uniform-weight", "eval-loss"}
         )
         assert set(metrics) == allowed
         if kind == "train":

@@ -80,7 +80,7 @@ def free_port() -> int:
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "TMPDIR": str(log.parent)}
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "finetune.cli", *map(str, args)], env=env, stdout=out, stderr=subprocess.STDOUT

@@ -96,7 +96,8 @@ def client_app(settings: ClientSettings | None = None) -> Any:
         recipe, name, folder = _client(settings, context)
         data = load_local_data(recipe, client_dataset(recipe, name), folder)
         loss = evaluate_state(recipe, data, msg.content["arrays"].to_torch_state_dict(), folder)
-        return _reply(msg, name, {WEIGHT_KEY: len(data.eval_rows), "eval-loss": loss if loss is not None else 0.0})
+        metrics = {WEIGHT_KEY: len(data.eval_rows), UNIFORM_KEY: 1, "eval-loss": loss if loss is not None else 0.0}
+        return _reply(msg, name, metrics)
 
     return app
 
