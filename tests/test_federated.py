@@ -299,3 +299,53 @@ def test_differential_privacy_clips_updates_and_reports_flowers_epsilon(tiny_mod
     assert rounds[0]["epsilon"] < rounds[-1]["epsilon"]  # it accumulates
     status = json.loads((run_dir.root / "sft" / "status.json").read_text())
     assert status["summary"]["epsilon"] == rounds[-1]["epsilon"]
+
+
+def fake_message(kind: str, content, error: str | None = None, node: int = 1):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        metadata=SimpleNamespace(message_type=kind, src_node_id=node),
+        content=content,
+        has_error=lambda: error is not None,
+        error=SimpleNamespace(reason=error),
+    )
+
+
+def test_the_server_refuses_strangers_and_wrong_shapes_and_fails_below_min_clients():
+    from types import SimpleNamespace
+
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from finetune.federated.server import RecordingGrid
+    from finetune.recipe import FederatedSection
+
+    expected = {"layer.lora_A.weight": torch.zeros(2, 3)}
+
+    def reply(name: str, tensor, node: int):
+        records = {
+            "arrays": ArrayRecord({"layer.lora_A.weight": tensor}),
+            "metrics": MetricRecord({"num-examples": 3, "train-loss": 1.0}),
+            "client": ConfigRecord({"name": name}),
+        }
+        return fake_message("train", RecordDict(records), node=node)
+
+    sent = [fake_message("train", RecordDict({"arrays": ArrayRecord(expected)}))] * 3
+    good, stranger = reply("a", torch.ones(2, 3), 1), reply("c", torch.ones(2, 3), 2)
+    wrong_shape, lost = reply("b", torch.ones(4, 3), 3), fake_message("train", None, "Node Unavailable", node=4)
+
+    section = FederatedSection(clients=[{"name": "a"}, {"name": "b"}], min_clients=1)
+    grid = SimpleNamespace(send_and_receive=lambda messages, timeout=None: [good, stranger, wrong_shape])
+    recorder = RecordingGrid(grid, section, expected, None)
+    assert recorder.send_and_receive(sent, timeout=1) == [good]
+    failures = " | ".join(recorder.take().failures)
+    assert "calls itself 'c', which is not in federated.clients (a, b)" in failures
+    assert "(4, 3)" in failures and "(2, 3)" in failures
+
+    section = FederatedSection(clients=[{"name": "a"}, {"name": "b"}])  # min_clients: every client
+    grid = SimpleNamespace(send_and_receive=lambda messages, timeout=None: [good, lost])
+    with pytest.raises(WenmaiError) as err:
+        RecordingGrid(grid, section, expected, None).send_and_receive(sent[:2], timeout=1)
+    assert "only 1 of 2 clients" in str(err.value) and "min_clients" in str(err.value)
+    assert "Node Unavailable" in str(err.value)
