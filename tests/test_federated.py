@@ -223,6 +223,9 @@ def test_run_folder_holds_a_standard_adapter_per_round_and_lineage_without_data(
     assert "museum.jsonl" not in text and "Forbidden City" not in text
     metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["bytes"] > 0 for m in metrics)
+    report = (run_dir.root / "report.html").read_text(encoding="utf-8")
+    assert "Federated training" in report and "held-out loss" in report
+    assert all(name in report for name in CLIENT_RECORDS)
 
 
 def test_one_round_one_client_fedavg_equals_local_training(tiny_model, tmp_path):
@@ -349,3 +352,14 @@ def test_the_server_refuses_strangers_and_wrong_shapes_and_fails_below_min_clien
         RecordingGrid(grid, section, expected, None).send_and_receive(sent[:2], timeout=1)
     assert "only 1 of 2 clients" in str(err.value) and "min_clients" in str(err.value)
     assert "Node Unavailable" in str(err.value)
+
+
+def test_cli_refuses_bad_client_counts_names_and_plain_remote_addresses(cli, write_recipe, tiny_model, tmp_path):
+    path = write_recipe(federated_recipe(tiny_model, tmp_path / "runs"))
+    code, _, err = cli("federate", "simulate", path, "--clients", "5")
+    assert code == 2 and "--clients 5" in err and "give 1 to 3" in err
+    code, _, err = cli("federate", "client", path, "--name", "poety", "--superlink", "127.0.0.1:9")
+    assert code == 2 and "unknown client 'poety'" in err and "did you mean poetry?" in err
+    code, _, err = cli("federate", "client", path, "--name", "poetry", "--superlink", "192.0.2.7:9092")
+    assert code == 2 and "only over TLS" in err
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing half-written
