@@ -363,3 +363,33 @@ def test_cli_refuses_bad_client_counts_names_and_plain_remote_addresses(cli, wri
     code, _, err = cli("federate", "client", path, "--name", "poetry", "--superlink", "192.0.2.7:9092")
     assert code == 2 and "only over TLS" in err
     assert not (tmp_path / "runs").exists()  # nothing started, nothing half-written
+
+
+def test_fedprox_proximal_term_keeps_the_update_near_the_global_adapter(write_recipe, tiny_model, tmp_path):
+    """Our trainer adds (mu/2)|w - w_global|^2: with a large mu the local update moves the LoRA tensors less."""
+    import torch
+
+    from finetune.federated.local import load_local_data, train_round
+    from finetune.federated.server import GlobalAdapter, build_strategy
+
+    recipe = load(write_recipe(federated_recipe(tiny_model, tmp_path / "runs", strategy="fedprox"))).recipe
+    start = GlobalAdapter(recipe, tmp_path / "start").state
+    data = load_local_data(recipe, "palace", tmp_path / "local")
+
+    def moved(mu: float) -> float:
+        state, _ = train_round(recipe, data, start, steps=3, seed=1, folder=tmp_path / "local", proximal_mu=mu)
+        return float(torch.sqrt(sum(((state[k] - start[k]) ** 2).sum() for k in start)))
+
+    assert moved(500.0) < 0.5 * moved(0.0)
+    strategy = build_strategy(recipe.federated, has_eval=True, state={"rounds": []})
+    assert type(strategy).__name__ == "FedProx" and strategy.proximal_mu == recipe.federated.proximal_mu
+
+
+def test_fedadam_is_flowers_with_the_recipes_server_learning_rate(write_recipe, tiny_model, tmp_path):
+    from finetune.federated.server import build_strategy
+
+    text = federated_recipe(tiny_model, tmp_path / "runs", strategy="fedadam", server_learning_rate=0.05, tau=0.01)
+    section = load(write_recipe(text)).recipe.federated
+    strategy = build_strategy(section, has_eval=False, state={"rounds": []})
+    assert type(strategy).__name__ == "FedAdam" and (strategy.eta, strategy.tau) == (0.05, 0.01)
+    assert strategy.min_train_nodes == 3 and strategy.weighted_by_key == "num-examples"
