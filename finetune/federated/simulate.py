@@ -2,9 +2,10 @@
 
 It runs Flower's `run_simulation` with Wenmai's ServerApp and ClientApp objects. Flower 1.42 deprecates it in favour
 of `flwr run` with a local simulation federation, but that route starts a detached local SuperLink on fixed ports
-(39091-39093) that outlives the command and is shared by every user of the machine, and its apps are loaded from a
-FAB by module path, so a test cannot see the messages; `run_simulation` starts and stops everything inside the
-command. Deployment (`wenmai federate server`) does use `flower-superlink` and `flwr run`.
+(39091 and 39093 unless FLWR_LOCAL_*_PORT say otherwise) that outlives the command and is shared by every user of
+the machine, and its apps are loaded from a FAB by module path, so a test cannot see the messages;
+`run_simulation` starts and stops everything inside the command. Deployment (`wenmai federate server`) does use
+`flower-superlink` and `flwr run`.
 """
 
 from __future__ import annotations
