@@ -150,7 +150,7 @@ def test_deployment_over_tls_survives_a_killed_client_and_resumes_a_killed_serve
         federated:
           rounds: 3
           min_clients: 1
-          connect_timeout_s: 60   # the resumed server waits this long for the client that is gone
+          connect_timeout_s: 120
           round_timeout_s: 240
           clients: [{{name: palace, dataset: palace}}, {{name: poetry, dataset: poetry}}]
         """),
