@@ -393,3 +393,30 @@ def test_fedadam_is_flowers_with_the_recipes_server_learning_rate(write_recipe, 
     strategy = build_strategy(section, has_eval=False, state={"rounds": []})
     assert type(strategy).__name__ == "FedAdam" and (strategy.eta, strategy.tau) == (0.05, 0.01)
     assert strategy.min_train_nodes == 3 and strategy.weighted_by_key == "num-examples"
+
+
+def test_compare_evaluates_global_local_only_and_centralised_on_every_clients_split(write_recipe, tiny_model, tmp_path):
+    from finetune.federated.compare import compare
+    from finetune.federated.server import GlobalAdapter
+    from finetune.report import render_report
+    from finetune.run_dir import RunDir, atomic_write_json
+
+    loaded = load(write_recipe(federated_recipe(tiny_model, tmp_path / "runs", rounds=1, local_steps=1)))
+    run_dir = RunDir.create(tmp_path / "runs", "fed", tmp_path / "run")
+    run_dir.recipe_path.write_text(loaded.to_yaml(), encoding="utf-8")
+    start = GlobalAdapter(loaded.recipe, run_dir.root / "sft")
+    start.save_round(1, start.state)  # a global adapter equal to the start: as good as the base
+    atomic_write_json(
+        run_dir.lineage_path,
+        {"stages": [{"name": "sft", "kind": "sft", "state": "done"}], "federated": {"strategy": "fedavg"}},
+    )
+
+    result = compare(run_dir, log=lambda _: None)
+    labels = {"base", "global", "local:palace", "local:poetry", "local:heritage", "centralised"}
+    assert set(result["eval_loss"]) == set(CLIENT_RECORDS) and set(result["mean"]) == labels
+    assert (result["steps_local"], result["steps_centralised"]) == (1, 3)
+    for row in result["eval_loss"].values():
+        assert row["global"] == pytest.approx(row["base"], abs=1e-5)  # LoRA B starts at zero
+        assert row["centralised"] < row["base"]  # three steps on the pooled data at lr 1e-2 help every split
+    assert json.loads((run_dir.root / "sft" / "comparison.json").read_text())["mean"] == result["mean"]
+    assert "Held-out loss on each client" in render_report(run_dir)
