@@ -37,6 +37,8 @@ from finetune.distributed.ranks import is_main_process, quiet_other_ranks
 from finetune.errors import ConfigError, Problem, WenmaiError
 from finetune.evaluation import compare as comparison
 from finetune.evaluation.runner import EvalSpec
+from finetune.federated import deploy as federated_deploy
+from finetune.federated import simulate as federated_simulate
 from finetune.generate import ExportedModel
 from finetune.model_card import EXPLICIT_LABEL
 from finetune.post_run import export_stages, extend_run
@@ -833,6 +835,92 @@ def _machine_error(err: OSError) -> str:
         f"cannot write {where}: {err.strerror}; choose a folder you may write (output.root, --run-dir, --to) or "
         "change its permissions"
     )
+
+
+federate_app = typer.Typer(
+    help="Federated LoRA on Flower: institutions train one adapter; only LoRA tensors, counts and metrics travel.",
+    no_args_is_help=True,
+)
+app.add_typer(federate_app, name="federate")
+
+
+@federate_app.command("simulate")
+def federate_simulate(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML file with a `federated` section.")] = None,
+    clients: Annotated[
+        int | None, typer.Option(help="Simulate the first N clients of federated.clients (default: all).")
+    ] = None,
+    set_: SetOption = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Folder for this run (default: <output.root>/<name>-<UTC time>).")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last saved round.")] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="Then compare the global adapter with local-only and centralised training (held-out loss).",
+        ),
+    ] = False,
+) -> None:
+    """Run server and clients on this machine through Flower's simulation engine (one process per client)."""
+    if (recipe is None) == (resume is None):
+        raise WenmaiError(
+            "give a recipe file (wenmai federate simulate recipes/federated-museums.yaml) or --resume RUN_DIR"
+        )
+    loaded = pipeline.load_recipe(recipe, set_ or []) if recipe is not None else None
+    folder = federated_simulate.simulate(loaded, clients, run_dir, resume, log=_log, compare_after=compare)
+    out.print(summary_table(folder))
+    out.print(_labelled("federated run finished:", "green", folder.root))
+
+
+@federate_app.command("server")
+def federate_server(
+    recipe: Annotated[
+        Path | None, typer.Argument(help="The server's recipe (clients by name; no data needed).")
+    ] = None,
+    set_: SetOption = None,
+    host: Annotated[
+        str, typer.Option(help="Address the SuperLink listens on (not loopback: TLS required).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The SuperLink's port (clients, and `flwr run`, connect here).")] = 9092,
+    root_certificates: Annotated[Path | None, typer.Option(help="CA certificate (PEM) for TLS.")] = None,
+    certificate: Annotated[Path | None, typer.Option(help="The server's certificate (PEM), signed by the CA.")] = None,
+    key: Annotated[Path | None, typer.Option(help="The server certificate's private key (PEM).")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Folder for this run (default: <output.root>/<name>-<UTC time>).")
+    ] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its last saved round.")] = None,
+) -> None:
+    """Start a Flower SuperLink and run Wenmai's federated rounds on it, keeping a normal run folder."""
+    if (recipe is None) == (resume is None):
+        raise WenmaiError("give a recipe file (wenmai federate server RECIPE) or --resume RUN_DIR")
+    loaded = pipeline.load_recipe(recipe, set_ or []) if recipe is not None else None
+    tls = federated_deploy.Tls(root_certificates, certificate, key)
+    folder = federated_deploy.serve(loaded, host, port, tls, run_dir, resume, log=_log)
+    out.print(summary_table(folder))
+    out.print(_labelled("federated run finished:", "green", folder.root))
+
+
+@federate_app.command("client")
+def federate_client(
+    recipe: Annotated[Path, typer.Argument(help="This institution's recipe (its own datasets).")],
+    name: Annotated[str, typer.Option(help="This client's name in federated.clients.")],
+    superlink: Annotated[str, typer.Option(help="The server's SuperLink, HOST:PORT.")],
+    root_certificates: Annotated[
+        Path | None, typer.Option(help="CA certificate (PEM) that signed the server's; needed unless on loopback.")
+    ] = None,
+    folder: Annotated[Path | None, typer.Option(help="This client's local folder (data card, register).")] = None,
+    port: Annotated[
+        int, typer.Option(help="Local port of the SuperNode's own API (one per client on a machine).")
+    ] = 9094,
+    give_up_after: Annotated[
+        float, typer.Option(help="Stop after this many seconds without reaching the server (it finished or is gone).")
+    ] = 600,
+) -> None:
+    """Join a federated run as one institution: a Flower SuperNode running Wenmai's ClientApp on local data."""
+    tls = federated_deploy.Tls(root_certificates)
+    federated_deploy.join(recipe, name, superlink, tls, folder, port, log=_log, give_up_after_s=give_up_after)
 
 
 def main() -> None:

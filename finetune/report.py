@@ -18,7 +18,7 @@ import yaml
 
 from finetune.data.card import DataCard
 from finetune.errors import WenmaiError
-from finetune.plots import line_chart
+from finetune.plots import fmt, line_chart
 from finetune.recipe import TrainingOptions
 from finetune.report_parts import (
     data_card_table,
@@ -69,6 +69,8 @@ def render_report(run_dir: RunDir, language: str | None = None) -> str:
     ]
     if lineage.get("round"):
         body.append(_rounds_section(run_dir, tr))
+    if lineage.get("federated"):
+        body.append(_federated_section(run_dir, lineage, tr))
     body += [_stage_section(run_dir, stage, tr) for stage in stages]
     body += [_data_cards(run_dir, stages, tr), _recipe_section(recipe, run_dir, tr), lineage_section(lineage, tr)]
     title = f"{tr('Wenmai run report')} — {run_dir.name}"
@@ -171,6 +173,46 @@ def _rounds_section(run_dir: RunDir, tr: Translate) -> str:
     header = [tr("round"), tr("run"), tr("data added"), *dimensions, *(f"{m} %" for m in sets)]
     header += [tr("gate"), tr("exported"), tr("wall time")]
     return heading + table(header, cells, raw=True)
+
+
+def _federated_section(run_dir: RunDir, lineage: dict, tr: Translate) -> str:
+    """Federated rounds (per round: clients, examples, losses, bytes, time, epsilon) and, after `--compare`, the
+    held-out loss of the global adapter against local-only and centralised training on every client's split."""
+    stage = lineage["stages"][0]["name"]
+    rounds = (_read_json(run_dir.root / stage / "federated.json") or {}).get("rounds", [])
+    header = [tr(h) for h in ("round", "clients", "examples", "train loss", "held-out loss", "bytes", "wall time")]
+    header.append("epsilon")
+    rows = [
+        [
+            r["round"],
+            ", ".join(r["clients"]),
+            r["examples"],
+            fmt(r["train_loss"]) if r.get("train_loss") is not None else "—",
+            fmt(r["eval_loss"]) if r.get("eval_loss") is not None else "—",
+            f"{r['bytes']:,}",
+            f"{r['wall_s']:.1f} s",
+            fmt(r["epsilon"]) if "epsilon" in r else "—",
+        ]
+        for r in rounds
+    ]
+    strategy = escape(lineage["federated"].get("strategy", ""))
+    html = f"<h2>{escape(tr('Federated training'))} <small>({strategy})</small></h2>" + table(header, rows)
+    comparison = _read_json(run_dir.root / stage / "comparison.json")
+    if comparison:
+        labels = list(comparison["mean"])
+        rows_ = [
+            [name, *(fmt(v) if v is not None else "—" for v in row.values())]
+            for name, row in comparison["eval_loss"].items()
+        ]
+        rows_.append(
+            [
+                tr("mean"),
+                *(fmt(comparison["mean"][c]) if comparison["mean"][c] is not None else "—" for c in labels),
+            ]
+        )
+        html += f"<h3>{escape(tr("Held-out loss on each client's split"))}</h3>"
+        html += table([tr("client's split"), *labels], rows_)
+    return html
 
 
 # --- one stage --------------------------------------------------------------------------------

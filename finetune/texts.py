@@ -291,6 +291,14 @@ ZH: dict[str, str] = {
     "Evaluation": "评估",
     "No evaluation stage ran in this run; evaluate before relying on the model.": "本次运行没有评估阶段；在依赖本模型之前请先评估。",
     "GGUF files": "GGUF 文件",
+    # federated training
+    "Federated training": "联邦训练",
+    "clients": "参与方",
+    "examples": "样本数",
+    "train loss": "训练损失",
+    "held-out loss": "留出集损失",
+    "Held-out loss on each client's split": "各参与方留出集上的损失",
+    "client's split": "参与方的留出集",
     (
         "In transformers, take the weights from a GGUF and the tokenizer (chat template, EOS) from this folder: "
         "`AutoModelForCausalLM.from_pretrained(folder, gguf_file=NAME)` and `AutoTokenizer.from_pretrained(folder)` "

@@ -20,6 +20,7 @@ from finetune.recipe.checks import (
 )
 from finetune.recipe.debias import DebiasOptions
 from finetune.recipe.evaluate import EvaluateOptions, Gates
+from finetune.recipe.federated import DifferentialPrivacy, FederatedClient, FederatedSection
 from finetune.recipe.merge import ExportOptions, MergeOptions, Tolerance
 from finetune.recipe.options import SpeedOptions, StageOptions, TrainingOptions
 from finetune.recipe.preference import DpoOptions, KtoOptions, OrpoOptions, PreferenceOptions
@@ -49,11 +50,14 @@ __all__ = [
     "DEFAULT_DIMENSION",
     "OPTIONS",
     "DataSection",
+    "DifferentialPrivacy",
     "DatasetSection",
     "DistributedSection",
     "DpoOptions",
     "EvaluateOptions",
     "ExportOptions",
+    "FederatedClient",
+    "FederatedSection",
     "Gates",
     "KtoOptions",
     "LoraSection",

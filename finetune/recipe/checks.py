@@ -54,7 +54,53 @@ def problems(recipe: Recipe) -> list[Problem]:
             )
         )
     found += [Problem(f"distributed.{key}", message) for key, message in recipe.distributed.check()]
+    found += federated_problems(recipe)
     found += wiring(recipe)[1]
+    return found
+
+
+def federated_problems(recipe: Recipe) -> list[Problem]:
+    """The `federated` section's own problems, and its links to the stages, datasets and adapter."""
+    section = recipe.federated
+    if section is None:
+        return []
+    found = [Problem(f"federated.{key}", message) for key, message in section.check()]
+    sft_stages = [c.stage_name for c in recipe.stage_configs() if c.kind == "sft"]
+    if section.stage is not None and section.stage not in sft_stages:
+        found.append(
+            Problem(
+                "federated.stage",
+                f"{section.stage!r} is not an sft stage of this recipe (sft stages: {', '.join(sft_stages) or 'none'})",
+            )
+        )
+    elif not sft_stages:
+        found.append(Problem("federated", "federated training trains the recipe's sft stage on each client; add one"))
+    for i, client in enumerate(section.clients):
+        if client.dataset is None:
+            continue
+        if client.dataset not in recipe.data:
+            found.append(
+                Problem(
+                    f"federated.clients[{i}].dataset",
+                    f"dataset {client.dataset!r} is not in `data` (defined: {', '.join(recipe.data) or 'none'})",
+                )
+            )
+        elif recipe.data[client.dataset].record_format not in ("chat", "instruction", "text"):
+            found.append(
+                Problem(
+                    f"federated.clients[{i}].dataset",
+                    f"dataset {client.dataset!r} has format {recipe.data[client.dataset].record_format!r}; "
+                    "clients train the sft stage, which reads chat, instruction or text",
+                )
+            )
+    if recipe.lora.variant == "dora":
+        found.append(
+            Problem(
+                "lora.variant",
+                "federated training sends LoRA A/B tensors only, and DoRA also trains magnitude vectors; "
+                "use variant lora or rslora",
+            )
+        )
     return found
 
 
@@ -89,8 +135,11 @@ def _named_dataset_problems(
 
 
 def used_datasets(recipe: Recipe) -> list[str]:
-    """The datasets the stages read, in stage order, each once."""
-    return list(dict.fromkeys(name for config in recipe.stage_configs() for name in stage_datasets(config)))
+    """The datasets the stages read, in stage order, each once (then the federated clients' own datasets)."""
+    names = [name for config in recipe.stage_configs() for name in stage_datasets(config)]
+    if recipe.federated is not None:
+        names += [c.dataset for c in recipe.federated.clients if c.dataset in recipe.data]
+    return list(dict.fromkeys(names))
 
 
 def stage_datasets(config: StageOptions) -> list[str]:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, create_model, mo
 
 from finetune.recipe.debias import DebiasOptions
 from finetune.recipe.evaluate import EvaluateOptions
+from finetune.recipe.federated import FederatedSection
 from finetune.recipe.merge import ExportOptions, MergeOptions
 from finetune.recipe.options import StageOptions
 from finetune.recipe.preference import DpoOptions, KtoOptions, OrpoOptions
@@ -100,6 +101,9 @@ class Recipe(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     output: OutputSection = Field(default_factory=OutputSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    federated: FederatedSection | None = Field(
+        None, description="Federated LoRA across institutions on Flower (`wenmai federate`)."
+    )
     round: RoundSection | None = Field(
         None, description="Set by `wenmai iterate`: this run is a round of a parent run."
     )
