@@ -210,7 +210,8 @@ def _federated_section(run_dir: RunDir, lineage: dict, tr: Translate) -> str:
                 *(fmt(comparison["mean"][c]) if comparison["mean"][c] is not None else "—" for c in labels),
             ]
         )
-        html += f"<h3>{escape(tr("Held-out loss on each client's split"))}</h3>"
+        heading = tr("Held-out loss on each client's split")
+        html += f"<h3>{escape(heading)}</h3>"
         html += table([tr("client's split"), *labels], rows_)
     return html
 
