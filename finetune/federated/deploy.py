@@ -11,7 +11,6 @@ come from paths; without them only a loopback address is allowed.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from finetune.errors import WenmaiError
 from finetune.federated.local import client_dataset
 from finetune.federated.record import finish_run
 from finetune.federated.simulate import FLOWER_ENV
+from finetune.net import is_loopback
 from finetune.run_dir import RunDir, atomic_write_text
 
 APP_NAME = "wenmai-federated"
@@ -253,16 +253,6 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
             return
         time.sleep(0.5)
     raise WenmaiError(f"the SuperLink did not open {host}:{port} within {timeout_s:g} s (is the port in use?)")
-
-
-def is_loopback(address: str) -> bool:
-    host = address.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _server_tls(tls: Tls) -> list[str]:
