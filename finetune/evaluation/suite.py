@@ -190,31 +190,12 @@ def read_probe_file(path: Path, options: dict | None = None, limit: int | None =
     """Probes from a JSONL file; unknown fields (CValues' `domain_en`, ...) are kept in `meta`."""
     known = set(Probe.model_fields)
     probes, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        if limit is not None and len(probes) >= limit:
-            break
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(Problem(path.name, f"not valid JSON ({err.msg})", where))
-            continue
-        if not isinstance(row, dict):
-            problems.append(Problem(path.name, "each line must be a JSON object with a `prompt`", where))
-            continue
+    for number, row, where in _json_objects(path, limit, probes, problems, "a `prompt`"):
         record = {**(options or {}), **{k: v for k, v in row.items() if k in known}}
         record.setdefault("id", str(row.get("id_", f"{path.stem}-{number}")))
         record["id"] = str(record["id"])
         record["meta"] = {k: v for k, v in row.items() if k not in known and k != "id_"}
-        try:
-            probes.append(Probe.model_validate(record))
-        except ValidationError as err:
-            problems += [
-                Problem(_loc(e["loc"]) or path.name, e["msg"].removeprefix("Value error, "), where)
-                for e in err.errors()
-            ]
+        _validate(Probe, record, probes, problems, path, where)
     if problems:
         raise ConfigError(problems, f"probe file {path} has problems")
     return probes
@@ -223,11 +204,23 @@ def read_probe_file(path: Path, options: dict | None = None, limit: int | None =
 def read_choice_file(path: Path, axis: str | None = None, limit: int | None = None) -> list[ChoiceProbe]:
     """BBQ/CBBQ-style items from a JSONL file (the keys of `choices:`); every bad line is named."""
     items, problems = [], []
+    for number, row, where in _json_objects(path, limit, items, problems, "context, question, options, ..."):
+        row = {"id": f"{path.stem}-{number}", **({"axis": axis} if axis else {}), **row}
+        row["id"] = str(row["id"])
+        _validate(ChoiceProbe, row, items, problems, path, where)
+    if problems:
+        raise ConfigError(problems, f"multiple-choice file {path} has problems")
+    return items
+
+
+def _json_objects(path: Path, limit: int | None, kept: list, problems: list[Problem], fields: str):
+    """(line number, object, `file:line`) of each JSON object line of `path`, until `kept` holds `limit`; a line
+    that is not valid JSON, or not an object, goes to `problems` instead."""
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        if limit is not None and len(items) >= limit:
-            break
+        if limit is not None and len(kept) >= limit:
+            return
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
@@ -235,22 +228,19 @@ def read_choice_file(path: Path, axis: str | None = None, limit: int | None = No
             problems.append(Problem(path.name, f"not valid JSON ({err.msg})", where))
             continue
         if not isinstance(row, dict):
-            problems.append(
-                Problem(path.name, "each line must be a JSON object (context, question, options, ...)", where)
-            )
+            problems.append(Problem(path.name, f"each line must be a JSON object with {fields}", where))
             continue
-        row = {"id": f"{path.stem}-{number}", **({"axis": axis} if axis else {}), **row}
-        row["id"] = str(row["id"])
-        try:
-            items.append(ChoiceProbe.model_validate(row))
-        except ValidationError as err:
-            problems += [
-                Problem(_loc(e["loc"]) or path.name, e["msg"].removeprefix("Value error, "), where)
-                for e in err.errors()
-            ]
-    if problems:
-        raise ConfigError(problems, f"multiple-choice file {path} has problems")
-    return items
+        yield number, row, where
+
+
+def _validate(model: type, record: dict, kept: list, problems: list[Problem], path: Path, where: str) -> None:
+    """`model` from `record` into `kept`, or each validation error into `problems` at its field and line."""
+    try:
+        kept.append(model.model_validate(record))
+    except ValidationError as err:
+        problems += [
+            Problem(_loc(e["loc"]) or path.name, e["msg"].removeprefix("Value error, "), where) for e in err.errors()
+        ]
 
 
 def check_dimensions(

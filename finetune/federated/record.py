@@ -17,6 +17,7 @@ from finetune.config_io import load_run_recipe
 from finetune.federated.local import federated_stage
 from finetune.federated.server import read_state, round_dir
 from finetune.lineage import TRACKED_PACKAGES, Lineage, StageLineage
+from finetune.recipe.secrets import redact_data, secrets_of
 from finetune.report import write_report
 from finetune.run_dir import RunDir, atomic_write_json, utc_now
 
@@ -48,7 +49,11 @@ def write_federated_lineage(run_dir: RunDir) -> None:
         wenmai_version=finetune.__version__,
         git_commit=None,
         packages=_versions((*TRACKED_PACKAGES, "flwr")),
-        model={"path": recipe.model.path, "revision": recipe.model.revision, "gguf_file": recipe.model.gguf_file},
+        # a model path given as ${env:...} is written as the reference (finetune.recipe.secrets)
+        model=redact_data(
+            {"path": recipe.model.path, "revision": recipe.model.revision, "gguf_file": recipe.model.gguf_file},
+            secrets_of(recipe),
+        ),
         data={},
         stages=[
             StageLineage(
