@@ -88,8 +88,9 @@ def tokenize_records(
     seq_len: int,
     assistant_only: bool = True,
     stage_dir: Path | None = None,
-    extra: Callable[[dict], dict] | None = None,
     cache_dir: str | Path | None = None,
+    *,
+    extra: Callable[[dict], dict] | None = None,
 ) -> TokenizedSet:
     """Render and tokenize a dataset for language-model training, truncated to `seq_len`; `extra(record)` adds
     fields to the record's row (the `debias` stage's protected attribute).
