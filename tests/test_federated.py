@@ -102,7 +102,7 @@ def test_unknown_client_name_is_refused_with_the_known_names(write_recipe, tiny_
 
 
 def test_shipped_museum_recipe_validates(cli):
-    code, out, err = cli("validate", ROOT / "recipes" / "federated-museums.yaml")
+    code, out, err = cli("validate", ROOT / "recipes" / "federated-museums.yaml", "--full")
     assert code == 0, err
     assert "federated:" in out and "heritage" in out and "recipe is valid" in out
 
@@ -224,7 +224,7 @@ def test_run_folder_holds_a_standard_adapter_per_round_and_lineage_without_data(
     metrics = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(m["bytes"] > 0 for m in metrics)
     report = (run_dir.root / "report.html").read_text(encoding="utf-8")
-    assert "Federated training" in report and "held-out loss" in report
+    assert "联邦训练" in report and "留出集损失" in report  # the report is in Chinese by default
     assert all(name in report for name in CLIENT_RECORDS)
 
 
@@ -419,4 +419,5 @@ def test_compare_evaluates_global_local_only_and_centralised_on_every_clients_sp
         assert row["global"] == pytest.approx(row["base"], abs=1e-5)  # LoRA B starts at zero
         assert row["centralised"] < row["base"]  # three steps on the pooled data at lr 1e-2 help every split
     assert json.loads((run_dir.root / "sft" / "comparison.json").read_text())["mean"] == result["mean"]
-    assert "Held-out loss on each client" in render_report(run_dir)
+    assert "Held-out loss on each client" in render_report(run_dir, language="en")
+    assert "各参与方留出集上的损失" in render_report(run_dir)
