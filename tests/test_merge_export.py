@@ -245,9 +245,9 @@ def test_model_card_has_label_provenance_stages_and_data(exported):
 
 def test_the_cards_usage_snippet_runs_on_the_export_and_gives_the_trained_answer(exported, capsys):
     folder = exported.output("export", "model")
-    card = (folder / "README.md").read_text()
+    card = (folder / "README.en.md").read_text()
     code = card.split("## How to use")[1].split("```python")[1].split("```")[0]
-    assert '"content": "你好"' in code
+    assert '"content": "你好"' in code and code in (folder / "README.md").read_text()  # the Chinese card's too
     exec(code.replace("你好", "Who wrote poem number 2?"), {"EXPORT_DIR": str(folder)})  # noqa: S102
     assert capsys.readouterr().out.strip() == "Li Bai."  # the answer alone, as decoded after the prompt
 
