@@ -44,7 +44,9 @@ def engine_for(url: str) -> Engine:
     def _sqlite_settings(connection, _record) -> None:
         connection.isolation_level = None  # SQLAlchemy emits BEGIN itself (below), not the driver
         cursor = connection.cursor()
-        for pragma in ("journal_mode=WAL", "foreign_keys=ON", "busy_timeout=60000", "synchronous=NORMAL"):
+        cursor.execute("PRAGMA busy_timeout=60000")
+        _wal(cursor)
+        for pragma in ("foreign_keys=ON", "synchronous=NORMAL"):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 
@@ -57,6 +59,22 @@ def engine_for(url: str) -> Engine:
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
+
+
+def _wal(cursor, attempts: int = 100) -> None:
+    """Switch a SQLite database to WAL. Several processes opening a new file at once can find it locked: the
+    switch does not always wait through the busy timeout, so it is tried again (bounded: 100 x 0.1 s)."""
+    import sqlite3
+    import time
+
+    for attempt in range(attempts):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
 
 
 def _connect_timeout(url: str) -> dict:
