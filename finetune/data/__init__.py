@@ -104,7 +104,11 @@ def tokenize_records(
     cached = token_cache.load(Path(cache_dir), key) if cache_dir and key else None
     if cached is not None:
         if stage_dir is not None and is_main_process() and cached.report is not None:
-            _write_stage_files(recipe, Path(stage_dir), cached.report, cached.register)
+            # the entry was filled from a file with these bytes, maybe at another path: name this one
+            here = {cached.report.path: str(recipe.data[name].path)} if cached.report.path else {}
+            report = type(cached.report).model_validate(redact_data(cached.report.model_dump(), here))
+            register = [type(e).model_validate(redact_data(e.model_dump(), here)) for e in cached.register]
+            _write_stage_files(recipe, Path(stage_dir), report, register)
         return TokenizedSet(cached.rows, {**cached.stats, "token_cache": "hit"})
     tokenized, records = _tokenize(recipe, name, tokenizer, seq_len, assistant_only, stage_dir, extra)
     if cache_dir and key:
