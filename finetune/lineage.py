@@ -112,7 +112,7 @@ def write_lineage(recipe: Recipe, run_dir: RunDir, log: Log | None = None) -> No
         )
     data = _data_lineage(recipe, stages, previous.get("data") or {}, run_dir, log)
     git_commit = _git_commit()
-    packages = _package_versions()
+    packages = package_versions()
     lineage = Lineage(
         run=run_dir.name,
         recipe=recipe.name,
@@ -243,9 +243,10 @@ def _dataset_lineage(section: DatasetSection) -> dict:
     return {"path": str(path), "format": section.format, **_hashed_files(path.parent, [path], {})[path.name]}
 
 
-def _package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+    """Python's version and each installed package's of `names` (one not installed is left out)."""
     versions = {"python": platform.python_version()}
-    for name in TRACKED_PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

@@ -7,7 +7,6 @@ clients that took part with their example counts and the global adapter's sha256
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from collections.abc import Callable
 
@@ -16,7 +15,7 @@ from finetune.adapters import adapter_digest
 from finetune.config_io import load_run_recipe
 from finetune.federated.local import federated_stage
 from finetune.federated.server import read_state, round_dir
-from finetune.lineage import TRACKED_PACKAGES, Lineage, StageLineage
+from finetune.lineage import TRACKED_PACKAGES, Lineage, StageLineage, package_versions
 from finetune.recipe.secrets import redact_data, secrets_of
 from finetune.report import write_report
 from finetune.run_dir import RunDir, atomic_write_json, utc_now
@@ -48,7 +47,7 @@ def write_federated_lineage(run_dir: RunDir) -> None:
         updated=utc_now(),
         wenmai_version=finetune.__version__,
         git_commit=None,
-        packages=_versions((*TRACKED_PACKAGES, "flwr")),
+        packages=package_versions((*TRACKED_PACKAGES, "flwr")),
         # a model path given as ${env:...} is written as the reference (finetune.recipe.secrets)
         model=redact_data(
             {"path": recipe.model.path, "revision": recipe.model.revision, "gguf_file": recipe.model.gguf_file},
@@ -81,13 +80,3 @@ def write_federated_lineage(run_dir: RunDir) -> None:
         ],
     }
     atomic_write_json(run_dir.lineage_path, lineage)
-
-
-def _versions(names: tuple[str, ...]) -> dict[str, str]:
-    found = {}
-    for name in names:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
