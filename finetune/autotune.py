@@ -16,13 +16,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.distributed.config import shards_weights
-from finetune.distributed.memory import Shape, estimate
+from finetune.distributed.memory import LOGPROB_TILE, Shape, estimate
 from finetune.recipe import Recipe, StageOptions
 
 MODES = ("off", "selective", "full", "offload")
-FILL_TOKENS = 512  # tokens per micro-batch at which a GPU's matmuls run at half speed (cost model)
+# Tokens per micro-batch at which a LoRA step runs at half its full-GPU speed, for a 2048-wide model (cost model).
+# Measured on an H200 (scripts/bench/gpu_owed.sh, 2026-11-29, Llama-3.2-1B shape, seq 2048): micro-batch 1 without
+# checkpointing ran at 15.6k tokens/s, plain HF at micro-batch 4 with full checkpointing at 30.3k; solving
+# (1 + F/2048) = 1.94 x 1.5 x (1 + F/8192) gives F = 14k. The first guess, 512, made the planner pick micro-batch 1
+# and run at half HF's speed. The fixed cost per step (kernel launches, Python) is paid whatever the width, while a
+# token's work grows with hidden^2: `fill_tokens` scales F by (2048 / hidden)^2 (a model, not yet measured on 8B).
+FILL_TOKENS = 14_000
+FILL_WIDTH = 2048
 OFFLOAD_COST = 1.1  # host copies of the checkpointed activations, on the compute stream
-LOGPROB_TILE = (4096, 32768)  # tokens x vocabulary per tile of TRL's fused LM head (trl/kernels/chunked_logprob.py)
 # Measured activations over memory.py's per-layer formula: the issue's plain transformers + PEFT rows on an H100
 # (Llama-3-8B, LoRA r 16, seq 2048: 31 GiB with checkpointing at batch 4, 58 GiB without at batch 2) need ~1.8x
 # (fp32 RMSNorm copies, PEFT's per-adapter input casts). scripts/bench/sft_speed.py prints estimate and peak.
@@ -75,11 +81,13 @@ def choose(
     modes: tuple[str, ...] = MODES,
     batch_sizes: list[int] | None = None,
     every: int | None = None,
+    fill: float = FILL_TOKENS,
 ) -> Choice:
     """The cheapest (micro-batch, checkpointing) that fits `budget` bytes and keeps `global_batch` examples per step.
 
     `batch_sizes`: the micro-batches to try (default: every divisor of `global_batch`); `every`: a fixed
-    selective stride (default: try them all). When nothing fits, the smallest-memory choice, marked `fits=False`.
+    selective stride (default: try them all); `fill`: the cost model's half-speed micro-batch in tokens (see
+    `fill_tokens`). When nothing fits, the smallest-memory choice, marked `fits=False`.
     """
     candidates = []
     for batch in batch_sizes or divisors(global_batch):
@@ -87,12 +95,17 @@ def choose(
         for mode in modes:
             for stride in _strides(mode, footprint.layers, every):
                 need = footprint.bytes(tokens, mode, stride)
-                cost = recompute_cost(footprint.layers, mode, stride) * (1 + FILL_TOKENS / tokens)
+                cost = recompute_cost(footprint.layers, mode, stride) * (1 + fill / tokens)
                 candidates.append(Choice(batch, global_batch // batch, mode, stride, need, cost, need <= budget))
     fitting = [c for c in candidates if c.fits]
     if fitting:  # cheapest; then fewer micro-batches; then less memory
         return min(fitting, key=lambda c: (round(c.cost, 6), c.accumulation, c.bytes))
     return min(candidates, key=lambda c: (c.bytes, c.cost))
+
+
+def fill_tokens(hidden: int) -> float:
+    """The cost model's half-speed micro-batch, in tokens, for a model `hidden` wide (see FILL_TOKENS)."""
+    return FILL_TOKENS * (FILL_WIDTH / max(hidden, 1)) ** 2
 
 
 def recompute_cost(layers: int, mode: str, every: int = 1) -> float:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.autotune import MODES, choose, footprint, tokens_per_example
+from finetune.autotune import MODES, choose, fill_tokens, footprint, tokens_per_example
 from finetune.distributed.config import shards_weights
 from finetune.distributed.hardware import detect
 from finetune.distributed.memory import Shape, model_shape
@@ -162,6 +162,7 @@ def plan(
             modes,
             sizes,
             options.checkpoint_every,
+            fill_tokens(shape.hidden),
         )
         mode, every, estimate = choice.checkpointing, choice.every, choice.bytes
         if sizes is None:

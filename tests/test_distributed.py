@@ -304,7 +304,8 @@ def test_estimate_activations_follow_checkpointing_batch_and_length(recipe_with)
     assert off.parts["activations"] > 5 * on.parts["activations"]
     longer = estimate_1b(recipe_with, gradient_checkpointing=True, seq_len=4096)
     assert longer.parts["activations"] == pytest.approx(2 * on.parts["activations"])
-    assert longer.parts["logits"] == pytest.approx(2 * on.parts["logits"])
+    # TRL's SFTTrainer projects the LM head in tiles of 4096 tokens: past one tile, only the hidden states grow
+    assert on.parts["logits"] < longer.parts["logits"] < 1.2 * on.parts["logits"]
 
 
 def test_nf4_zero3_estimate_counts_the_whole_model_while_loading(recipe_with):
@@ -574,3 +575,23 @@ def test_deepspeed_without_a_launcher_says_to_use_wenmai_launch(
         in " ".join(err.split())
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_deepspeed_on_cpu_does_not_build_its_shared_memory_op(recipe_with, monkeypatch):
+    """DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce at its first init; a build killed half-way
+    leaves torch's lock file behind and every later run waits on it for ever. Wenmai turns the op off on CPU."""
+    pytest.importorskip("deepspeed")
+    import importlib
+
+    import deepspeed.ops
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` the attribute is torch itself
+
+    from finetune.distributed import ranks
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    monkeypatch.setattr(ranks, "current", lambda: ranks.Ranks(launched=True))
+    recipe = recipe_with("distributed: {strategy: deepspeed, zero_stage: 3}\n")
+    ranks.connect(recipe.distributed)
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+    assert ds_torch.build_shm_op() is None  # nothing compiled, no lock taken: gloo does the all-reduce

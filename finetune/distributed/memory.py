@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 GIB = 1024**3
 CUDA_CONTEXT = 0.5 * GIB  # driver context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4 bits + double-quantised absmax per 64-block
+LOGPROB_TILE = (4096, 32768)  # tokens x vocabulary per tile of TRL's fused LM head (trl/kernels/chunked_logprob.py)
+FUSED_HEAD_STAGES = ("sft",)  # stages whose TRL trainer projects the LM head in tiles (logits never exist whole)
 HOST_PER_PROCESS = 2 * GIB  # a training process's own host memory (libraries, data, pinned buffers)
 
 
@@ -152,7 +154,11 @@ def estimate(
     activations = (
         (shape.layers * tokens * shape.hidden * act_bytes + per_layer) if checkpointing else shape.layers * per_layer
     )
-    logits = tokens * shape.vocab * (act_bytes + 8)  # logits, their fp32 copy for the loss, its gradient
+    if config.kind in FUSED_HEAD_STAGES:  # one fp32 tile of logits and its gradient, and the fp32 hidden states
+        rows, columns = LOGPROB_TILE
+        logits = min(tokens, rows) * min(shape.vocab, columns) * 4 * 2 + tokens * shape.hidden * 4
+    else:
+        logits = tokens * shape.vocab * (act_bytes + 8)  # logits, their fp32 copy for the loss, its gradient
 
     parts = {
         "weights": weights,

@@ -63,6 +63,8 @@ def connect(section: DistributedSection) -> Ranks:
             f"distributed.strategy: {section.strategy} runs under a launcher, even on one GPU: "
             "start it with `wenmai launch RECIPE --gpus N` (or set strategy: none for `wenmai run`)"
         )
+    if section.strategy == "deepspeed":
+        _no_shared_memory_op_on_cpu()
     if ranks.world_size == 1:
         return ranks
     import torch
@@ -81,6 +83,28 @@ def connect(section: DistributedSection) -> Ranks:
     elif not dist.is_initialized():
         dist.init_process_group(backend=backend)
     return ranks
+
+
+def _no_shared_memory_op_on_cpu() -> None:
+    """Keep DeepSpeed on CPU from JIT-compiling its shared-memory all-reduce op; gloo does that job.
+
+    DeepSpeed's CPU backend builds the op with torch's C++ extension loader at its first `init_distributed`
+    (about 20 s with a compiler on 2 cores, and a failure without one), and a build killed half-way leaves the
+    loader's lock file behind: every later run then waits on it for ever (seen in CI as ZeRO-3 runs that never
+    started). DeepSpeed keeps the probe's result in `deepspeed.ops.__compatible_ops__` and says edits to it persist;
+    marking the op incompatible makes `build_shm_op` return None and the backend fall back to torch.distributed.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return  # the strategy check after this names the missing package
+    compatible = deepspeed.ops.__compatible_ops__
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
 
 
 def barrier() -> None:

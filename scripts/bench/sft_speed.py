@@ -236,6 +236,8 @@ def train_hf(spec: dict, rows: list[dict], timer) -> tuple:
         set_seed,
     )
 
+    from finetune.training import checkpointing_args  # the argument's name changed within transformers 5.x
+
     cuda, options = torch.cuda.is_available(), spec["options"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
@@ -280,7 +282,7 @@ def train_hf(spec: dict, rows: list[dict], timer) -> tuple:
         data_seed=0,
         bf16=cuda,
         use_cpu=not cuda,
-        activation_checkpointing=bool(options.get("checkpointing")),
+        **checkpointing_args(TrainingArguments, bool(options.get("checkpointing"))),
         use_liger_kernel=bool(options.get("liger")),
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
