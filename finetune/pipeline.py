@@ -114,6 +114,12 @@ def start(
     file_problems = [] if loaded.checked else [p for check in RECIPE_CHECKS for p in check(recipe)]
     if file_problems:  # a recipe read without them (`config_io.load_recipe`) is checked here
         raise ConfigError([loaded.locate(p) for p in file_problems])
+    without_data = [c.stage_name for c in recipe.stage_configs() if c.kind == "sft" and c.dataset is None]
+    if without_data:  # only a federated server's recipe may leave it out: its clients hold the data
+        raise WenmaiError(
+            f"stage {without_data[0]!r} names no dataset: this recipe is a federated server's (its clients hold the "
+            "data); run it with `wenmai federate server` or `simulate`, or give the stage a `dataset`"
+        )
     problems = preflight(recipe, ranks.world_size)
     if problems:
         raise WenmaiError("pre-flight found problems:\n  - " + "\n  - ".join(problems))

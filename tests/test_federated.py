@@ -101,6 +101,36 @@ def test_unknown_client_name_is_refused_with_the_known_names(write_recipe, tiny_
     assert "unknown client 'poety'" in str(err.value) and "did you mean poetry?" in str(err.value)
 
 
+def server_only(text: str) -> str:
+    """The server's recipe: the clients by name, no `data`, no dataset in the stage or the client entries."""
+    text = text[: text.index("data:")] + text[text.index("\nstages:") + 1 :]
+    text = text.replace("dataset: palace, max_steps", "max_steps")
+    for name in CLIENT_RECORDS:
+        text = text.replace(f"{{name: {name}, dataset: {name}}}", f"{{name: {name}}}")
+    assert "dataset" not in text and "data:" not in text
+    return text
+
+
+def test_the_servers_recipe_names_clients_and_no_data(write_recipe, tiny_model, tmp_path, cli):
+    server = write_recipe(server_only(federated_recipe(tiny_model, tmp_path / "runs")))
+    code, out, err = cli("validate", server)
+    assert code == 0 and "recipe is valid" in out, err
+    # `wenmai run` on it would train the sft stage here, on nothing: refused before a run folder exists
+    code, _, err = cli("run", server)
+    assert code == 2 and "names no dataset" in err and "wenmai federate server" in err
+    assert not (tmp_path / "runs").exists()
+    # a client whose recipe is the server's has no data to train on: refused with the fix
+    from finetune.federated.local import client_dataset
+
+    with pytest.raises(WenmaiError) as err_info:
+        client_dataset(load(server).recipe, "poetry")
+    assert "client 'poetry' has no data" in str(err_info.value) and "`dataset`" in str(err_info.value)
+    # and a plain recipe without a dataset is refused as before, with the stage named
+    plain = federated_recipe(tiny_model, tmp_path).replace("dataset: palace, max_steps", "max_steps")
+    message = problems_of(write_recipe, plain[: plain.index("federated:")])
+    assert "stages[0].sft" in message and "needs `dataset`" in message
+
+
 def test_shipped_museum_recipe_validates(cli):
     code, out, err = cli("validate", ROOT / "recipes" / "federated-museums.yaml", "--full")
     assert code == 0, err

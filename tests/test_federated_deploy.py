@@ -156,9 +156,16 @@ def test_deployment_over_tls_survives_a_killed_client_and_resumes_a_killed_serve
         """),
         encoding="utf-8",
     )
+    # the server's own recipe names its clients and no data at all: no `data`, no dataset in the stage or clients
+    server_recipe = tmp_path / "server.yaml"
+    text = recipe.read_text(encoding="utf-8")
+    text = text[: text.index("data:")] + text[text.index("stages:") :]
+    text = text.replace("dataset: palace, max_steps", "max_steps").replace(", dataset: palace}", "}")
+    server_recipe.write_text(text.replace(", dataset: poetry}", "}"), encoding="utf-8")
+    assert "dataset" not in server_recipe.read_text(encoding="utf-8")
     run, port = tmp_path / "run", free_port()
     tls = ["--root-certificates", ca, "--certificate", cert, "--key", key]
-    server = start(["federate", "server", recipe, "--port", port, "--run-dir", run, *tls], tmp_path / "server.log")
+    server = start(["federate", "server", server_recipe, "--port", port, "--run-dir", run, *tls], tmp_path / "server.log")
     clients = {
         name: start(
             [

@@ -47,7 +47,13 @@ def client_dataset(recipe: Recipe, name: str) -> str:
         client = recipe.federated.client(name)
     except ValueError as err:
         raise WenmaiError(f"federated.clients: {err}") from None
-    return client.dataset or federated_stage(recipe).dataset
+    dataset = client.dataset or federated_stage(recipe).dataset
+    if dataset is None:
+        raise WenmaiError(
+            f"client {name!r} has no data in this recipe: give its federated.clients entry a `dataset` naming an entry "
+            "of `data` (each institution's own recipe names its own records; the server's recipe may leave it out)"
+        )
+    return dataset
 
 
 def load_local_data(recipe: Recipe, dataset: str, folder: Path) -> LocalData:

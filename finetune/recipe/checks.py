@@ -30,6 +30,10 @@ def problems(recipe: Recipe) -> list[Problem]:
                 )
             )
         seen.setdefault(name, i)
+        if config.kind == "sft" and config.dataset is None and recipe.federated is None:
+            found.append(
+                Problem(prefix, "an sft stage needs `dataset` (one dataset) or `datasets` (several, mixed by weight)")
+            )
         found += dataset_problems(recipe, config, prefix)
         found += stage_dimension_problems(recipe, config, prefix)
         found += [

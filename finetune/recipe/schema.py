@@ -93,7 +93,10 @@ class Recipe(Section):
     )
     model: ModelSection
     lora: LoraSection = Field(default_factory=LoraSection)
-    data: DataSection = Field(..., description="Named datasets that stages read, and the data `policy`.")
+    data: DataSection = Field(
+        default_factory=DataSection,
+        description="Named datasets that stages read, and the data `policy` (a federated server's recipe has none).",
+    )
     stages: list[StageEntry] = Field(..., min_length=1, description="Stages, run in order.")  # type: ignore[valid-type]
     reward: RewardSection | None = Field(
         None, description=f"Reward dimensions and their weights (default: one dimension, `{DEFAULT_DIMENSION}`)."

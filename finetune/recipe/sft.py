@@ -78,8 +78,8 @@ class SftOptions(SpeedPlannedOptions):
             if self.dataset is not None and self.dataset not in self.datasets:
                 raise ValueError(f"`dataset` {self.dataset!r} is not one of `datasets`; give one of them, not both")
             self.dataset = self.dataset or next(iter(self.datasets))  # the first: probes and the report name it
-        elif self.dataset is None:
-            raise ValueError("an sft stage needs `dataset` (one dataset) or `datasets` (several, mixed by weight)")
+        # no dataset at all: only a federated server's recipe may say so (each client names its own); the
+        # recipe-level check (`checks.federated_problems`) refuses it everywhere else
         return self
 
     def mixture(self) -> dict[str, float] | None:
