@@ -165,7 +165,9 @@ def test_deployment_over_tls_survives_a_killed_client_and_resumes_a_killed_serve
     assert "dataset" not in server_recipe.read_text(encoding="utf-8")
     run, port = tmp_path / "run", free_port()
     tls = ["--root-certificates", ca, "--certificate", cert, "--key", key]
-    server = start(["federate", "server", server_recipe, "--port", port, "--run-dir", run, *tls], tmp_path / "server.log")
+    server = start(
+        ["federate", "server", server_recipe, "--port", port, "--run-dir", run, *tls], tmp_path / "server.log"
+    )
     clients = {
         name: start(
             [
