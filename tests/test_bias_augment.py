@@ -66,7 +66,7 @@ def test_records_without_group_terms_get_no_copy_and_originals_are_unchanged():
 
 
 def test_augmented_copies_carry_origin_licence_and_provenance_and_are_counted_in_the_card(
-    write_recipe, tiny_model, tmp_path
+    write_recipe, tiny_model, tmp_path, cli
 ):
     rows = [
         {
@@ -106,6 +106,12 @@ def test_augmented_copies_carry_origin_licence_and_provenance_and_are_counted_in
     card = read_card(stage_dir).datasets[0]
     assert card.kept == 6 and card.augmented == 3 and card.augmented_swaps == {"男性": 3, "他": 3}
     assert "3 counterfactual copies added" in (stage_dir / "data_card.md").read_text(encoding="utf-8")
+    # `wenmai data card RECIPE` (no training run) counts the same copies, as the stage will add them
+    out = tmp_path / "card"
+    code, _, err = cli("data", "card", recipe, "--out", out)
+    assert code == 0, err
+    standalone = read_card(out).datasets[0]
+    assert standalone.augmented == 3 and standalone.augmented_swaps == {"男性": 3, "他": 3}
 
 
 def test_a_term_pair_with_an_empty_side_is_refused(write_recipe, tiny_model, chat_file, cli):

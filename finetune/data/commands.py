@@ -9,7 +9,8 @@ from itertools import islice
 from pathlib import Path
 
 from finetune.config_io import load_recipe
-from finetune.data import policy_file_problems
+from finetune.data import augmented_datasets, policy_file_problems
+from finetune.data.augment import Swapper, augment_records
 from finetune.data.card import DataCard, policy_summary, write_card, write_register
 from finetune.data.dedup import ReferenceIndex
 from finetune.data.layer import DatasetReport, RegisterEntry, reference_for, stream_dataset
@@ -33,6 +34,7 @@ class Target:
     policy: DataPolicy
     scrubber: Scrubber | None
     reference: ReferenceIndex | None
+    swapper: Swapper | None = None  # data.augment covers this dataset: count its counterfactual copies
 
 
 def check(target: Path, fmt: str | None = None, recipe: Path | None = None) -> list[DatasetReport]:
@@ -80,8 +82,17 @@ def targets(target: Path, fmt: str | None, recipe: Path | None) -> list[Target]:
     if target.suffix.lower() in RECIPE_SUFFIXES:
         loaded = load_recipe(target, checks=[policy_file_problems]).recipe
         scrubber = build_scrubber(loaded.data.policy.pii)
+        augmented = augmented_datasets(loaded)
+        swapper = Swapper.from_section(loaded.data.augment) if augmented else None
         return [
-            Target(name, section, loaded.data.policy, scrubber, reference_for(loaded, name, scrubber))
+            Target(
+                name,
+                section,
+                loaded.data.policy,
+                scrubber,
+                reference_for(loaded, name, scrubber),
+                swapper if name in augmented else None,
+            )
             for name, section in loaded.data.items()
         ]
     if not target.is_file():
@@ -115,9 +126,13 @@ def detect_format(path: Path) -> str:
 
 
 def _run(item: Target) -> tuple[DatasetReport, list[RegisterEntry]]:
-    report, register = DatasetReport(name=item.name, path="", format=""), []
-    for _ in stream_dataset(
+    report, register, kept = DatasetReport(name=item.name, path="", format=""), [], []
+    for _, record in stream_dataset(
         item.name, item.section, item.policy, report, register, scrubber=item.scrubber, reference=item.reference
     ):
-        pass
+        if item.swapper is not None:  # what a training run adds: the counterfactual copies, counted as it counts them
+            kept.append(record)
+    if item.swapper is not None:
+        copies, swaps = augment_records(kept, item.section.record_format, item.swapper)
+        report.augmented, report.augmented_swaps = len(copies), swaps
     return report, register
