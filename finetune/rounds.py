@@ -154,7 +154,10 @@ def _child_recipe(
     data = recipe.model_dump(mode="json", exclude_none=True)
     data["model"].update(path=base)
     data["model"].pop("gguf_file", None)
-    data["data"] = {"policy": data["data"]["policy"]} if "policy" in data["data"] else {}
+    # the parent's rules carry over: its data policy, and its counterfactual augmentation (for the feedback's chat
+    # set: the datasets the parent's `augment` named are not in this round)
+    data["data"] = {key: data["data"][key] for key in ("policy", "augment") if key in data["data"]}
+    data["data"].get("augment", {}).pop("datasets", None)
     db_text = str(Path(db).resolve()) if "://" not in str(db) else str(db)
     stages: list[dict] = []
     for kind, dataset in FEEDBACK.items():

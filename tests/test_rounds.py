@@ -179,3 +179,20 @@ def test_feedback_rights_given_to_iterate_become_the_feedback_datasets_defaults(
     assert data["data"]["feedback_chat"]["defaults"] == {"licence": "CC-BY-4.0", "rights_holder": "Museum"}
     assert [next(iter(s)) for s in data["stages"]] == ["sft", "evaluate", "merge", "export"]
     assert data["round"] == {"parent": str(parent.root.resolve()), "number": 2, "feedback": f"{tmp_path / 'r.db'}#s"}
+
+
+def test_a_round_keeps_the_parents_counterfactual_augmentation_for_its_feedback(parent, tmp_path):
+    from finetune.config_io import load_run_recipe
+    from finetune.data import augmented_datasets
+    from finetune.recipe import Recipe
+    from finetune.rounds import _child_recipe
+
+    recipe = load_run_recipe(parent).recipe
+    section = {"pairs": [["他", "她"]], "datasets": [next(iter(recipe.data.datasets))]}
+    recipe = recipe.model_copy(
+        update={"data": type(recipe.data).model_validate({**recipe.data.model_dump(), "augment": section})}
+    )
+    data = _child_recipe(recipe, parent, recipe, "merged", tmp_path / "r.db", "s", {"chat": 3}, 2)
+    assert data["data"]["augment"]["pairs"] == [["他", "她"]] and "datasets" not in data["data"]["augment"]
+    child = Recipe.model_validate(data)
+    assert augmented_datasets(child) == ["feedback_chat"]  # the round's chat feedback gets the swapped copies
