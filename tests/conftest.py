@@ -86,3 +86,27 @@ def cli(capsys, monkeypatch):
         return code, captured.out, captured.err
 
     return call
+
+
+def run_recipe(recipe: str, run_dir: Path):
+    """`wenmai run` in a subprocess, as a user starts it; its output is the failure message."""
+    import subprocess
+
+    from finetune.run_dir import RunDir
+
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.cli", "run", recipe, "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return RunDir.open(run_dir)
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """The whole quickstart on SmolLM2 (sft, reward, dpo, evaluate, merge, export), run once for every slow test
+    that reads it: a few minutes on 2 CPU cores."""
+    return run_recipe("recipes/quickstart.yaml", tmp_path_factory.mktemp("quickstart") / "qs")

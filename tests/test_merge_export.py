@@ -504,32 +504,12 @@ def test_optional_gguf_is_skipped_with_a_warning_and_a_note_when_the_package_is_
 
 
 @pytest.mark.slow
-def test_quickstart_merges_and_exports_smollm2_within_tolerance(tmp_path):
+def test_quickstart_merges_and_exports_smollm2_within_tolerance(quickstart_run):
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
-    run = tmp_path / "qs"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "finetune.cli",
-            "run",
-            "recipes/quickstart.yaml",
-            "--run-dir",
-            str(run),
-            "--set",
-            "stages.sft.max_steps=3",
-            "--set",
-            "stages.sft.eval_fraction=0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        cwd=root,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = quickstart_run.root  # the whole quickstart, shared with tests/test_real_model.py (one run, not two)
     merge = json.loads((run / "merge" / "parity.json").read_text())["comparisons"]
     export = json.loads((run / "export" / "parity.json").read_text())["comparisons"]
     assert merge["merged"]["max_abs_logit_diff"] < 2e-3 and merge["merged"]["greedy_agreement"] == 1.0

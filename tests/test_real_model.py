@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_recipe
 
 from finetune.pipeline import load_recipe
-from finetune.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -32,21 +30,8 @@ def test_converted_gguf_folder_gives_the_gguf_logits():
         torch.testing.assert_close(converted(ids).logits, original(ids).logits, rtol=0, atol=1e-5)
 
 
-def run_recipe(recipe: str, run_dir: Path) -> RunDir:
-    """`wenmai run` in a subprocess, as a user starts it; its output is the failure message."""
-    result = subprocess.run(
-        [sys.executable, "-m", "finetune.cli", "run", recipe, "--run-dir", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return RunDir.open(run_dir)
-
-
-def test_quickstart_lowers_held_out_loss(tmp_path):
-    run = run_recipe("recipes/quickstart.yaml", tmp_path / "qs")
+def test_quickstart_lowers_held_out_loss(quickstart_run):
+    run = quickstart_run
     summary = run.status("sft").summary
     assert summary["eval_loss_after"] < summary["eval_loss_before"] - 0.05, summary
     gate = run.status("evaluate").summary["gate"]
@@ -57,7 +42,7 @@ def test_quickstart_lowers_held_out_loss(tmp_path):
     assert reward["eval_accuracy"] > max(0.7, before + 0.1), reward  # held-out pairs of the shipped ratings
     from reward.score import RewardScorer
 
-    scorer = RewardScorer.from_stage(tmp_path / "qs" / "reward")
+    scorer = RewardScorer.from_stage(run.root / "reward")
     assert scorer.tokenizer.pad_token == "<|endoftext|>"  # SmolLM2 pads with <|im_end|>, where the reward is read
     scores = scorer.score(
         ["《静夜思》是谁写的？"] * 2,
