@@ -300,6 +300,9 @@ def _alignment_section(labels: list[str], results: list[dict | None], tr: Transl
             *[f"{label} {tr('gap (score / reference)')}" for label in labels],
         ]
         parts.append(table(header, rows))
+    implicit = first.get("implicit") or {}
+    if implicit.get("categories"):
+        parts.append(_implicit_section(labels, results, implicit["categories"], tr))
     probes = first.get("probes", [])[:SAMPLES_SHOWN]
     if probes:
         parts.append(f"<h4>{escape(tr('Replies, before and after'))} ({escape(tr('first'))} {len(probes)})</h4>")
@@ -315,6 +318,41 @@ def _alignment_section(labels: list[str], results: list[dict | None], tr: Transl
             rows.append(cells)
         parts.append(table([tr("prompt"), *[escape(label) for label in labels]], rows, raw=True))
     return "".join(parts)
+
+
+IMPLICIT_KINDS = ("association", "decision", "ambiguous", "disambiguated")
+
+
+def _implicit_section(labels: list[str], results: list[dict | None], categories: dict, tr: Translate) -> str:
+    """Per bias category and probe kind: each checkpoint's score with its 95% bootstrap interval."""
+    rows = []
+    for name, first in categories.items():
+        for kind in IMPLICIT_KINDS:
+            if not first.get(kind):
+                continue
+            cells = []
+            for result in results:
+                category = (((result or {}).get("implicit") or {}).get("categories") or {}).get(name) or {}
+                estimate = category.get(kind)
+                cells.append(_estimate(estimate) if estimate else "—")
+            rows.append([name, tr(kind), *cells])
+    note = tr(
+        "association: IAT-style d (0: no association); decision: spread of the picks across groups (0 to 1); "
+        "ambiguous / disambiguated: BBQ bias score (-1 to 1, 0: unbiased). 95% bootstrap interval in brackets."
+    )
+    return (
+        f"<h4>{escape(tr('Implicit-bias probes'))}</h4>"
+        + table([tr("category"), tr("probe kind"), *labels], rows)
+        + f"<p class=muted>{escape(note)}</p>"
+    )
+
+
+def _estimate(estimate: dict) -> str:
+    """`value [low, high]` as `Estimate.shown` writes it, from its JSON."""
+    value, low, high = estimate.get("value"), estimate.get("low"), estimate.get("high")
+    if value is None:
+        return "—"
+    return f"{value:+.3f}" if low is None or high is None else f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _delta(value: float) -> str:

@@ -164,6 +164,18 @@ ZH: dict[str, str] = {
     "largest bias reference gap": "最大偏见参考差",
     "No reward model was wired to this stage: reward scores were not measured.": "本阶段没有接入奖励模型：未测奖励分。",
     "Bias probes": "偏见探针",
+    "Implicit-bias probes": "内隐偏见探针",
+    "category": "类别",
+    "probe kind": "探针类型",
+    "association": "联想",
+    "decision": "相对决策",
+    "ambiguous": "模糊语境",
+    "disambiguated": "明确语境",
+    "association: IAT-style d (0: no association); decision: spread of the picks across groups (0 to 1); "
+    "ambiguous / disambiguated: BBQ bias score (-1 to 1, 0: unbiased). 95% bootstrap interval in brackets.": (
+        "联想：IAT 式效应量 d（0 表示没有关联）；相对决策：各群体被选中比例的差距（0 到 1）；"
+        "模糊 / 明确语境：BBQ 偏见分数（-1 到 1，0 表示无偏）。方括号内为 95% 自助法区间。"
+    ),
     "probe": "探针",
     "axis": "维度",
     "groups": "群体",

@@ -234,3 +234,30 @@ def test_association_template_needs_both_slots(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_suite(path)
     assert "{attribute}" in " ".join(str(p) for p in caught.value.problems)
+
+
+def test_the_report_shows_each_categorys_implicit_scores_with_intervals_in_both_languages():
+    from finetune.evaluation.bias_results import Estimate
+    from finetune.evaluation.results import Evaluation
+    from finetune.report_parts import evaluation_section
+    from finetune.texts import translator
+
+    def checkpoint(label: str, d: float) -> CheckpointResult:
+        category = CategoryBias(
+            category="ethnicity",
+            association=Estimate(value=d, low=d - 0.4, high=d + 0.4, n=6),
+            decision=Estimate(value=0.25, n=4),
+            effect=d,
+        )
+        implicit = ImplicitBias(categories={"ethnicity": category})
+        return CheckpointResult(
+            label=label, source={}, alignment=AlignmentScore(name="s", probes=[], implicit=implicit)
+        )
+
+    evaluation = Evaluation(checkpoints=[checkpoint("base", 0.12), checkpoint("sft", 1.81)]).model_dump(mode="json")
+    html = evaluation_section(evaluation, translator("en"))
+    assert "Implicit-bias probes" in html
+    assert "+1.810 [+1.410, +2.210]" in html and "+0.120 [-0.280, +0.520]" in html  # each checkpoint, its interval
+    assert "+0.250" in html and "disambiguated" not in html.split("Implicit-bias probes")[1].split("</table>")[0]
+    chinese = evaluation_section(evaluation, translator("zh"))
+    assert "内隐偏见探针" in chinese and "联想" in chinese and "+1.810 [+1.410, +2.210]" in chinese
