@@ -17,7 +17,9 @@ from finetune.run_dir import RunDir
 TEMPLATES = ["They are {a}.", "They seem {a}.", "They were {a}.", "Everyone says they are {a}."]
 PLANTED = {"Tibetan": "backward", "Han": "modern"}
 TASK_LOSS_MARGIN = 0.35  # nats per token: debiasing may cost at most this much task loss against plain SFT
-DEBIAS_WEIGHT = 0.3  # the stage's default adversary_weight (objective: confusion)
+DEBIAS_WEIGHT = 1.0  # the stage's default adversary_weight (objective: confusion)
+DEBIAS_STEPS = 200  # at 60 the adapter has not learned the task yet (plain SFT's loss 1.93): any second
+# objective then costs task loss that longer training recovers (at 200: plain 1.76, debiased 1.92)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +125,8 @@ def test_debias_trains_the_task_and_saves_a_normal_adapter_with_before_after_fig
 def plain_and_debiased(tmp_path_factory, confident_model) -> tuple[dict, dict]:
     """The same loop and data without the adversary (plain SFT) and with it at the default objective and weight."""
     folder = tmp_path_factory.mktemp("debias-pair")
-    plain = run_debias(folder, confident_model, 0.0).status("debias").summary
-    debiased = run_debias(folder, confident_model, DEBIAS_WEIGHT).status("debias").summary
+    plain = run_debias(folder, confident_model, 0.0, DEBIAS_STEPS).status("debias").summary
+    debiased = run_debias(folder, confident_model, DEBIAS_WEIGHT, DEBIAS_STEPS).status("debias").summary
     return plain, debiased
 
 
@@ -133,7 +135,7 @@ def test_debias_hides_the_attribute_keeps_the_task_and_shrinks_the_planted_assoc
 
     # the planted signal is there: plain SFT learns it and its hidden states give the attribute away
     assert plain["after"]["leakage_accuracy"] >= 0.9 and plain["after"]["bias/ethnicity"] > 1.0
-    assert plain["after"]["bias/people/difference"] > 5.0  # nats per sentence, from -1.2 in the base model
+    assert plain["after"]["bias/people/difference"] > 5.0  # nats per sentence (-1.2 in the untouched model)
     # the adversary: leakage falls toward chance (0.5), the task loss stays within the margin
     assert abs(debiased["adversary_accuracy_last"] - 0.5) <= 0.15
     assert debiased["after"]["leakage_accuracy"] <= plain["after"]["leakage_accuracy"] - 0.2, (debiased, plain)
@@ -145,9 +147,10 @@ def test_debias_hides_the_attribute_keeps_the_task_and_shrinks_the_planted_assoc
 
 @pytest.mark.xfail(
     strict=True,
-    reason="not achieved: the effect size d is scale-free, and the smaller gap that is left is as consistent over "
-    "the templates as before (d 1.80 plain, 1.77 debiased at weight 0.3, 1.71 at weight 1; gradient reversal "
-    "at weight 1 brings d to 1.06 only by wrecking the task, loss 1.93 -> 4.69); see issue 20's report",
+    reason="not achieved: d is scale-free and the smaller gap that is left is as consistent over the templates as "
+    "before (200 steps: d 1.84 plain, 1.86 confusion at weight 1 with the gap 7.67 -> 4.97 nats); gradient "
+    "reversal brings d to 0.96 (gap 0.96) only with the task loss 1.76 -> 3.32 and the attribute still readable "
+    "by a fresh probe (leakage 1.0); see issue 20's report",
 )
 def test_debias_lowers_the_planted_association_effect_size(plain_and_debiased):
     plain, debiased = plain_and_debiased

@@ -48,7 +48,7 @@ class DebiasOptions(TrainingOptions):
         "to the task.",
     )
     adversary_weight: float = Field(
-        0.3,
+        1.0,
         ge=0,
         description="λ: how hard the adapter is pushed to hide the attribute (the confusion loss's weight, or "
         "the gradient reversal's factor; 0: plain SFT with the same loop, a baseline). It ramps up from 0 "
