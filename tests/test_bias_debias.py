@@ -73,7 +73,9 @@ def suite_file(folder: Path) -> Path:
     return path
 
 
-def debias_recipe(model: Path, data: Path, suite: Path, root: Path, weight: float, steps: int = 60) -> str:
+def debias_recipe(
+    model: Path, data: Path, suite: Path, root: Path, weight: float, steps: int = 60, objective: str = "confusion"
+) -> str:
     return textwrap.dedent(f"""\
         name: deb
         model: {{path: {model}}}
@@ -82,26 +84,34 @@ def debias_recipe(model: Path, data: Path, suite: Path, root: Path, weight: floa
           d: {{path: {data}, format: chat}}
         stages:
           - debias: {{dataset: d, attribute_terms: {{tibetan: [Tibetan], han: [Han]}}, adversary_weight: {weight},
-                      suite: {suite}, max_steps: {steps}, batch_size: 8, learning_rate: 0.01, warmup: 0,
-                      lr_scheduler: constant, logging_steps: 10, save_steps: 1000, seq_len: 64}}
+                      objective: {objective}, suite: {suite}, max_steps: {steps}, batch_size: 8,
+                      learning_rate: 0.01, warmup: 0, lr_scheduler: constant, logging_steps: 10, save_steps: 1000,
+                      seq_len: 64}}
         output: {{root: {root}}}
         """)
 
 
-def run_debias(tmp_path: Path, tiny_model: Path, weight: float, steps: int = 60) -> RunDir:
+def run_debias(
+    tmp_path: Path, tiny_model: Path, weight: float, steps: int = 60, objective: str = "confusion"
+) -> RunDir:
     data = tmp_path / "planted.jsonl"
     if not data.exists():
         write_jsonl(data, planted_rows())
     recipe = tmp_path / f"debias-{weight}.yaml"
     recipe.write_text(
-        debias_recipe(tiny_model, data, suite_file(tmp_path), tmp_path / "runs", weight, steps), encoding="utf-8"
+        debias_recipe(tiny_model, data, suite_file(tmp_path), tmp_path / "runs", weight, steps, objective),
+        encoding="utf-8",
     )
     return start(load_recipe(recipe), tmp_path / "runs" / f"w{weight}", log=lambda _: None)
 
 
-def test_debias_trains_the_task_and_saves_a_normal_adapter_with_before_after_figures(tmp_path, confident_model):
-    run = run_debias(tmp_path, confident_model, 1.0, steps=20)
+@pytest.mark.parametrize("objective", ["confusion", "reversal"])
+def test_debias_trains_the_task_and_saves_a_normal_adapter_with_before_after_figures(
+    tmp_path, confident_model, objective
+):
+    run = run_debias(tmp_path, confident_model, 1.0, steps=20, objective=objective)
     summary = run.status("debias").summary
+    assert summary["objective"] == objective
     assert summary["attribute"] == {
         "labels": ["tibetan", "han"],
         "records": {"tibetan": 48, "han": 48},

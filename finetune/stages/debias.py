@@ -114,6 +114,7 @@ def run(ctx: StageContext) -> StageResult:
             "attribute": {"labels": labels, "records": counts, "unlabelled": len(train.rows) - len(labelled)},
             "before": before,
             "after": after,
+            "objective": options.objective,
             "adversary_weight": options.adversary_weight,
             "adversary_accuracy_last": next(
                 (
@@ -218,7 +219,8 @@ def pooled(model: Any, batch: dict, options: DebiasOptions) -> tuple[Any, Any]:
 
 
 def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs: Any) -> Any:
-    """A transformers Trainer whose loss is the task loss plus the adversary's loss through gradient reversal."""
+    """A transformers Trainer whose loss is the task loss plus the hiding term of `objective` (confusion or
+    the adversary's loss through gradient reversal)."""
     import torch
     from transformers import Trainer
 
