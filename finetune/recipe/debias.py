@@ -16,7 +16,7 @@ DEBIAS_FORMATS = ("chat", "instruction", "text")
 
 class DebiasOptions(TrainingOptions):
     """LoRA training on the task with an adversary that predicts a protected attribute from the hidden states
-    through a gradient-reversal layer (adversarial debiasing); the result is a normal adapter."""
+    (adversarial debiasing: gradient reversal or a confusion loss); the result is a normal adapter."""
 
     kind: ClassVar[str] = "debias"
     produces: ClassVar[tuple[str, ...]] = ("adapter", "tokenizer")
@@ -40,12 +40,19 @@ class DebiasOptions(TrainingOptions):
         "exactly one label gets it). Default when neither this nor attribute_field is set: the two sides of "
         "data.augment's pairs.",
     )
+    objective: Literal["confusion", "reversal"] = Field(
+        "confusion",
+        description="How the adapter hides the attribute. confusion: it is trained to make the adversary's "
+        "prediction uniform (Alvi et al. 2018); reversal: the adversary's loss reaches it through a "
+        "gradient-reversal layer (Ganin & Lempitsky 2015), which fools the adversary at a much larger cost "
+        "to the task.",
+    )
     adversary_weight: float = Field(
         1.0,
         ge=0,
-        description="λ of the gradient reversal: how hard the adapter is pushed to hide the attribute "
-        "(0: plain SFT with the same loop, a baseline). It ramps up from 0 over training "
-        "(2 / (1 + exp(-10 p)) - 1, p the share of steps done).",
+        description="λ: how hard the adapter is pushed to hide the attribute (the confusion loss's weight, or "
+        "the gradient reversal's factor; 0: plain SFT with the same loop, a baseline). It ramps up from 0 "
+        "over training (2 / (1 + exp(-10 p)) - 1, p the share of steps done).",
     )
     adversary_hidden: int = Field(
         0, ge=0, description="Hidden units of the adversary (0: a linear classifier; else one hidden layer)."

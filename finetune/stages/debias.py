@@ -1,16 +1,25 @@
-"""Stage `debias`: LoRA training on the task with an adversary on a protected attribute (gradient reversal).
+"""Stage `debias`: LoRA training on the task with an adversary on a protected attribute.
 
 The adversary (a linear or one-hidden-layer head) reads the mean hidden state of each record (its answer
-tokens, at `layer`) and predicts the record's protected attribute; between them sits a gradient-reversal
-layer (Ganin & Lempitsky 2015; adversarial debiasing, Zhang et al. 2018), so the adversary learns to predict
-the attribute while the adapter learns the task and to hide the attribute from it:
-loss = task loss + adversary loss, with the adversary's gradient multiplied by -adversary_weight on its way
-into the model. The attribute is a record field, or derived from the record's text by term lists (or
-data.augment's pairs). Records without one train the task only.
+tokens, at `layer`) and predicts the record's protected attribute. It has its own optimiser and catches up on
+each batch (several steps on the detached states) before the adapter moves. The adapter learns the task and to
+hide the attribute from it, by one of two objectives (`objective`):
+
+- `reversal`: a gradient-reversal layer between the states and the adversary (Ganin & Lempitsky 2015;
+  adversarial debiasing, Zhang et al. 2018): loss = task loss + adversary loss, with the adversary's gradient
+  multiplied by -adversary_weight on its way into the model;
+- `confusion` (the default): loss = task loss + adversary_weight x the cross-entropy between the (frozen)
+  adversary's prediction and the uniform distribution (Alvi et al. 2018, "Turning a blind eye"): the adapter is
+  pushed toward states the adversary cannot tell apart, not toward states it reads the wrong way round (which a
+  fresh probe still reads), and the task suffers far less.
+
+The attribute is a record field, or derived from the record's text by term lists (or data.augment's pairs).
+Records without one train the task only.
 
 Logged before and after: the task loss, the leakage (the held-out accuracy of a fresh linear probe trained
-on the hidden states, 5-fold, against the majority-class rate), and the suite's implicit-bias probes. The
-output is a normal adapter (`adapter/`, `tokenizer/`, `template.json`) that merge, evaluate and export read.
+on the hidden states, 5-fold with identical records kept in one fold, against the majority-class rate), and
+the suite's implicit-bias probes (each association's effect size d and its gap in nats). The output is a
+normal adapter (`adapter/`, `tokenizer/`, `template.json`) that merge, evaluate and export read.
 The options are `finetune.recipe.DebiasOptions`.
 """
 
@@ -105,6 +114,7 @@ def run(ctx: StageContext) -> StageResult:
             "attribute": {"labels": labels, "records": counts, "unlabelled": len(train.rows) - len(labelled)},
             "before": before,
             "after": after,
+            "objective": options.objective,
             "adversary_weight": options.adversary_weight,
             "adversary_accuracy_last": next(
                 (
@@ -209,7 +219,8 @@ def pooled(model: Any, batch: dict, options: DebiasOptions) -> tuple[Any, Any]:
 
 
 def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs: Any) -> Any:
-    """A transformers Trainer whose loss is the task loss plus the adversary's loss through gradient reversal."""
+    """A transformers Trainer whose loss is the task loss plus the hiding term of `objective` (confusion or
+    the adversary's loss through gradient reversal)."""
     import torch
     from transformers import Trainer
 
@@ -255,11 +266,22 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
                     torch.nn.functional.cross_entropy(catch_up, attribute[known]).backward()
                     self.adversary_optimizer.step()
                 self.adversary_optimizer.zero_grad()
-            logits = self.adversary(GradientReversal.apply(normalised, weight))
             loss = outputs.loss
+            if options.objective == "confusion":
+                # the adversary is a fixed judge here (it learned above): only the states move toward its
+                # uniform prediction
+                self.adversary.requires_grad_(False)
+                logits = self.adversary(normalised)
+                self.adversary.requires_grad_(True)
+            else:
+                logits = self.adversary(GradientReversal.apply(normalised, weight))
             if known.any():
                 adversary_loss = torch.nn.functional.cross_entropy(logits[known], attribute[known])
-                loss = loss + adversary_loss
+                if options.objective == "confusion":
+                    # cross-entropy against the uniform distribution over the attribute's values
+                    loss = loss - weight * torch.log_softmax(logits[known], -1).mean()
+                else:
+                    loss = loss + adversary_loss
                 correct = (logits[known].argmax(-1) == attribute[known]).float().sum().item()
                 self._add(
                     adversary_loss=adversary_loss.item(), adversary_correct=correct, adversary_seen=known.sum().item()
@@ -299,7 +321,9 @@ def measure(model: Any, tokenizer: Any, rows: list[dict], options: DebiasOptions
             features.append(states.float())
             losses.append(outputs.loss.item())
     attributes = [r["attribute"] for r in rows]
-    accuracy, chance = probe_accuracy(torch.cat(features), attributes, options.seed)
+    accuracy, chance = probe_accuracy(
+        torch.cat(features), attributes, options.seed, groups=[tuple(r["input_ids"]) for r in rows]
+    )
     figures: dict[str, Any] = {
         "task_loss": round(sum(losses) / len(losses), 4),
         "leakage_accuracy": round(accuracy, 4),
@@ -308,25 +332,35 @@ def measure(model: Any, tokenizer: Any, rows: list[dict], options: DebiasOptions
     if suite is not None:
         implicit = bias.measure(model, tokenizer, suite, options.batch_size, options.seq_len)
         figures.update({f"bias/{name}": c.effect for name, c in implicit.categories.items()})
-        figures.update(
-            {f"bias/{a.id}/association": a.effect.value for a in implicit.associations},
-        )
+        figures.update({f"bias/{a.id}/association": a.effect.value for a in implicit.associations})
+        # d is scale-free (a gap shrunk tenfold but as consistent over templates keeps its d): the gap in nats
+        # per sentence says how much of the association is left
+        figures.update({f"bias/{a.id}/difference": a.difference.value for a in implicit.associations})
     model.train(was_training)
     return figures
 
 
-def probe_accuracy(features: Any, attributes: list[int], seed: int, folds: int = 5) -> tuple[float, float]:
-    """Held-out accuracy of a fresh logistic-regression probe (k-fold), and the majority-class rate (chance)."""
+def probe_accuracy(
+    features: Any, attributes: list[int], seed: int, folds: int = 5, groups: list | None = None
+) -> tuple[float, float]:
+    """Held-out accuracy of a fresh logistic-regression probe (k-fold), and the majority-class rate (chance).
+
+    Rows with the same `groups` key (the same token ids) share a fold: a probe tested on a copy of a record it was
+    trained on reads that record, not the attribute (a handful of distinct records are separable in any hidden
+    size, whatever the model hides)."""
     import torch
 
     y = torch.tensor(attributes)
     classes = int(y.max()) + 1
     chance = max((y == c).float().mean().item() for c in range(classes))
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).tolist()
+    keys = groups if groups is not None else list(range(len(y)))
+    fold_of = {key: n % folds for n, key in enumerate(dict.fromkeys(keys[i] for i in order))}
+    fold = torch.tensor([fold_of[key] for key in keys])
     correct = 0
     for k in range(folds):
-        test = order[k::folds]
-        train = torch.cat([order[j::folds] for j in range(folds) if j != k])
+        test = torch.nonzero(fold == k).flatten()
+        train = torch.nonzero(fold != k).flatten()
         if len(test) == 0 or len(train) == 0:
             continue
         mean, std = features[train].mean(0), features[train].std(0).clamp(min=1e-6)
