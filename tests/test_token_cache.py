@@ -85,6 +85,31 @@ def test_the_same_bytes_under_another_name_hit(setup, tmp_path):
     assert tokenize(path, tokenizer, cache).stats["token_cache"] == "hit"
 
 
+def test_the_same_file_augmented_under_another_name_misses_and_is_named_in_its_card(setup, tmp_path):
+    """Two datasets on one file, data.augment covering only the second: the second is its own entry (with the
+    counterfactual copies), and its card names it, not the first."""
+    path, data, tokenizer, cache = setup
+    text = path.read_text(encoding="utf-8")
+    rows = chat_rows(40)
+    rows[3]["messages"][0]["content"] = "他是谁？"
+    write_jsonl(data, rows)
+    entry = f"  d: {{path: {data}, format: chat}}\n"
+    assert entry in text
+    text = text.replace(
+        entry, entry + f"  d_aug: {{path: {data}, format: chat}}\n  augment: {{pairs: [[他, 她]], datasets: [d_aug]}}\n"
+    )
+    path.write_text(text, encoding="utf-8")
+    recipe = load_recipe(path).recipe
+    plain = tokenize_records(recipe, "d", tokenizer, 64, True, tmp_path / "s1", cache)
+    augmented = tokenize_records(recipe, "d_aug", tokenizer, 64, True, tmp_path / "s2", cache)
+    assert (plain.stats["token_cache"], augmented.stats["token_cache"]) == ("miss", "miss")
+    assert len(augmented.rows) == len(plain.rows) + 1
+    again = tokenize_records(recipe, "d_aug", tokenizer, 64, True, tmp_path / "s3", cache)
+    assert again.stats["token_cache"] == "hit" and again.rows == augmented.rows
+    card = json.loads((tmp_path / "s3" / "data_card.json").read_text(encoding="utf-8"))["datasets"][0]
+    assert card["name"] == "d_aug" and card["augmented"] == 1
+
+
 def test_a_changed_template_or_policy_or_sequence_length_misses(setup):
     path, _, tokenizer, cache = setup
     recipe = load_recipe(path).recipe

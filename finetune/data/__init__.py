@@ -100,13 +100,18 @@ def tokenize_records(
     """
     if extra is not None:
         cache_dir = None  # rows with fields of the stage's own are not what the cache keys
-    key = token_cache.cache_key(recipe, name, tokenizer, seq_len, assistant_only) if cache_dir else None
+    key = (
+        token_cache.cache_key(recipe, name, tokenizer, seq_len, assistant_only, name in augmented_datasets(recipe))
+        if cache_dir
+        else None
+    )
     cached = token_cache.load(Path(cache_dir), key) if cache_dir and key else None
     if cached is not None:
         if stage_dir is not None and is_main_process() and cached.report is not None:
             # the entry was filled from a file with these bytes, maybe at another path: name this one
             here = {cached.report.path: str(recipe.data[name].path)} if cached.report.path else {}
             report = type(cached.report).model_validate(redact_data(cached.report.model_dump(), here))
+            report.name = name  # and under this run's name for it
             register = [type(e).model_validate(redact_data(e.model_dump(), here)) for e in cached.register]
             _write_stage_files(recipe, Path(stage_dir), report, register)
         return TokenizedSet(cached.rows, {**cached.stats, "token_cache": "hit"})

@@ -34,8 +34,13 @@ class CachedSet:
     register: list[RegisterEntry]
 
 
-def cache_key(recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool) -> str | None:
-    """The entry's key for dataset `name` tokenized this way; None when the dataset cannot be cached."""
+def cache_key(
+    recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant_only: bool, augmented: bool = False
+) -> str | None:
+    """The entry's key for dataset `name` tokenized this way; None when the dataset cannot be cached.
+
+    `augmented`: data.augment adds counterfactual copies to this dataset (two datasets on the same file, one of
+    them augmented, are two entries)."""
     section = recipe.data[name]
     if section.format == "review" or section.path is None or not Path(section.path).is_file():
         return None
@@ -50,7 +55,7 @@ def cache_key(recipe: Recipe, name: str, tokenizer: Any, seq_len: int, assistant
         "seq_len": seq_len,
         "assistant_only": assistant_only,
         "policy": recipe.data.policy.model_dump(mode="json"),
-        "augment": recipe.data.augment.model_dump(mode="json") if recipe.data.augment else None,
+        "augment": recipe.data.augment.model_dump(mode="json") if augmented and recipe.data.augment else None,
         "policy_files": {key: _path_sha256(Path(path)) for key, path in recipe.data.policy_files()},
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
