@@ -21,7 +21,8 @@ from finetune.data.layer import DatasetReport, RegisterEntry
 from finetune.recipe import Recipe
 from finetune.run_dir import atomic_write_text, sha256_file
 
-CACHE_FORMAT = 1  # bump when the entry layout or the way rows are built changes
+CACHE_FORMAT = 2  # bump when the entry layout, the key or the way rows are built changes (2: keyed on whether
+# data.augment covers the dataset; entries of 1 could hold an augmented dataset's rows without its copies)
 
 
 @dataclass
