@@ -79,7 +79,7 @@ class SftOptions(SpeedPlannedOptions):
                 raise ValueError(f"`dataset` {self.dataset!r} is not one of `datasets`; give one of them, not both")
             self.dataset = self.dataset or next(iter(self.datasets))  # the first: probes and the report name it
         # no dataset at all: only a federated server's recipe may say so (each client names its own); the
-        # recipe-level check (`checks.federated_problems`) refuses it everywhere else
+        # recipe-level check (`finetune.recipe.checks.problems`) refuses it everywhere else
         return self
 
     def mixture(self) -> dict[str, float] | None:
