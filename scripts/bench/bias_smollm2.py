@@ -85,7 +85,8 @@ def main() -> None:
     seconds["evaluation"] = time.perf_counter() - started
     (args.out / "bias.json").write_text(evaluation.model_dump_json(indent=2), encoding="utf-8")
 
-    checkpoints = {c.label: c.alignment.implicit for c in evaluation.checkpoints}
+    # the checkpoints come back in the order asked for (their labels are the folders' paths)
+    checkpoints = dict(zip([*stages, "base"], [c.alignment.implicit for c in evaluation.checkpoints], strict=True))
     order = ["base", *stages]
     print("\n| category | score | " + " | ".join(order) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in order) + " |")
