@@ -181,3 +181,25 @@ def test_debias_without_an_attribute_source_is_refused(write_recipe, tiny_model,
     code, out, err = cli("validate", recipe)
     assert code == 2
     assert "stages[0].debias.attribute_field" in out + err and "data.augment" in out + err
+
+
+@pytest.mark.parametrize(
+    ("option", "words"),
+    [
+        ("objective: confuse", ["stages[0].debias.objective", "'confusion' or 'reversal'"]),
+        ("objectve: confusion", ["stages[0].debias.objectve", "did you mean objective"]),
+    ],
+)
+def test_a_bad_debias_objective_is_named_with_what_is_allowed(write_recipe, tiny_model, chat_file, cli, option, words):
+    recipe = write_recipe(
+        f"""\
+        name: deb
+        model: {{path: {tiny_model}}}
+        data:
+          d: {{path: {chat_file}, format: chat}}
+        stages:
+          - debias: {{dataset: d, attribute_terms: {{a: [他], b: [她]}}, {option}}}
+        """
+    )
+    code, out, err = cli("validate", recipe)
+    assert code == 2 and all(word in out + err for word in words), out + err
