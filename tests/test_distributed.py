@@ -284,6 +284,18 @@ def test_estimate_counts_weights_from_the_shapes(recipe_with):
     assert sharded.parts["weights"] < 0.45 * plain.parts["weights"]  # no upcast when sharded: embeddings stay bf16
 
 
+def test_estimate_counts_the_probabilities_an_output_adversary_reads(recipe_with):
+    from finetune.recipe import DebiasOptions
+
+    recipe = recipe_with()
+    output, hidden = (
+        DebiasOptions(dataset="d", attribute_terms={"a": ["他"], "b": ["她"]}, batch_size=4, seq_len=2048, reads=r)
+        for r in ("output", "hidden")
+    )
+    logits = {c.reads: estimate(recipe, c, 1, 1, LLAMA_1B).parts["logits"] for c in (output, hidden)}
+    assert logits["output"] - logits["hidden"] == 4 * 2048 * LLAMA_1B.vocab * 8  # fp32 and its gradient
+
+
 def test_estimate_shards_and_offloads(recipe_with):
     z3 = "distributed: {strategy: deepspeed, zero_stage: 3}\n"
     one, eight = estimate_1b(recipe_with, z3, 1), estimate_1b(recipe_with, z3, 8)

@@ -72,17 +72,17 @@ class TermGroups:
         )
         self.pattern = re.compile("|".join(_alternative(k) for k in keys), re.IGNORECASE)
 
-    @classmethod
-    def from_pairs(cls, pairs: list[list[str]], protect: list[str] = ()) -> TermGroups:
-        """Two groups from term pairs: every pair's first terms, and its second terms; named by the first pair."""
-        return cls({pairs[0][0]: [a for a, _ in pairs], pairs[0][1]: [b for _, b in pairs]}, protect)
-
     def of(self, text: str) -> str | None:
         """The one group whose terms the text names; None when it names none, or terms of several groups."""
         found = {
             self.label[m.group(0).lower()] for m in self.pattern.finditer(text) if m.group(0).lower() in self.label
         }
         return next(iter(found)) if len(found) == 1 else None
+
+
+def pair_groups(pairs: list[list[str]]) -> dict[str, list[str]]:
+    """Two groups from term pairs: every pair's first terms, and its second terms; named by the first pair."""
+    return {pairs[0][0]: [a for a, _ in pairs], pairs[0][1]: [b for _, b in pairs]}
 
 
 def augment_records(records: list[dict], fmt: str, swapper: Swapper) -> tuple[list[dict], dict[str, int]]:

@@ -159,6 +159,8 @@ def estimate(
         logits = min(tokens, rows) * min(shape.vocab, columns) * 4 * 2 + tokens * shape.hidden * 4
     else:
         logits = tokens * shape.vocab * (act_bytes + 8)  # logits, their fp32 copy for the loss, its gradient
+        if getattr(config, "reads", None) == "output":  # debias: the adversary's fp32 probabilities and gradient
+            logits += tokens * shape.vocab * 8
 
     parts = {
         "weights": weights,

@@ -15,8 +15,9 @@ DEBIAS_FORMATS = ("chat", "instruction", "text")
 
 
 class DebiasOptions(TrainingOptions):
-    """LoRA training on the task with an adversary that predicts a protected attribute from the hidden states
-    (adversarial debiasing: gradient reversal or a confusion loss); the result is a normal adapter."""
+    """LoRA training on the task with an adversary that predicts a protected attribute from the model's output
+    distribution or hidden states (adversarial debiasing: gradient reversal or a confusion loss); the result is
+    a normal adapter."""
 
     kind: ClassVar[str] = "debias"
     produces: ClassVar[tuple[str, ...]] = ("adapter", "tokenizer")
@@ -57,13 +58,25 @@ class DebiasOptions(TrainingOptions):
     adversary_hidden: int = Field(
         0, ge=0, description="Hidden units of the adversary (0: a linear classifier; else one hidden layer)."
     )
-    adversary_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the adversary head (default: learning_rate)."
+    adversary_lr: float = Field(
+        1e-2,
+        gt=0,
+        description="Learning rate of the adversary head: a fresh head that must keep up with the adapter, so "
+        "far above a LoRA's learning rate (at 5e-4 it learned nothing in 10 steps of SmolLM2).",
     )
-    layer: int = Field(-1, description="Which hidden state the adversary reads (-1: the last layer).")
+    reads: Literal["output", "hidden"] = Field(
+        "output",
+        description="What the adversary reads, averaged over the record. output: the model's next-token "
+        "distribution at each position (the last hidden state through the LM head), without the tokens of the "
+        "attribute's own terms: what the model says, so hiding the attribute there removes answers that depend "
+        "on it (Zhang et al. 2018's adversary reads the prediction). hidden: the hidden state at `layer`: hides "
+        "the attribute from that representation, which on the planted test left most of the association.",
+    )
+    layer: int = Field(-1, description="With reads: hidden, which hidden state (-1: the last layer).")
     pool: Literal["answer", "all"] = Field(
         "answer",
-        description="Mean of the hidden states over the learned (answer) tokens, or over every token.",
+        description="Average over the positions that predict (output) or are (hidden) the learned answer "
+        "tokens, or over every position.",
     )
     seq_len: int = Field(512, gt=0, description="Tokens per sequence; longer records are truncated.")
     loss_on: Literal["assistant", "all"] = Field(

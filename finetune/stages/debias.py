@@ -1,24 +1,35 @@
 """Stage `debias`: LoRA training on the task with an adversary on a protected attribute.
 
-The adversary (a linear or one-hidden-layer head) reads the mean hidden state of each record (its answer
-tokens, at `layer`) and predicts the record's protected attribute. It has its own optimiser and catches up on
-each batch (several steps on the detached states) before the adapter moves. The adapter learns the task and to
-hide the attribute from it, by one of two objectives (`objective`):
+The adversary (a linear or one-hidden-layer head) predicts each record's protected attribute from what it reads
+of the model (`reads`), averaged over the record's answer:
 
-- `reversal`: a gradient-reversal layer between the states and the adversary (Ganin & Lempitsky 2015;
+- `output` (the default): the model's next-token distribution at each position (the last hidden state through
+  the LM head), with the probability of the attribute's own terms' tokens left out: what the model says. An
+  adversary that cannot tell the groups apart from it means answers that do not depend on the group (Zhang et
+  al. 2018's adversary reads the prediction, for demographic parity);
+- `hidden`: the hidden state at `layer` (layer-normalised): hides the attribute from that representation. On the
+  planted test it did, and the association the model learned stayed (the state keeps what the answer needs, in
+  directions a linear adversary does not use).
+
+It has its own optimiser and catches up on each batch (several steps on the detached features) before the
+adapter moves; it and its optimiser are saved in every checkpoint, so a resumed stage goes on against the same
+adversary. The adapter learns the task and to hide the attribute from it, by one of two objectives
+(`objective`):
+
+- `reversal`: a gradient-reversal layer between the features and the adversary (Ganin & Lempitsky 2015;
   adversarial debiasing, Zhang et al. 2018): loss = task loss + adversary loss, with the adversary's gradient
   multiplied by -adversary_weight on its way into the model;
 - `confusion` (the default): loss = task loss + adversary_weight x the cross-entropy between the (frozen)
   adversary's prediction and the uniform distribution (Alvi et al. 2018, "Turning a blind eye"): the adapter is
-  pushed toward states the adversary cannot tell apart, not toward states it reads the wrong way round (which a
-  fresh probe still reads), and the task suffers far less.
+  pushed toward features the adversary cannot tell apart, not toward features it reads the wrong way round
+  (which a fresh probe still reads).
 
 The attribute is a record field, or derived from the record's text by term lists (or data.augment's pairs).
 Records without one train the task only.
 
 Logged before and after: the task loss, the leakage (the held-out accuracy of a fresh linear probe trained
-on the hidden states, 5-fold with identical records kept in one fold, against the majority-class rate), and
-the suite's implicit-bias probes (each association's effect size d and its gap in nats). The output is a
+on the adversary's features, 5-fold with identical records kept in one fold, against the majority-class rate),
+and the suite's implicit-bias probes (each association's effect size d and its gap in nats). The output is a
 normal adapter (`adapter/`, `tokenizer/`, `template.json`) that merge, evaluate and export read.
 The options are `finetune.recipe.DebiasOptions`.
 """
@@ -27,11 +38,12 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 from typing import Any
 
 from finetune.adapters import load_policy, save_policy
 from finetune.data import tokenize_records
-from finetune.data.augment import TermGroups, record_text
+from finetune.data.augment import TermGroups, pair_groups, record_text
 from finetune.data.chat import IGNORE_INDEX
 from finetune.errors import ConfigError, DataError
 from finetune.evaluation import bias
@@ -42,7 +54,12 @@ from finetune.tracking import append_metrics, jsonl_callback
 from finetune.training import build_training_args, fit, loss_summary
 
 NO_ATTRIBUTE = -100  # the adversary's ignore index: records that name no attribute
-ADVERSARY_STEPS = 5  # adversary updates per batch, on the detached states, before the adapter's update
+ADVERSARY_STEPS = 5  # adversary updates per batch, on the detached features, before the adapter's update
+# reads: output: the averaged next-token probabilities sum to 1 over the vocabulary, so a linear adversary at the
+# stage's learning rate would take hundreds of steps to read a shift of a few tenths in one token; scaled by this
+# it reads it in a few (1, 3, 10 and 24 tried on the planted test at 500 steps: the gap left 0.47, 0.46, 0.35, 0.46)
+OUTPUT_SCALE = 10.0
+ADVERSARY_FILE = "adversary.pt"  # in each checkpoint: the adversary's and its optimiser's state
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -60,7 +77,7 @@ def run(ctx: StageContext) -> StageResult:
         options.seed,
         f"stage {options.stage_name}",
     )
-    labels, attribute_of = attribute_labeller(options, recipe)
+    labels, attribute_of, terms = attribute_labeller(options, recipe)
     train = tokenize_records(
         recipe,
         options.dataset,
@@ -80,8 +97,10 @@ def run(ctx: StageContext) -> StageResult:
     probe_rows = random.Random(options.seed).sample(labelled, min(options.probe_records, len(labelled)))
     suite = load_suite(options.suite) if options.suite else None
 
-    before = measure(policy.model, policy.tokenizer, probe_rows, options, suite)
-    adversary = build_adversary(policy.model.config.hidden_size, len(labels), options.adversary_hidden)
+    shown = shown_columns(policy.model, policy.tokenizer, terms) if options.reads == "output" else None
+    before = measure(policy.model, policy.tokenizer, probe_rows, options, suite, shown)
+    width = policy.model.config.hidden_size if shown is None else len(shown)
+    adversary = build_adversary(width, len(labels), options.adversary_hidden)
     args = build_training_args(
         TrainingArguments,
         options,
@@ -100,9 +119,10 @@ def run(ctx: StageContext) -> StageResult:
         callbacks=[jsonl_callback(ctx.metrics_path, options.stage_name)],
         adversary=adversary,
         options=options,
+        shown=shown,
     )
     result = fit(trainer, ctx.resume_from)
-    after = measure(trainer.model, policy.tokenizer, probe_rows, options, suite)
+    after = measure(trainer.model, policy.tokenizer, probe_rows, options, suite, shown)
     outputs = save_policy(trainer, ctx.stage_dir, policy)
 
     figures = {f"{when}/{key}": value for when, m in (("before", before), ("after", after)) for key, value in m.items()}
@@ -115,6 +135,7 @@ def run(ctx: StageContext) -> StageResult:
             "before": before,
             "after": after,
             "objective": options.objective,
+            "reads": options.reads,
             "adversary_weight": options.adversary_weight,
             "adversary_accuracy_last": next(
                 (
@@ -148,8 +169,9 @@ def machine_problems(options: DebiasOptions) -> list[str]:
     return []
 
 
-def attribute_labeller(options: DebiasOptions, recipe: Recipe) -> tuple[list[str], Any]:
-    """The attribute's labels and a function record -> label index (NO_ATTRIBUTE when it has none)."""
+def attribute_labeller(options: DebiasOptions, recipe: Recipe) -> tuple[list[str], Any, list[str]]:
+    """The attribute's labels, a function record -> label index (NO_ATTRIBUTE when it has none), and the
+    attribute's terms (none when it is a record field)."""
     fmt = recipe.data[options.dataset].record_format
     if options.attribute_field:
         seen: list[str] = []
@@ -162,21 +184,32 @@ def attribute_labeller(options: DebiasOptions, recipe: Recipe) -> tuple[list[str
                 seen.append(str(value))
             return seen.index(str(value))
 
-        return seen, from_field  # `seen` fills as records are read, in order of first appearance
+        return seen, from_field, []  # `seen` fills as records are read, in order of first appearance
     augment = recipe.data.augment
     protect = augment.protect if augment else []
-    groups = (
-        TermGroups(options.attribute_terms, protect)
-        if options.attribute_terms
-        else TermGroups.from_pairs(augment.pairs, protect)
-    )
+    terms_of = options.attribute_terms or pair_groups(augment.pairs)
+    groups = TermGroups(terms_of, protect)
     names = list(dict.fromkeys(groups.label.values()))
 
     def from_terms(record: dict) -> int:
         label = groups.of(record_text(record, fmt))
         return NO_ATTRIBUTE if label is None else names.index(label)
 
-    return names, from_terms
+    return names, from_terms, [term for terms in terms_of.values() for term in terms]
+
+
+def shown_columns(model: Any, tokenizer: Any, terms: list[str]) -> Any:
+    """1 for each token of the output vocabulary the adversary sees, 0 for the tokens of the attribute's terms
+    (alone or after a space): a guide that names the group it talks about, or says 她 of a woman, gives the
+    attribute away without any bias, and hiding that would teach it to avoid the names."""
+    import torch
+
+    shown = torch.ones(model.get_output_embeddings().weight.shape[0])
+    for term in terms:
+        for text in (term, f" {term}"):
+            ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i < len(shown)]
+            shown[ids] = 0.0
+    return shown
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
@@ -194,33 +227,49 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "attribute": attribute}
 
 
-def build_adversary(hidden_size: int, classes: int, hidden: int) -> Any:
-    """A linear head, or one hidden layer, that predicts the attribute from a pooled hidden state."""
+def build_adversary(width: int, classes: int, hidden: int) -> Any:
+    """A linear head, or one hidden layer, that predicts the attribute from a record's features."""
     import torch
 
     if hidden == 0:
-        return torch.nn.Linear(hidden_size, classes)
-    return torch.nn.Sequential(torch.nn.Linear(hidden_size, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
+        return torch.nn.Linear(width, classes)
+    return torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
 
 
-def pooled(model: Any, batch: dict, options: DebiasOptions) -> tuple[Any, Any]:
-    """The model's output (with its task loss) and each row's mean hidden state at `layer` over the pooled tokens."""
+def features(model: Any, batch: dict, options: DebiasOptions, shown: Any = None) -> tuple[Any, Any]:
+    """The model's output (with its task loss) and what the adversary reads of each row (`options.reads`):
+    its next-token probabilities without the `shown` == 0 tokens, or its layer-normalised hidden state at `layer`,
+    averaged over the pooled positions."""
+    import torch
+
     outputs = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         labels=batch["labels"],
-        output_hidden_states=True,
+        output_hidden_states=options.reads == "hidden",
     )
+    mask = batch["attention_mask"].bool()
+    answer = batch["labels"] != IGNORE_INDEX
+    if options.reads == "output":
+        # position t predicts token t + 1: keep the positions that predict a pooled token
+        keep = (answer[:, 1:] if options.pool == "answer" else mask[:, 1:]) & mask[:, :-1]
+        probabilities = torch.softmax(outputs.logits[:, :-1][keep].float(), -1) * shown.to(outputs.logits.device)
+        rows = keep.nonzero()[:, 0]
+        sums = torch.zeros(len(keep), probabilities.shape[-1], device=probabilities.device)
+        sums = sums.index_add(0, rows, probabilities)
+        return outputs, OUTPUT_SCALE * sums / keep.sum(1, keepdim=True).clamp(min=1)
     states = outputs.hidden_states[options.layer]
-    keep = batch["labels"] != IGNORE_INDEX if options.pool == "answer" else batch["attention_mask"].bool()
-    keep = keep & batch["attention_mask"].bool()
+    keep = (answer if options.pool == "answer" else mask) & mask
     weights = keep.to(states.dtype).unsqueeze(-1)
-    return outputs, (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+    # layer-normalised, so the adapter cannot fool the adversary by inflating the states (its loss would grow
+    # without bound while the task suffers); it has to remove the attribute instead
+    return outputs, torch.nn.functional.layer_norm(pooled.float(), pooled.shape[-1:])
 
 
-def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs: Any) -> Any:
+def adversarial_trainer(adversary: Any, options: DebiasOptions, shown: Any = None, **trainer_kwargs: Any) -> Any:
     """A transformers Trainer whose loss is the task loss plus the hiding term of `objective` (confusion or
-    the adversary's loss through gradient reversal)."""
+    the adversary's loss through gradient reversal); its checkpoints hold the adversary too."""
     import torch
     from transformers import Trainer
 
@@ -242,39 +291,36 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
             self.sums: dict[str, float] = {}
 
             # the adversary has its own optimiser and catches up on each batch before the adapter moves
-            # (several steps on the detached states): a lagging adversary is fooled by flipping the attribute,
+            # (several steps on the detached features): a lagging adversary is fooled by flipping the attribute,
             # which a fresh probe still reads; one that keeps up can only be fooled by removing it
             self.adversary_optimizer = torch.optim.AdamW(
-                self.adversary.parameters(), lr=options.adversary_lr or options.learning_rate, weight_decay=0.01
+                self.adversary.parameters(), lr=options.adversary_lr, weight_decay=0.01
             )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             attribute = inputs.pop("attribute")
-            outputs, states = pooled(model, inputs, options)
+            outputs, read = features(model, inputs, options, shown)
             # Ganin & Lempitsky's schedule: the reversal grows from 0 to adversary_weight, so the adversary has
             # learned something before the adapter is pushed against it
             progress = self.state.global_step / max(1, self.state.max_steps)
             weight = options.adversary_weight * (2 / (1 + math.exp(-10 * progress)) - 1)
-            # layer-normalised, so the adapter cannot fool the adversary by inflating the states (its loss would
-            # grow without bound while the task suffers); it has to remove the attribute instead
-            normalised = torch.nn.functional.layer_norm(states.float(), states.shape[-1:])
             known = attribute != NO_ATTRIBUTE
             if known.any() and model.training:
                 for _ in range(ADVERSARY_STEPS):
                     self.adversary_optimizer.zero_grad()
-                    catch_up = self.adversary(normalised.detach()[known])
+                    catch_up = self.adversary(read.detach()[known])
                     torch.nn.functional.cross_entropy(catch_up, attribute[known]).backward()
                     self.adversary_optimizer.step()
                 self.adversary_optimizer.zero_grad()
             loss = outputs.loss
             if options.objective == "confusion":
-                # the adversary is a fixed judge here (it learned above): only the states move toward its
+                # the adversary is a fixed judge here (it learned above): only the features move toward its
                 # uniform prediction
                 self.adversary.requires_grad_(False)
-                logits = self.adversary(normalised)
+                logits = self.adversary(read)
                 self.adversary.requires_grad_(True)
             else:
-                logits = self.adversary(GradientReversal.apply(normalised, weight))
+                logits = self.adversary(GradientReversal.apply(read, weight))
             if known.any():
                 adversary_loss = torch.nn.functional.cross_entropy(logits[known], attribute[known])
                 if options.objective == "confusion":
@@ -288,6 +334,21 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
                 )
             self._add(task_loss=outputs.loss.item(), task_batches=1)
             return (loss, outputs) if return_outputs else loss
+
+        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+            super()._save_optimizer_and_scheduler(output_dir)
+            if self.args.should_save:
+                state = {"adversary": self.adversary.state_dict(), "optimizer": self.adversary_optimizer.state_dict()}
+                torch.save(state, f"{output_dir}/{ADVERSARY_FILE}")
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            saved = Path(checkpoint or "") / ADVERSARY_FILE
+            if checkpoint is None or not saved.is_file():
+                return  # a fresh stage, or a checkpoint from before adversaries were saved: a fresh adversary
+            state = torch.load(saved, map_location=self.args.device, weights_only=True)
+            self.adversary.load_state_dict(state["adversary"])
+            self.adversary_optimizer.load_state_dict(state["optimizer"])
 
         def log(self, logs: dict, start_time: float | None = None) -> None:
             if self.sums.get("task_batches"):
@@ -307,22 +368,25 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, **trainer_kwargs
     return AdversarialTrainer(**trainer_kwargs)
 
 
-def measure(model: Any, tokenizer: Any, rows: list[dict], options: DebiasOptions, suite: Any) -> dict:
-    """Task loss, leakage (a fresh probe's held-out accuracy and the majority-class rate) and probe effects."""
+def measure(
+    model: Any, tokenizer: Any, rows: list[dict], options: DebiasOptions, suite: Any, shown: Any = None
+) -> dict:
+    """Task loss, leakage (a fresh probe's held-out accuracy on the adversary's features, and the majority-class
+    rate) and probe effects."""
     import torch
 
     was_training = model.training
     model.eval()
-    features, losses = [], []
+    read, losses = [], []
     with torch.no_grad():
         for start in range(0, len(rows), options.batch_size):
             batch = collate(rows[start : start + options.batch_size], tokenizer.pad_token_id)
-            outputs, states = pooled(model, batch, options)
-            features.append(states.float())
+            outputs, pooled = features(model, batch, options, shown)
+            read.append(pooled.float())
             losses.append(outputs.loss.item())
     attributes = [r["attribute"] for r in rows]
     accuracy, chance = probe_accuracy(
-        torch.cat(features), attributes, options.seed, groups=[tuple(r["input_ids"]) for r in rows]
+        torch.cat(read), attributes, options.seed, groups=[tuple(r["input_ids"]) for r in rows]
     )
     figures: dict[str, Any] = {
         "task_loss": round(sum(losses) / len(losses), 4),

@@ -101,11 +101,11 @@ def main() -> None:
     plain, debias = summaries["plain"], summaries["debias"]
     print(f"\ncounterfactual copies added: {summaries['sft_aug']['data'].get('augmented')}")
     print(f"debias attribute records: {debias['attribute']}")
-    print("| stage | task loss before | task loss after | leakage probe before | after | chance |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| stage | task loss before | task loss after | adversary (last steps) | probe before | after | chance |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, s in (("plain (λ=0)", plain), ("debias (λ=1)", debias)):
         print(
-            f"| {name} | {s['before']['task_loss']} | {s['after']['task_loss']} | "
+            f"| {name} | {s['before']['task_loss']} | {s['after']['task_loss']} | {s['adversary_accuracy_last']} | "
             f"{s['before']['leakage_accuracy']} | {s['after']['leakage_accuracy']} | {s['after']['chance']} |"
         )
     cost = round(debias["after"]["task_loss"] - plain["after"]["task_loss"], 4)
