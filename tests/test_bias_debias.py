@@ -194,7 +194,7 @@ def test_debias_reading_the_hidden_state_fools_its_adversary_and_keeps_the_task(
     hidden = run_debias(tmp_path, confident_model, DEBIAS_WEIGHT, DEBIAS_STEPS, extra=", reads: hidden")
     summary = hidden.status("debias").summary
     assert summary["reads"] == "hidden"
-    assert plain.summary["adversary_accuracy_last"] >= 0.85  # without the adapter's help the attribute is read
+    assert plain.summary["adversary_accuracy_last"] >= 0.75  # without the adapter hiding it, the attribute is read
     assert abs(summary["adversary_accuracy_last"] - 0.5) <= 0.15, summary
     assert summary["after"]["task_loss"] <= plain.summary["after"]["task_loss"] + TASK_LOSS_MARGIN, summary
 

@@ -27,7 +27,8 @@ adversary. The adapter learns the task and to hide the attribute from it, by one
 The attribute is a record field, or derived from the record's text by term lists (or data.augment's pairs).
 Records without one train the task only.
 
-Logged before and after: the task loss, the leakage (the held-out accuracy of a fresh linear probe trained
+Logged while training: task_loss, adversary_loss and adversary_accuracy (each batch scored before the adversary
+learns from it). Logged before and after: the task loss, the leakage (the held-out accuracy of a fresh linear probe trained
 on the adversary's features, 5-fold with identical records kept in one fold, against the majority-class rate),
 and the suite's implicit-bias probes (each association's effect size d and its gap in nats). The output is a
 normal adapter (`adapter/`, `tokenizer/`, `template.json`) that merge, evaluate and export read.
@@ -305,6 +306,12 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, shown: Any = Non
             progress = self.state.global_step / max(1, self.state.max_steps)
             weight = options.adversary_weight * (2 / (1 + math.exp(-10 * progress)) - 1)
             known = attribute != NO_ATTRIBUTE
+            if known.any():
+                # scored on the batch before it learns from it: after its catch-up steps it would be scored on
+                # records it has just fitted (with one or two labelled records in a batch, always right)
+                with torch.no_grad():
+                    unseen = self.adversary(read.detach()[known]).argmax(-1) == attribute[known]
+                self._add(adversary_correct=unseen.float().sum().item(), adversary_seen=known.sum().item())
             if known.any() and model.training:
                 for _ in range(ADVERSARY_STEPS):
                     self.adversary_optimizer.zero_grad()
@@ -328,10 +335,7 @@ def adversarial_trainer(adversary: Any, options: DebiasOptions, shown: Any = Non
                     loss = loss - weight * torch.log_softmax(logits[known], -1).mean()
                 else:
                     loss = loss + adversary_loss
-                correct = (logits[known].argmax(-1) == attribute[known]).float().sum().item()
-                self._add(
-                    adversary_loss=adversary_loss.item(), adversary_correct=correct, adversary_seen=known.sum().item()
-                )
+                self._add(adversary_loss=adversary_loss.item())
             self._add(task_loss=outputs.loss.item(), task_batches=1)
             return (loss, outputs) if return_outputs else loss
 
