@@ -56,9 +56,10 @@ from finetune.training import build_training_args, fit, loss_summary
 
 NO_ATTRIBUTE = -100  # the adversary's ignore index: records that name no attribute
 ADVERSARY_STEPS = 5  # adversary updates per batch, on the detached features, before the adapter's update
-# reads: output: the averaged next-token probabilities sum to 1 over the vocabulary, so a linear adversary at the
-# stage's learning rate would take hundreds of steps to read a shift of a few tenths in one token; scaled by this
-# it reads it in a few (1, 3, 10 and 24 tried on the planted test at 500 steps: the gap left 0.47, 0.46, 0.35, 0.46)
+# reads: output: the averaged next-token probabilities sum to 1 over the vocabulary, so a linear adversary at its
+# learning rate would take hundreds of steps to read a shift of a few tenths in one token; scaled by this
+# it reads it in a few (on the planted test, before its hall fix: at 500 steps 3, 10 and 24 left a gap of 0.47, 0.35
+# and 0.46 nats; at 200 steps 1 left 3.1 where 10 left 1.2)
 OUTPUT_SCALE = 10.0
 ADVERSARY_FILE = "adversary.pt"  # in each checkpoint: the adversary's and its optimiser's state
 
