@@ -285,11 +285,11 @@ def test_the_output_adversary_does_not_see_the_attribute_terms_themselves(tiny_m
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     shown = shown_columns(model, tokenizer, ["Tibetan", "她"])
-    hidden = {
-        i
-        for text in ("Tibetan", " Tibetan", "她", " 她")
-        for i in tokenizer(text, add_special_tokens=False)["input_ids"]
-    }
     assert len(shown) == model.get_output_embeddings().weight.shape[0]
-    assert {i for i, v in enumerate(shown.tolist()) if v == 0} == hidden
-    assert tokenizer("museum", add_special_tokens=False)["input_ids"][0] not in hidden
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert all(shown[i] == 0 for text in ("Tibetan", " Tibetan", "她") for i in ids(text))
+    assert shown[ids(" ")[0]] == 1 and shown[ids("museum")[0]] == 1  # the space alone, another word: seen
+    assert int((shown == 0).sum()) <= len(ids("Tibetan") + ids(" Tibetan") + ids("她") + ids(" 她"))

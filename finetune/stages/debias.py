@@ -202,15 +202,18 @@ def attribute_labeller(options: DebiasOptions, recipe: Recipe) -> tuple[list[str
 
 def shown_columns(model: Any, tokenizer: Any, terms: list[str]) -> Any:
     """1 for each token of the output vocabulary the adversary sees, 0 for the tokens of the attribute's terms
-    (alone or after a space): a guide that names the group it talks about, or says 她 of a woman, gives the
-    attribute away without any bias, and hiding that would teach it to avoid the names."""
+    (alone or after a space; not a token that is only the space): a guide that names the group it talks about, or
+    says 她 of a woman, gives the attribute away without any bias, and hiding that would teach it to avoid the
+    names. A byte-level tokenizer splits many Chinese characters into pieces that other characters share (SmolLM2:
+    the 45 tokens of 20 terms include the lead bytes of 汉族 and 藏族): those are left out too, so the adversary is
+    a little blinder, never pushed against the names."""
     import torch
 
     shown = torch.ones(model.get_output_embeddings().weight.shape[0])
     for term in terms:
         for text in (term, f" {term}"):
-            ids = [i for i in tokenizer(text, add_special_tokens=False)["input_ids"] if i < len(shown)]
-            shown[ids] = 0.0
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            shown[[i for i in ids if i < len(shown) and tokenizer.decode([i]).strip()]] = 0.0
     return shown
 
 
