@@ -62,7 +62,8 @@ class DebiasOptions(TrainingOptions):
         1e-2,
         gt=0,
         description="Learning rate of the adversary head: a fresh head that must keep up with the adapter, so "
-        "far above a LoRA's learning rate (at 5e-4 it learned nothing in 10 steps of SmolLM2).",
+        "far above a LoRA's learning rate (at the stage's 5e-4, ten debias steps on SmolLM2 left the task loss "
+        "as plain SFT's to four decimals: the adversary never pushed).",
     )
     reads: Literal["output", "hidden"] = Field(
         "output",
