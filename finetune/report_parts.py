@@ -5,6 +5,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from finetune.evaluation.bias_results import Estimate
 from finetune.plots import fmt
 from finetune.run_dir import StageStatus
 from finetune.texts import Translate
@@ -334,7 +335,7 @@ def _implicit_section(labels: list[str], results: list[dict | None], categories:
             for result in results:
                 category = (((result or {}).get("implicit") or {}).get("categories") or {}).get(name) or {}
                 estimate = category.get(kind)
-                cells.append(_estimate(estimate) if estimate else "—")
+                cells.append(Estimate.model_validate(estimate).shown() if estimate else "—")
             rows.append([name, tr(kind), *cells])
     note = tr(
         "association: IAT-style d (0: no association); decision: spread of the picks across groups (0 to 1); "
@@ -345,14 +346,6 @@ def _implicit_section(labels: list[str], results: list[dict | None], categories:
         + table([tr("category"), tr("probe kind"), *labels], rows)
         + f"<p class=muted>{escape(note)}</p>"
     )
-
-
-def _estimate(estimate: dict) -> str:
-    """`value [low, high]` as `Estimate.shown` writes it, from its JSON."""
-    value, low, high = estimate.get("value"), estimate.get("low"), estimate.get("high")
-    if value is None:
-        return "—"
-    return f"{value:+.3f}" if low is None or high is None else f"{value:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def _delta(value: float) -> str:
