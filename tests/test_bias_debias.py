@@ -238,7 +238,8 @@ def test_a_resumed_debias_stage_goes_on_against_the_saved_adversary(tmp_path, co
     assert after["task_loss"] == pytest.approx(unbroken.status("debias").summary["after"]["task_loss"], abs=1e-3)
 
 
-def test_debias_without_an_attribute_source_is_refused(write_recipe, tiny_model, chat_file, cli):
+def validate_debias(write_recipe, tiny_model, chat_file, cli, options: str) -> tuple[int, str]:
+    """`wenmai validate` of a one-stage debias recipe with these options: its exit code and what it printed."""
     recipe = write_recipe(
         f"""\
         name: deb
@@ -246,12 +247,17 @@ def test_debias_without_an_attribute_source_is_refused(write_recipe, tiny_model,
         data:
           d: {{path: {chat_file}, format: chat}}
         stages:
-          - debias: {{dataset: d}}
+          - debias: {{dataset: d{options}}}
         """
     )
     code, out, err = cli("validate", recipe)
+    return code, out + err
+
+
+def test_debias_without_an_attribute_source_is_refused(write_recipe, tiny_model, chat_file, cli):
+    code, said = validate_debias(write_recipe, tiny_model, chat_file, cli, "")
     assert code == 2
-    assert "stages[0].debias.attribute_field" in out + err and "data.augment" in out + err
+    assert "stages[0].debias.attribute_field" in said and "data.augment" in said
 
 
 @pytest.mark.parametrize(
@@ -259,21 +265,14 @@ def test_debias_without_an_attribute_source_is_refused(write_recipe, tiny_model,
     [
         ("objective: confuse", ["stages[0].debias.objective", "'confusion' or 'reversal'"]),
         ("objectve: confusion", ["stages[0].debias.objectve", "did you mean objective"]),
+        ("reads: logits", ["stages[0].debias.reads", "'output' or 'hidden'"]),
     ],
 )
-def test_a_bad_debias_objective_is_named_with_what_is_allowed(write_recipe, tiny_model, chat_file, cli, option, words):
-    recipe = write_recipe(
-        f"""\
-        name: deb
-        model: {{path: {tiny_model}}}
-        data:
-          d: {{path: {chat_file}, format: chat}}
-        stages:
-          - debias: {{dataset: d, attribute_terms: {{a: [他], b: [她]}}, {option}}}
-        """
+def test_a_bad_debias_option_is_named_with_what_is_allowed(write_recipe, tiny_model, chat_file, cli, option, words):
+    code, said = validate_debias(
+        write_recipe, tiny_model, chat_file, cli, f", attribute_terms: {{a: [他], b: [她]}}, {option}"
     )
-    code, out, err = cli("validate", recipe)
-    assert code == 2 and all(word in out + err for word in words), out + err
+    assert code == 2 and all(word in said for word in words), said
 
 
 def test_the_output_adversary_does_not_see_the_attribute_terms_themselves(tiny_model):
