@@ -209,7 +209,8 @@ def shown_columns(model: Any, tokenizer: Any, terms: list[str]) -> Any:
     a little blinder, never pushed against the names."""
     import torch
 
-    shown = torch.ones(model.get_output_embeddings().weight.shape[0])
+    head = model.get_output_embeddings()  # out_features: a weight ZeRO-3 partitions has shape [0] outside a forward
+    shown = torch.ones(head.out_features, device=head.weight.device)  # where the logits are: no copy at every step
     for term in terms:
         for text in (term, f" {term}"):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -258,7 +259,7 @@ def features(model: Any, batch: dict, options: DebiasOptions, shown: Any = None)
     if options.reads == "output":
         # position t predicts token t + 1: keep the positions that predict a pooled token
         keep = (answer[:, 1:] if options.pool == "answer" else mask[:, 1:]) & mask[:, :-1]
-        probabilities = torch.softmax(outputs.logits[:, :-1][keep].float(), -1) * shown.to(outputs.logits.device)
+        probabilities = torch.softmax(outputs.logits[:, :-1][keep].float(), -1) * shown
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(len(keep), probabilities.shape[-1], device=probabilities.device)
         sums = sums.index_add(0, rows, probabilities)
